@@ -1,0 +1,65 @@
+"""The base config every run starts from.
+
+Usage: `--config configs/base.py:position=alibi,attention=sliding`, then
+`--config.model.d_model=1024` style overrides for values. `arg` picks structure
+(big_vision convention); plain fields pick values.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from lc_jax.config import parse_arg
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    a = parse_arg(arg, position="rope", attention="full")
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = dict(
+        vocab_size=384,  # 259 byte-level ids, padded to a multiple of 128 for the MXU/tensor cores
+        d_model=512,
+        num_layers=8,
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=0,  # 0: d_model // num_heads
+        mlp_dim=1536,
+        max_seq_len=8192,
+        tie_embeddings=False,
+        dtype="bfloat16",
+        param_dtype="float32",
+        remat="none",  # none | full | dots
+        norm_eps=1e-6,
+        position=dict(name=a.position, theta=10000.0, layout="half", fraction=1.0),
+        attention=dict(name=a.attention, window=1024, impl="auto", block_q=512, block_k=512),
+    )
+    c.data = dict(
+        source="stdlib",  # stdlib | files
+        files="",  # glob of .txt/.py/... (one document per file) or .jsonl (one per line)
+        jsonl_field="text",
+        seq_len=2048,
+        batch_size=8,  # global batch
+        packing="concat",  # concat | pad
+        val_fraction=0.05,
+        max_docs=0,  # >0: keep only the first few documents (tests)
+    )
+    c.train = dict(
+        steps=10_000,
+        lr=3e-4,
+        min_lr_ratio=0.1,
+        warmup_steps=200,
+        weight_decay=0.1,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        grad_clip=1.0,
+        log_every=10,
+        eval_every=500,
+        eval_batches=8,
+        progress=True,
+    )
+    c.checkpoint = dict(every=500, keep=3)
+    c.mesh = dict(data=-1, fsdp=1, tensor=1, context=1)
+    c.eval = dict(position_buckets=32)
+    return c

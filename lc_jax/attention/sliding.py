@@ -1,0 +1,17 @@
+"""Sliding-window causal attention (Longformer / Mistral): query at p sees keys at p-W+1 .. p.
+
+Key blocks entirely outside the window are skipped by the kernels, so cost is
+O(T * W) rather than O(T^2).
+"""
+
+from __future__ import annotations
+
+from lc_jax.attention.base import AttentionVariant
+
+
+class Sliding(AttentionVariant):
+    def __init__(self, *, window: int, **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(window, int) or window <= 0:
+            raise ValueError(f"model.attention.window must be a positive int, got {window!r}")
+        self.window = window

@@ -1,0 +1,179 @@
+"""Config helpers: big_vision-style `arg` parsing, loading, and validation before anything compiles.
+
+`validate(config)` collects *every* bad field and raises one `ConfigError`
+naming each field, the value it got and the values it allows.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import ml_collections
+
+from lc_jax import attention, model, ops, positions
+from lc_jax.data import corpus, packing, tokenizer
+from lc_jax.positions.rope import LAYOUTS
+
+MESH_AXES = ("data", "fsdp", "tensor", "context")
+
+
+class ConfigError(ValueError):
+    """A config failed validation; the message lists every problem found."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """Parse 'key=value,flag' structural choices, typed by the defaults (big_vision's convention)."""
+    out = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in defaults:
+            raise ConfigError([f"config arg {key!r} is not one of {sorted(defaults)}"])
+        default = defaults[key]
+        if isinstance(default, bool):
+            out[key] = value.lower() in ("", "1", "true", "yes")
+        elif value == "":
+            raise ConfigError([f"config arg {key!r} needs a value"])
+        else:
+            out[key] = type(default)(value) if default is not None else value
+    return ml_collections.ConfigDict(out)
+
+
+def load(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """Load `get_config(arg)` from a config file path (the notebook-friendly twin of --config)."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def head_dim(m) -> int:
+    return m.head_dim or m.d_model // m.num_heads
+
+
+def _allowed(problems, field, value, allowed):
+    if value not in allowed:
+        problems.append(f"{field}={value!r}: allowed values are {list(allowed)}")
+
+
+def _positive(problems, field, value, *, zero_ok=False, kind=(int,)):
+    ok = isinstance(value, kind) and not isinstance(value, bool) and (value >= 0 if zero_ok else value > 0)
+    if not ok:
+        what = "a non-negative" if zero_ok else "a positive"
+        problems.append(f"{field}={value!r}: must be {what} {'/'.join(k.__name__ for k in kind)}")
+    return ok
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
+    """Resolve -1 ('the rest') and check the product against the device count."""
+    sizes = [mesh_cfg[a] for a in MESH_AXES]
+    if sum(s == -1 for s in sizes) > 1:
+        raise ConfigError([f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}"])
+    known = math.prod(s for s in sizes if s != -1)
+    if any(s == 0 or s < -1 for s in sizes) or num_devices % known:
+        raise ConfigError([f"mesh {dict(zip(MESH_AXES, sizes))} does not divide {num_devices} devices"])
+    sizes = [num_devices // known if s == -1 else s for s in sizes]
+    if math.prod(sizes) != num_devices:
+        raise ConfigError([f"mesh {dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} devices, "
+                           f"but {num_devices} are present"])
+    return tuple(sizes)
+
+
+def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = None) -> None:
+    """Raise ConfigError listing every invalid field; return None if the config is usable."""
+    p: list[str] = []
+    m, d, t = config.model, config.data, config.train
+
+    # --- model
+    for f in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim", "max_seq_len"):
+        _positive(p, f"model.{f}", m[f])
+    _positive(p, "model.head_dim", m.head_dim, zero_ok=True)
+    if isinstance(m.vocab_size, int) and m.vocab_size < tokenizer.VOCAB_SIZE:
+        p.append(f"model.vocab_size={m.vocab_size}: must be >= {tokenizer.VOCAB_SIZE} (256 bytes + PAD/BOS/EOS)")
+    heads_ok = all(isinstance(m[f], int) and m[f] > 0 for f in ("num_heads", "num_kv_heads", "d_model"))
+    if heads_ok and m.num_heads % m.num_kv_heads:
+        divisors = [k for k in range(1, m.num_heads + 1) if m.num_heads % k == 0]
+        p.append(f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}: "
+                 f"allowed num_kv_heads are the divisors {divisors}")
+    if heads_ok and not m.head_dim and m.d_model % m.num_heads:
+        p.append(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; "
+                 "set model.head_dim explicitly")
+    _allowed(p, "model.dtype", m.dtype, model.DTYPES)
+    _allowed(p, "model.param_dtype", m.param_dtype, model.DTYPES)
+    _allowed(p, "model.remat", m.remat, model.REMAT_POLICIES)
+    if not (isinstance(m.norm_eps, float) and m.norm_eps > 0):
+        p.append(f"model.norm_eps={m.norm_eps!r}: must be a positive float")
+
+    # --- position scheme
+    pos = m.position
+    _allowed(p, "model.position.name", pos.name, positions.REGISTRY)
+    if pos.name == "rope":
+        if not (isinstance(pos.theta, (int, float)) and pos.theta > 1):
+            p.append(f"model.position.theta={pos.theta!r}: must be a number > 1")
+        _allowed(p, "model.position.layout", pos.layout, LAYOUTS)
+        if not (isinstance(pos.fraction, (int, float)) and 0 < pos.fraction <= 1):
+            p.append(f"model.position.fraction={pos.fraction!r}: must be in (0, 1]")
+        elif heads_ok and head_dim(m) % 2 == 0 and int(head_dim(m) * pos.fraction) < 2:
+            p.append(f"model.position.fraction={pos.fraction}: rotates fewer than 2 of {head_dim(m)} dims")
+        if heads_ok and head_dim(m) % 2:
+            p.append(f"head_dim={head_dim(m)} must be even for model.position.name='rope'")
+
+    # --- attention variant
+    att = m.attention
+    _allowed(p, "model.attention.name", att.name, attention.REGISTRY)
+    _allowed(p, "model.attention.impl", att.impl, ops.IMPLS)
+    if att.name == "sliding":
+        _positive(p, "model.attention.window", att.window)
+    _positive(p, "model.attention.block_q", att.block_q)
+    _positive(p, "model.attention.block_k", att.block_k)
+
+    # --- data
+    _allowed(p, "data.source", d.source, corpus.SOURCES)
+    if d.source == "files" and not d.files:
+        p.append("data.files is empty: with data.source='files' give a glob of .txt/.py/.jsonl files")
+    _allowed(p, "data.packing", d.packing, packing.PACKINGS)
+    if _positive(p, "data.seq_len", d.seq_len) and isinstance(m.max_seq_len, int) and d.seq_len > m.max_seq_len:
+        p.append(f"data.seq_len={d.seq_len} does not fit model.max_seq_len={m.max_seq_len}: "
+                 f"allowed seq_len is 1..{m.max_seq_len}")
+    _positive(p, "data.batch_size", d.batch_size)
+    _positive(p, "data.max_docs", d.max_docs, zero_ok=True)
+    if not (isinstance(d.val_fraction, float) and 0 < d.val_fraction < 1):
+        p.append(f"data.val_fraction={d.val_fraction!r}: must be a float in (0, 1)")
+
+    # --- train / checkpoint / eval
+    for f in ("steps", "log_every", "eval_every"):
+        _positive(p, f"train.{f}", t[f])
+    for f in ("warmup_steps", "eval_batches"):
+        _positive(p, f"train.{f}", t[f], zero_ok=True)
+    for f in ("lr", "b1", "b2", "eps"):
+        _positive(p, f"train.{f}", t[f], kind=(float,))
+    for f in ("weight_decay", "grad_clip", "min_lr_ratio"):
+        _positive(p, f"train.{f}", t[f], zero_ok=True, kind=(float, int))
+    if isinstance(t.min_lr_ratio, (int, float)) and t.min_lr_ratio > 1:
+        p.append(f"train.min_lr_ratio={t.min_lr_ratio}: must be in [0, 1]")
+    for f in ("b1", "b2"):
+        if isinstance(t[f], float) and not t[f] < 1:
+            p.append(f"train.{f}={t[f]}: must be in (0, 1)")
+    _positive(p, "checkpoint.every", config.checkpoint.every)
+    _positive(p, "checkpoint.keep", config.checkpoint.keep)
+    _positive(p, "eval.position_buckets", config.eval.position_buckets)
+
+    # --- mesh
+    for a in MESH_AXES:
+        if not isinstance(config.mesh[a], int):
+            p.append(f"mesh.{a}={config.mesh[a]!r}: must be an int (-1 means the remaining devices)")
+    if num_devices is not None and not any(s.startswith("mesh.") for s in p):
+        try:
+            sizes = dict(zip(MESH_AXES, mesh_shape(config.mesh, num_devices)))
+            batch_shards = sizes["data"] * sizes["fsdp"]
+            if isinstance(d.batch_size, int) and d.batch_size % batch_shards:
+                p.append(f"data.batch_size={d.batch_size} is not divisible by mesh data x fsdp = {batch_shards}")
+        except ConfigError as e:
+            p.extend(e.problems)
+    if p:
+        raise ConfigError(p)

@@ -1,0 +1,88 @@
+"""The one door to every attention implementation.
+
+Models, tests and benchmarks call `attention(...)` here; which kernel runs is a
+string (`impl`) so that it can come from a config. See DESIGN.md for the contract.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.flash_attention import reference as _reference
+from pallas_kernels.flash_attention import xla as _xla
+
+IMPLS = ("auto", "xla", "reference")
+
+
+def resolve_impl(impl: str) -> str:
+    """Map 'auto' to a concrete implementation for the default backend."""
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl={impl!r} is not one of {IMPLS}")
+    if impl == "auto":
+        return "xla"  # Pallas kernels take over on TPU/GPU once they exist (issue 4).
+    return impl
+
+
+def _check_shapes(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, alibi_slopes):
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"q, k, v must be [B, T, H, D]; got {q.shape}, {k.shape}, {v.shape}")
+    B, T, H, D = q.shape
+    Bk, S, K, Dk = k.shape
+    if k.shape[:3] != v.shape[:3] or Bk != B or Dk != D:
+        raise ValueError(f"k/v shapes {k.shape}, {v.shape} do not match q {q.shape}")
+    if H % K:
+        raise ValueError(f"num query heads {H} must be a multiple of num kv heads {K}")
+    if q_pos.shape != (B, T) or kv_pos.shape != (B, S):
+        raise ValueError(f"q_pos {q_pos.shape} / kv_pos {kv_pos.shape} must be ({B}, {T}) / ({B}, {S})")
+    if (q_seg is None) != (kv_seg is None):
+        raise ValueError("pass both q_seg and kv_seg, or neither")
+    if q_seg is not None and (q_seg.shape != (B, T) or kv_seg.shape != (B, S)):
+        raise ValueError(f"q_seg {q_seg.shape} / kv_seg {kv_seg.shape} must be ({B}, {T}) / ({B}, {S})")
+    if window is not None and window <= 0:
+        raise ValueError(f"window must be a positive int or None, got {window}")
+    if alibi_slopes is not None and alibi_slopes.shape != (H,):
+        raise ValueError(f"alibi_slopes must have shape ({H},), got {alibi_slopes.shape}")
+
+
+def attention(
+    q_BTHD: jax.Array,
+    k_BSKD: jax.Array,
+    v_BSKD: jax.Array,
+    *,
+    q_pos_BT: jax.Array,
+    kv_pos_BS: jax.Array,
+    q_seg_BT: jax.Array | None = None,
+    kv_seg_BS: jax.Array | None = None,
+    causal: bool = True,
+    window: int | None = None,
+    alibi_slopes_H: jax.Array | None = None,
+    scale: float | None = None,
+    logits_soft_cap: float | None = None,
+    impl: str = "auto",
+    return_lse: bool = False,
+    block_sizes: _xla.BlockSizes | None = None,
+):
+    """Causal/sliding/segment-masked attention with GQA; masks come from positions and segments.
+
+    Returns out_BTHD, or (out_BTHD, lse_BTH) with `return_lse=True`; the
+    log-sum-exp is f32 and -inf for rows that see no key.
+    """
+    _check_shapes(q_BTHD, k_BSKD, v_BSKD, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, window, alibi_slopes_H)
+    impl = resolve_impl(impl)
+    kwargs = dict(
+        q_pos_BT=q_pos_BT,
+        kv_pos_BS=kv_pos_BS,
+        q_seg_BT=q_seg_BT,
+        kv_seg_BS=kv_seg_BS,
+        causal=causal,
+        window=window,
+        alibi_slopes_H=None if alibi_slopes_H is None else jnp.asarray(alibi_slopes_H, jnp.float32),
+        scale=scale,
+        logits_soft_cap=logits_soft_cap,
+    )
+    if impl == "reference":
+        out, lse = _reference.attention(q_BTHD, k_BSKD, v_BSKD, **kwargs)
+    else:
+        out, lse = _xla.attention(q_BTHD, k_BSKD, v_BSKD, block_sizes=block_sizes, **kwargs)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,315 @@
+"""Training: validate -> mesh -> abstract init -> shard -> jitted step -> loop, with orbax checkpoints.
+
+    python -m lc_jax.train --config configs/quickstart.py --workdir runs/quickstart [--config.x=y]
+
+A run in a workdir that already holds checkpoints resumes from the latest one:
+parameters, optimizer state, step, RNG and the grain iterator all come back, so
+the losses continue exactly as if the run had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from lc_jax import evaluate, sharding
+from lc_jax.config import validate
+from lc_jax.data import make_dataset
+from lc_jax.model import Transformer
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def make_optimizer(t) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with linear warm-up and cosine decay to `min_lr_ratio * lr`, after global-norm clipping."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=t.lr, warmup_steps=t.warmup_steps,
+        decay_steps=max(t.steps, t.warmup_steps + 1), end_value=t.lr * t.min_lr_ratio,
+    )
+    # Decay matrices only: norms' scales and other vectors stay undecayed.
+    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
+    parts = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip > 0 else []
+    parts.append(optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mask=decay_mask))
+    return optax.chain(*parts), schedule
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def build_model(config, rngs=None) -> Transformer:
+    """An eager, unsharded model (notebooks, tests). Training uses `init_state` instead."""
+    with nnx.use_eager_sharding(False):
+        return Transformer.from_config(config.model, rngs=rngs or nnx.Rngs(config.seed))
+
+
+def init_state(config, mesh, tx):
+    """Initialise directly into the target shardings: no host ever holds the full unsharded model."""
+    def make():
+        with nnx.use_eager_sharding(False):
+            return Transformer.from_config(config.model, rngs=nnx.Rngs(config.seed))
+
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(make)
+    graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+    shardings = sharding.param_shardings(abstract_params, mesh)
+
+    @jax.jit
+    def init():
+        _, params = nnx.split(make(), nnx.Param)
+        params = jax.lax.with_sharding_constraint(params, shardings)
+        return {
+            "params": params,
+            "opt_state": tx.init(params),
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(jax.random.key(config.seed + 1)),
+        }
+
+    with jax.set_mesh(mesh):
+        state = init()
+    return graphdef, state
+
+
+def loss_fn(params, graphdef, batch):
+    """Mean next-token cross-entropy over the tokens that count (same document as their input)."""
+    model = nnx.merge(graphdef, params)
+    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    mask = batch["loss_mask"]
+    n = jnp.maximum(mask.sum(), 1.0)
+    return (ce * mask).sum() / n, ce
+
+
+def make_train_step(graphdef, tx, schedule):
+    def train_step(state, batch):
+        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], graphdef, batch)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"])}
+        new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
+        return new_state, metrics
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+def make_eval_step(graphdef, num_buckets: int, seq_len: int):
+    """Sum of losses and token counts, overall and per position bucket (positions = context length)."""
+    width = max(1, math.ceil(seq_len / num_buckets))
+
+    def eval_step(params, batch):
+        _, ce = loss_fn(params, graphdef, batch)
+        mask = batch["loss_mask"]
+        bucket = jnp.clip(batch["positions"] // width, 0, num_buckets - 1).reshape(-1)
+        per_sum = jax.ops.segment_sum((ce * mask).reshape(-1), bucket, num_buckets)
+        per_cnt = jax.ops.segment_sum(mask.reshape(-1), bucket, num_buckets)
+        return {"sum": (ce * mask).sum(), "count": mask.sum(), "bucket_sum": per_sum, "bucket_count": per_cnt}
+
+    return jax.jit(eval_step), width
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+class MetricsWriter:
+    """metrics.jsonl plus TensorBoard events; silent on every process but 0."""
+
+    def __init__(self, workdir: Path):
+        self.active = jax.process_index() == 0
+        if self.active:
+            from tensorboardX import SummaryWriter
+
+            self.jsonl = open(workdir / "metrics.jsonl", "a")
+            self.tb = SummaryWriter(str(workdir / "tb"))
+
+    def write(self, step: int, split: str, metrics: dict[str, float]):
+        if not self.active:
+            return
+        self.jsonl.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
+        self.jsonl.flush()
+        for k, v in metrics.items():
+            self.tb.add_scalar(f"{split}/{k}", v, step)
+        self.tb.flush()
+
+    def close(self):
+        if self.active:
+            self.jsonl.close()
+            self.tb.close()
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def _checkpoint_manager(workdir: Path, c) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        (workdir / "checkpoints").absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=c.keep, create=True),
+    )
+
+
+def _host(x) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(x).items()}
+
+
+def run_eval(eval_step, params, config, mesh, width) -> dict:
+    ds = make_dataset(config.data, split="validation", batch_size=config.data.batch_size // jax.process_count(),
+                      seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
+    n = len(ds) if config.train.eval_batches == 0 else min(config.train.eval_batches, len(ds))
+    if n == 0:
+        raise ValueError(f"the validation split has fewer than data.batch_size={config.data.batch_size} sequences")
+    total = None
+    for i in range(n):
+        out = eval_step(params, sharding.shard_batch(ds[i], mesh))
+        total = out if total is None else jax.tree.map(jnp.add, total, out)
+    total = jax.device_get(total)
+    loss = float(total["sum"] / max(total["count"], 1.0))
+    per_pos = evaluate.PerPositionLoss.from_sums(total["bucket_sum"], total["bucket_count"], width)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": float(total["count"])}, per_pos
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Train (or resume) in `workdir`; returns the final validation metrics."""
+    validate(config, num_devices=jax.device_count())
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+    if is_main:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+    mesh = sharding.make_mesh(config.mesh)
+    tx, schedule = make_optimizer(config.train)
+    graphdef, state = init_state(config, mesh, tx)
+    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+
+    train_ds = make_dataset(config.data, split="train", batch_size=config.data.batch_size // jax.process_count(),
+                            seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
+    data_iter = iter(train_ds)
+    mgr = _checkpoint_manager(workdir, config.checkpoint)
+    start = 0
+    if mgr.latest_step() is not None:
+        start = mgr.latest_step()
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        restored = mgr.restore(start, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(data_iter)))
+        state = restored["state"]
+        if is_main:
+            print(f"resumed from {workdir / 'checkpoints'} at step {start}")
+
+    def save(step: int, force: bool = False):
+        mgr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)), force=force)
+
+    train_step = make_train_step(graphdef, tx, schedule)
+    eval_step, width = make_eval_step(graphdef, config.eval.position_buckets, config.data.seq_len)
+    writer = MetricsWriter(workdir)
+    steps, tokens_per_step = config.train.steps, config.data.batch_size * config.data.seq_len
+    if is_main:
+        print(f"model: {n_params / 1e6:.2f}M params | {tokens_per_step} tokens/step | mesh {dict(mesh.shape)}")
+
+    bar = None
+    if is_main and config.train.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, initial=start, dynamic_ncols=True, desc="train")
+
+    all_finite = jax.jit(lambda t: jnp.all(jnp.array([jnp.isfinite(x).all() for x in jax.tree.leaves(t)])))
+
+    def check(step: int, m: dict[str, float]):
+        if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+            last = mgr.latest_step()
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step} (loss={m['loss']}, grad_norm={m['grad_norm']}); stopping. "
+                f"The last good checkpoint is step {last} in {workdir / 'checkpoints'}; "
+                "lower train.lr or raise train.warmup_steps and rerun to resume from it.")
+
+    # Metrics of step s are checked after step s+1 is dispatched, so the host never stalls the device.
+    pending, window_t0, window_steps = None, time.perf_counter(), 0
+    val_metrics, per_pos = None, None
+    try:
+        with jax.set_mesh(mesh):
+            for step in range(start, steps):
+                batch = sharding.shard_batch(next(data_iter), mesh)
+                state, metrics = train_step(state, batch)
+                done = step + 1
+                if pending is not None:
+                    check(pending[0], _host(pending[1]))
+                pending = (done, metrics)
+                window_steps += 1
+                if done % config.train.log_every == 0 or done == steps:
+                    m = _host(metrics)
+                    check(done, m)
+                    m["tokens_per_s"] = window_steps * tokens_per_step / (time.perf_counter() - window_t0)
+                    m["perplexity"] = math.exp(min(m["loss"], 50.0))
+                    writer.write(done, "train", m)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_s']:.0f}")
+                    window_t0, window_steps = time.perf_counter(), 0
+                if bar is not None:
+                    bar.update(1)
+                if done % config.train.eval_every == 0 or done == steps:
+                    val_metrics, per_pos = run_eval(eval_step, state["params"], config, mesh, width)
+                    writer.write(done, "validation", val_metrics)
+                    if bar is not None:
+                        bar.write(f"step {done}: validation loss {val_metrics['loss']:.4f}")
+                preempted = mgr.reached_preemption(done)
+                if done % config.checkpoint.every == 0 or done == steps or preempted:
+                    check(done, _host(metrics))  # never write a checkpoint of a diverged state
+                    if not bool(all_finite(state["params"])):
+                        check(done, {"loss": float("nan"), "grad_norm": float("nan")})
+                    save(done, force=True)
+                    if preempted:
+                        mgr.wait_until_finished()
+                        raise SystemExit(f"preempted: checkpoint saved at step {done}")
+    except KeyboardInterrupt:
+        # Keep the work done so far: save the current state unless it is already saved or diverged.
+        if pending is not None and mgr.latest_step() != pending[0]:
+            m = _host(pending[1])
+            if math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]):
+                save(pending[0], force=True)
+                print(f"\ninterrupted: checkpoint saved at step {pending[0]}")
+        raise
+    finally:
+        mgr.wait_until_finished()
+        mgr.close()
+        writer.close()
+        if bar is not None:
+            bar.close()
+
+    if per_pos is not None and is_main:
+        per_pos.save(workdir / "per_position_loss", title=f"validation loss by position (step {steps})")
+    return val_metrics or {}
+
+
+def main(argv):
+    del argv
+    from absl import flags, logging
+
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+
+    try:
+        train(flags.FLAGS.config, flags.FLAGS.workdir)
+    except NonFiniteLossError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/quickstart.py[:arg]", lock_config=True)
+    flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics, plots")
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

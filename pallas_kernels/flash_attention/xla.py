@@ -1,0 +1,295 @@
+"""Blockwise (flash-style) attention in plain XLA: the CPU path and the fallback everywhere.
+
+Queries are processed one block at a time; for each query block a loop walks
+only the key blocks that can be visible (from per-block min/max summaries of
+positions and segment ids), keeping an online softmax. Nothing of size T x S
+is ever built. The backward pass is a `custom_vjp` that recomputes each block's
+probabilities from the saved log-sum-exp, in one sweep that yields dq, dk, dv.
+
+Laid out like the Pallas kernels: block sizes, block body, wrapper with shape
+validation, custom_vjp.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.flash_attention.masks import block_visible, visible
+
+# ----------------------------------------------------------------------------- block sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Query / key block lengths. 512 x 512 is the CPU sweet spot (benchmarks/attention.py)."""
+
+    block_q: int = 512
+    block_k: int = 512
+
+    def __post_init__(self):
+        for name in ("block_q", "block_k"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"BlockSizes.{name} must be a positive int, got {v!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    causal: bool
+    window: int | None
+    scale: float
+    soft_cap: float | None
+    block_q: int
+    block_k: int
+
+
+# ----------------------------------------------------------------------------- block body
+
+
+def _logits(q_i, k_j, qp_i, kp_j, qs_i, ks_j, slopes_KG, st: _Static):
+    """Scores [B, K, G, bq, bk] in f32, their mask, and tanh(s/cap) for the soft-cap backward."""
+    s = jnp.einsum("bqkgd,bskd->bkgqs", q_i, k_j, preferred_element_type=jnp.float32) * st.scale
+    t = None
+    if st.soft_cap is not None:
+        t = jnp.tanh(s / st.soft_cap)
+        s = st.soft_cap * t
+    if slopes_KG is not None:
+        dist = jnp.abs(qp_i[:, :, None] - kp_j[:, None, :]).astype(jnp.float32)
+        s = s - slopes_KG[None, :, :, None, None] * dist[:, None, None]
+    mask = visible(qp_i, kp_j, qs_i, ks_j, causal=st.causal, window=st.window)[:, None, None]
+    return s, mask, t
+
+
+def _block_range(vis_NM):
+    """First and one-past-last visible key block per query block (empty rows give lo == hi)."""
+    nk = vis_NM.shape[1]
+    any_N = vis_NM.any(1)
+    lo = jnp.where(any_N, jnp.argmax(vis_NM, 1), 0)
+    hi = jnp.where(any_N, nk - jnp.argmax(vis_NM[:, ::-1], 1), 0)
+    return lo, hi
+
+
+def _blocked(q, k, v, q_pos, kv_pos, q_seg, kv_seg, st: _Static):
+    B, T, H, D = q.shape
+    _, S, K, _ = k.shape
+    G = H // K
+    nq, nk = T // st.block_q, S // st.block_k
+    qb = q.reshape(B, nq, st.block_q, K, G, D)
+    kb = k.reshape(B, nk, st.block_k, K, D)
+    vb = v.reshape(B, nk, st.block_k, K, v.shape[-1])
+    qpb = q_pos.reshape(B, nq, st.block_q)
+    kpb = kv_pos.reshape(B, nk, st.block_k)
+    qsb = None if q_seg is None else q_seg.reshape(B, nq, st.block_q)
+    ksb = None if kv_seg is None else kv_seg.reshape(B, nk, st.block_k)
+    vis = block_visible(qpb, kpb, qsb, ksb, causal=st.causal, window=st.window)
+    return qb, kb, vb, qpb, kpb, qsb, ksb, vis
+
+
+def _take(x, i):
+    return None if x is None else x[:, i]
+
+
+def _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes_H, st: _Static):
+    B, T, H, D = q.shape
+    K, Dv = k.shape[2], v.shape[3]
+    G = H // K
+    qb, kb, vb, qpb, kpb, qsb, ksb, vis = _blocked(q, k, v, q_pos, kv_pos, q_seg, kv_seg, st)
+    lo, hi = _block_range(vis)
+    slopes_KG = None if slopes_H is None else slopes_H.astype(jnp.float32).reshape(K, G)
+
+    def q_block(i):
+        q_i, qp_i, qs_i = qb[:, i], qpb[:, i], _take(qsb, i)
+
+        def step(j, carry):
+            def compute(carry):
+                m, l, acc = carry
+                s, mask, _ = _logits(q_i, kb[:, j], qp_i, kpb[:, j], qs_i, _take(ksb, j), slopes_KG, st)
+                s = jnp.where(mask, s, -jnp.inf)
+                m_new = jnp.maximum(m, s.max(-1))
+                m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                p = jnp.exp(s - m_use[..., None])
+                alpha = jnp.exp(m - m_use)
+                l = alpha * l + p.sum(-1)
+                pv = jnp.einsum(
+                    "bkgqs,bskd->bkgqd", p.astype(v.dtype), vb[:, j], preferred_element_type=jnp.float32
+                )
+                return m_new, l, alpha[..., None] * acc + pv
+
+            return lax.cond(vis[i, j], compute, lambda c: c, carry)
+
+        init = (
+            jnp.full((B, K, G, st.block_q), -jnp.inf, jnp.float32),
+            jnp.zeros((B, K, G, st.block_q), jnp.float32),
+            jnp.zeros((B, K, G, st.block_q, Dv), jnp.float32),
+        )
+        m, l, acc = lax.fori_loop(lo[i], hi[i], step, init)
+        safe_l = jnp.where(l == 0, 1.0, l)
+        out = (acc / safe_l[..., None]).transpose(0, 3, 1, 2, 4).reshape(B, st.block_q, H, Dv)
+        lse = jnp.where(l == 0, -jnp.inf, m + jnp.log(safe_l)).transpose(0, 3, 1, 2).reshape(B, st.block_q, H)
+        return out.astype(q.dtype), lse
+
+    out_NBbHD, lse_NBbH = lax.map(q_block, jnp.arange(qb.shape[1]))
+    out = out_NBbHD.transpose(1, 0, 2, 3, 4).reshape(B, T, H, Dv)
+    lse = lse_NBbH.transpose(1, 0, 2, 3).reshape(B, T, H)
+    return out, lse
+
+
+def _backward(q, k, v, out, lse, do, dlse, q_pos, kv_pos, q_seg, kv_seg, slopes_H, st: _Static):
+    B, T, H, D = q.shape
+    K, Dv = k.shape[2], v.shape[3]
+    G = H // K
+    qb, kb, vb, qpb, kpb, qsb, ksb, vis = _blocked(q, k, v, q_pos, kv_pos, q_seg, kv_seg, st)
+    lo, hi = _block_range(vis)
+    nq, nk = qb.shape[1], kb.shape[1]
+    slopes_KG = None if slopes_H is None else slopes_H.astype(jnp.float32).reshape(K, G)
+
+    def per_row(x_BTH):  # [B, T, H] -> [B, nq, K, G, bq]
+        return x_BTH.reshape(B, nq, st.block_q, K, G).transpose(0, 1, 3, 4, 2)
+
+    delta = per_row(jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), -1))
+    lse_safe = per_row(jnp.where(jnp.isfinite(lse), lse, 0.0))
+    dlse = per_row(dlse.astype(jnp.float32))
+    dob = do.reshape(B, nq, st.block_q, K, G, Dv)
+
+    def q_block(carry, i):
+        q_i, do_i, qp_i, qs_i = qb[:, i], dob[:, i], qpb[:, i], _take(qsb, i)
+        lse_i, delta_i, dlse_i = lse_safe[:, i], delta[:, i], dlse[:, i]
+
+        def step(j, c):
+            def compute(c):
+                dq_i, dk_acc, dv_acc = c
+                k_j, v_j = kb[:, j], vb[:, j]
+                s, mask, t = _logits(q_i, k_j, qp_i, kpb[:, j], qs_i, _take(ksb, j), slopes_KG, st)
+                p = jnp.where(mask, jnp.exp(s - lse_i[..., None]), 0.0)
+                dp = jnp.einsum("bqkgd,bskd->bkgqs", do_i, v_j, preferred_element_type=jnp.float32)
+                ds = p * (dp - delta_i[..., None] + dlse_i[..., None])
+                if t is not None:
+                    ds = ds * (1.0 - t * t)
+                ds = (ds * st.scale).astype(q.dtype)
+                dq_i = dq_i + jnp.einsum("bkgqs,bskd->bqkgd", ds, k_j, preferred_element_type=jnp.float32)
+                dk_j = jnp.einsum("bkgqs,bqkgd->bskd", ds, q_i, preferred_element_type=jnp.float32)
+                dv_j = jnp.einsum(
+                    "bkgqs,bqkgd->bskd", p.astype(do.dtype), do_i, preferred_element_type=jnp.float32
+                )
+                dk_acc = lax.dynamic_update_index_in_dim(dk_acc, dk_acc[:, j] + dk_j, j, 1)
+                dv_acc = lax.dynamic_update_index_in_dim(dv_acc, dv_acc[:, j] + dv_j, j, 1)
+                return dq_i, dk_acc, dv_acc
+
+            return lax.cond(vis[i, j], compute, lambda c: c, c)
+
+        dq0 = jnp.zeros((B, st.block_q, K, G, D), jnp.float32)
+        dq_i, dk_acc, dv_acc = lax.fori_loop(lo[i], hi[i], step, (dq0, *carry))
+        return (dk_acc, dv_acc), dq_i
+
+    init = (
+        jnp.zeros((B, nk, st.block_k, K, D), jnp.float32),
+        jnp.zeros((B, nk, st.block_k, K, Dv), jnp.float32),
+    )
+    (dk, dv), dq = lax.scan(q_block, init, jnp.arange(nq))
+    dq = dq.transpose(1, 0, 2, 3, 4, 5).reshape(B, T, H, D).astype(q.dtype)
+    dk = dk.reshape(B, -1, K, D).astype(k.dtype)
+    dv = dv.reshape(B, -1, K, Dv).astype(v.dtype)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- custom_vjp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _flash(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes_H, st):
+    return _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes_H, st)
+
+
+def _flash_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes_H, st):
+    out, lse = _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes_H, st)
+    return (out, lse), (q, k, v, out, lse, q_pos, kv_pos, q_seg, kv_seg, slopes_H)
+
+
+def _flash_bwd(st, res, g):
+    q, k, v, out, lse, q_pos, kv_pos, q_seg, kv_seg, slopes_H = res
+    do, dlse = g
+    dq, dk, dv = _backward(q, k, v, out, lse, do, dlse, q_pos, kv_pos, q_seg, kv_seg, slopes_H, st)
+    # ALiBi slopes are fixed by the scheme, never trained: zero cotangent.
+    dslopes = None if slopes_H is None else jnp.zeros_like(slopes_H)
+    return dq, dk, dv, None, None, None, None, dslopes
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ----------------------------------------------------------------------------- wrapper
+
+
+def _pad(x, axis, n, value):
+    if x is None or n == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, n)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def attention(
+    q_BTHD,
+    k_BSKD,
+    v_BSKD,
+    *,
+    q_pos_BT,
+    kv_pos_BS,
+    q_seg_BT=None,
+    kv_seg_BS=None,
+    causal=True,
+    window=None,
+    alibi_slopes_H=None,
+    scale=None,
+    logits_soft_cap=None,
+    block_sizes: BlockSizes | None = None,
+):
+    """Blockwise attention; returns (out_BTHD, lse_BTH). Shapes are validated by `lc_jax.ops`."""
+    bs = block_sizes or BlockSizes()
+    B, T, H, D = q_BTHD.shape
+    S = k_BSKD.shape[1]
+    bq, bk = min(bs.block_q, T), min(bs.block_k, S)
+    pad_t, pad_s = -T % bq, -S % bk
+    if (pad_t or pad_s) and q_seg_BT is None:
+        q_seg_BT = jnp.zeros((B, T), jnp.int32)
+        kv_seg_BS = jnp.zeros((B, S), jnp.int32)
+    # Padded keys get a segment no query has; padded queries one no key has.
+    q = _pad(q_BTHD, 1, pad_t, 0)
+    q_pos = _pad(q_pos_BT.astype(jnp.int32), 1, pad_t, 0)
+    q_seg = _pad(None if q_seg_BT is None else q_seg_BT.astype(jnp.int32), 1, pad_t, -2)
+    k, v = _pad(k_BSKD, 1, pad_s, 0), _pad(v_BSKD, 1, pad_s, 0)
+    kv_pos = _pad(kv_pos_BS.astype(jnp.int32), 1, pad_s, 0)
+    kv_seg = _pad(None if kv_seg_BS is None else kv_seg_BS.astype(jnp.int32), 1, pad_s, -1)
+    st = _Static(
+        causal=bool(causal),
+        window=None if window is None else int(window),
+        scale=float(D**-0.5 if scale is None else scale),
+        soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
+        block_q=bq,
+        block_k=bk,
+    )
+    out, lse = _flash(q, k, v, q_pos, kv_pos, q_seg, kv_seg, alibi_slopes_H, st)
+    return out[:, :T], lse[:, :T]
+
+
+def visited_blocks(q_pos_BT, kv_pos_BS, q_seg_BT=None, kv_seg_BS=None, *, causal=True, window=None,
+                   block_sizes: BlockSizes | None = None):
+    """(visited, total) key-block visits: how much work block skipping saves for this layout."""
+    bs = block_sizes or BlockSizes()
+    B, T = q_pos_BT.shape
+    S = kv_pos_BS.shape[1]
+    bq, bk = min(bs.block_q, T), min(bs.block_k, S)
+    if T % bq or S % bk:
+        raise ValueError("visited_blocks expects lengths that are multiples of the block sizes")
+    segs = q_seg_BT is not None
+    vis = block_visible(
+        q_pos_BT.reshape(B, -1, bq), kv_pos_BS.reshape(B, -1, bk),
+        q_seg_BT.reshape(B, -1, bq) if segs else None, kv_seg_BS.reshape(B, -1, bk) if segs else None,
+        causal=causal, window=window,
+    )
+    return int(vis.sum()), int(vis.size)

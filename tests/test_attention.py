@@ -1,0 +1,159 @@
+"""The blockwise XLA path against the materialising reference: values, lse and gradients.
+
+Tolerance (f32): 2e-5 absolute on outputs / lse and 1e-4 on gradients, i.e. summation-order noise.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lc_jax import ops
+from lc_jax.positions.alibi import alibi_slopes
+from pallas_kernels.flash_attention.xla import BlockSizes, visited_blocks
+
+ATOL_OUT, ATOL_GRAD = 2e-5, 1e-4
+
+
+def _inputs(B=2, T=48, S=None, H=4, K=2, D=16, seed=0):
+    S = S or T
+    ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+    q = jax.random.normal(ks[0], (B, T, H, D))
+    k = jax.random.normal(ks[1], (B, S, K, D))
+    v = jax.random.normal(ks[2], (B, S, K, D))
+    return q, k, v
+
+
+def _positions(B, T):
+    return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+
+
+def _packed(B, T, cuts):
+    """Segment ids and per-document positions for documents cut at `cuts`."""
+    seg = np.zeros(T, np.int32)
+    for c in cuts:
+        seg[c:] += 1
+    pos = np.arange(T) - np.array([max([0] + [c for c in cuts if c <= t]) for t in range(T)])
+    return jnp.broadcast_to(jnp.asarray(pos), (B, T)), jnp.broadcast_to(jnp.asarray(seg + 1), (B, T))
+
+
+SMALL_BLOCKS = BlockSizes(16, 16)
+
+
+def _compare(q, k, v, block_sizes=SMALL_BLOCKS, **kw):
+    def run(impl):
+        def f(q, k, v):
+            out, lse = ops.attention(q, k, v, impl=impl, return_lse=True, block_sizes=block_sizes, **kw)
+            finite_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+            # A loss touching both outputs: checks the lse cotangent path too.
+            return (out * jnp.cos(out)).sum() + jnp.sin(finite_lse).sum(), (out, lse)
+
+        (_, (out, lse)), grads = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+        return out, lse, grads
+
+    out_x, lse_x, g_x = run("xla")
+    out_r, lse_r, g_r = run("reference")
+    np.testing.assert_allclose(out_x, out_r, atol=ATOL_OUT)
+    np.testing.assert_allclose(lse_x, lse_r, atol=ATOL_OUT)
+    for name, a, b in zip("qkv", g_x, g_r):
+        np.testing.assert_allclose(a, b, atol=ATOL_GRAD, err_msg=f"d{name}")
+
+
+CASES = {
+    "causal": dict(),
+    "sliding": dict(window=7),
+    "sliding_wide": dict(window=40),
+    "noncausal": dict(causal=False),
+    "softcap": dict(logits_soft_cap=3.0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_masks(case):
+    q, k, v = _inputs()
+    pos = _positions(2, 48)
+    _compare(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, **CASES[case])
+
+
+@pytest.mark.parametrize("H,K", [(4, 4), (8, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
+def test_gqa_mqa(H, K):
+    q, k, v = _inputs(H=H, K=K)
+    pos = _positions(2, 48)
+    _compare(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, window=20)
+
+
+def test_packed_segments():
+    q, k, v = _inputs(T=64)
+    pos, seg = _packed(2, 64, cuts=[10, 33, 34])
+    _compare(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, q_seg_BT=seg, kv_seg_BS=seg)
+
+
+@pytest.mark.parametrize("H", [4, 6])
+def test_alibi(H):
+    q, k, v = _inputs(H=H, K=2)
+    pos = _positions(2, 48)
+    _compare(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, alibi_slopes_H=jnp.asarray(alibi_slopes(H)) * 4)
+
+
+def test_lengths_not_multiple_of_block():
+    q, k, v = _inputs(T=37)
+    pos = _positions(2, 37)
+    _compare(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, block_sizes=BlockSizes(16, 8), window=9)
+
+
+def test_cross_attention_offset_positions():
+    """Queries are the last 24 tokens of a 56-token context (chunked prefill against a cache)."""
+    q, k, v = _inputs(T=24, S=56)
+    q_pos = _positions(2, 24) + 32
+    _compare(q, k, v, q_pos_BT=q_pos, kv_pos_BS=_positions(2, 56), window=20)
+
+
+def test_zigzag_positions():
+    """A load-balanced ring layout: the local shard holds two non-adjacent chunks of the sequence."""
+    q, k, v = _inputs(T=32)
+    pos = jnp.broadcast_to(jnp.concatenate([jnp.arange(16), jnp.arange(48, 64)]), (2, 32))
+    _compare(q, k, v, q_pos_BT=pos, kv_pos_BS=pos)
+
+
+def test_rows_without_visible_keys_are_zero():
+    q, k, v = _inputs(T=16)
+    q_pos, kv_pos = _positions(2, 16), _positions(2, 16) + 100  # every key is in the future
+    for impl in ("xla", "reference"):
+        out, lse = ops.attention(q, k, v, q_pos_BT=q_pos, kv_pos_BS=kv_pos, impl=impl, return_lse=True)
+        assert np.all(np.asarray(out) == 0) and np.all(np.isneginf(np.asarray(lse)))
+
+
+def test_bf16_close_to_f32_reference():
+    q, k, v = (x.astype(jnp.bfloat16) for x in _inputs())
+    pos = _positions(2, 48)
+    out = ops.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, impl="xla", block_sizes=BlockSizes(16, 16))
+    ref = ops.attention(*(x.astype(jnp.float32) for x in (q, k, v)), q_pos_BT=pos, kv_pos_BS=pos, impl="reference")
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=2e-2)
+
+
+def test_fully_masked_blocks_are_skipped():
+    T, bs = 4096, BlockSizes(256, 256)
+    pos = _positions(1, T)
+    n = T // 256
+    causal, total = visited_blocks(pos, pos, block_sizes=bs)
+    assert total == n * n and causal == n * (n + 1) // 2
+    sliding, _ = visited_blocks(pos, pos, window=256, block_sizes=bs)
+    assert sliding == 2 * n - 1  # the diagonal block and the one before it
+    doc_pos, seg = _packed(1, T, cuts=[1024, 2048, 3072])
+    packed, _ = visited_blocks(doc_pos, doc_pos, seg, seg, block_sizes=bs)
+    assert packed == 4 * (4 * 5 // 2)  # four independent causal triangles of 4 blocks
+
+
+def test_bad_shapes_raise_clear_errors():
+    q, k, v = _inputs(H=4, K=3)
+    pos = _positions(2, 48)
+    with pytest.raises(ValueError, match="multiple of num kv heads"):
+        ops.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos)
+    q, k, v = _inputs()
+    with pytest.raises(ValueError, match="window must be a positive"):
+        ops.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, window=0)
+    with pytest.raises(ValueError, match="impl"):
+        ops.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, impl="flash9000")
+    with pytest.raises(ValueError, match="q_pos"):
+        ops.attention(q, k, v, q_pos_BT=pos[:, :10], kv_pos_BS=pos)

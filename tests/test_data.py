@@ -1,0 +1,81 @@
+import json
+
+import numpy as np
+import pytest
+
+from lc_jax.data import corpus, make_dataset, packing, tokenizer
+
+
+def test_stdlib_split_is_deterministic_and_disjoint():
+    train = corpus.load_documents(source="stdlib", split="train", val_fraction=0.05)
+    val = corpus.load_documents(source="stdlib", split="validation", val_fraction=0.05)
+    assert len(train) > 500 and len(val) > 10
+    assert not set(train[:200]) & set(val)
+    assert corpus.load_documents(source="stdlib", split="validation", val_fraction=0.05) == val
+
+
+def test_concat_packing_segments_positions_and_mask():
+    docs = [b"a" * 5, b"bb" * 4, b"c" * 30]
+    ps = packing.PackedSequences(docs, seq_len=16, packing="concat", seed=0)
+    flat = np.concatenate([ps[i]["inputs"] for i in range(len(ps))])
+    assert (flat == tokenizer.BOS).sum() == 3
+    for i in range(len(ps)):
+        ex = ps[i]
+        seg, pos, inp, tgt, mask = (ex[k] for k in ("segment_ids", "positions", "inputs", "targets", "loss_mask"))
+        assert seg[0] == 1 and np.all(np.diff(seg) >= 0)
+        starts = np.flatnonzero(np.diff(seg, prepend=0))  # first token of each segment in this sequence
+        for s, e in zip(starts, list(starts[1:]) + [len(seg)]):
+            assert np.array_equal(pos[s:e], np.arange(e - s)), "positions restart per document"
+        # BOS only ever starts a segment, and an input never predicts across a document boundary.
+        assert np.all(pos[inp == tokenizer.BOS] == 0)
+        assert not np.any(mask.astype(bool) & (tgt == tokenizer.BOS))
+        np.testing.assert_array_equal(ps[i]["targets"][:-1], inp[1:])
+
+
+def test_pad_packing_keeps_documents_apart():
+    docs = [b"x" * 20, b"y" * 3]
+    ps = packing.PackedSequences(docs, seq_len=16, packing="pad", seed=0)
+    for i in range(len(ps)):
+        ex = ps[i]
+        real = ex["segment_ids"] > 0
+        assert set(np.unique(ex["segment_ids"][real])) == {1}
+        assert np.all(ex["inputs"][~real] == tokenizer.PAD) and np.all(ex["loss_mask"][~real] == 0)
+
+
+def test_iterator_state_round_trip(tiny_config):
+    c = tiny_config()
+    ds = make_dataset(c.data, split="train", batch_size=2, seed=0)
+    it = iter(ds)
+    for _ in range(3):
+        next(it)
+    state = it.get_state()
+    expected = [next(it)["inputs"] for _ in range(2)]
+    it2 = iter(ds)
+    it2.set_state(state)
+    for e in expected:
+        np.testing.assert_array_equal(next(it2)["inputs"], e)
+
+
+def test_process_shards_are_disjoint(tiny_config):
+    c = tiny_config()
+    shards = [make_dataset(c.data, split="validation", batch_size=1, seed=0, process_index=i, process_count=2)
+              for i in range(2)]
+    a = {shards[0][i]["inputs"].tobytes() for i in range(len(shards[0]))}
+    b = {shards[1][i]["inputs"].tobytes() for i in range(len(shards[1]))}
+    assert a and b and not a & b
+
+
+def test_user_text_and_jsonl_files(tmp_path, tiny_config):
+    (tmp_path / "a.txt").write_text("hello world " * 50)
+    with open(tmp_path / "b.jsonl", "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"body": f"document {i} " * 20}) + "\n")
+    docs = [d for split in ("train", "validation") for d in corpus.load_documents(
+        source="files", files=str(tmp_path / "*"), jsonl_field="body", split=split, val_fraction=0.2)]
+    assert len(docs) == 41
+    assert any(d.startswith(b"document") for d in docs) and any(d.startswith(b"hello") for d in docs)
+    with pytest.raises(KeyError, match="jsonl_field='text'"):
+        corpus._user_docs.cache_clear()
+        corpus.load_documents(source="files", files=str(tmp_path / "*.jsonl"), split="train", val_fraction=0.2)
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        corpus.load_documents(source="files", files=str(tmp_path / "*.nope"), split="train", val_fraction=0.2)
