@@ -53,6 +53,7 @@ def worker(impl: str, T: int, B: int, H: int, D: int, iters: int, mem_limit_gb: 
         def attn(q, k, v):
             return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
     elif impl == "tokamax_xla_chunked":
+        sys.argv = sys.argv[:1]  # tokamax parses absl flags from argv on first use
         import tokamax
 
         def attn(q, k, v):
@@ -141,7 +142,8 @@ def main():
     for r in sorted(rows, key=lambda r: (r["T"], a.impls.index(r["impl"]))):
         t = f"{r['time_s']:.3f}" if "time_s" in r else "-"
         rss = f"{r['peak_rss_above_baseline_mb']:.0f}" if "peak_rss_above_baseline_mb" in r else "-"
-        print(f"{r['T']:>6} {r['impl']:22} {t:>9} {r['xla_temp_mb']:>16.0f} {rss:>15}  {r.get('note', '')}")
+        temps = f"{r['xla_temp_mb']:.0f}" if r.get("xla_temp_mb") is not None else "-"
+        print(f"{r['T']:>6} {r['impl']:22} {t:>9} {temps:>16} {rss:>15}  {r.get('note', '')}")
     ratios = {}
     for T in a.lengths:
         ratios[T] = {
@@ -150,7 +152,7 @@ def main():
             "rss_vs_tokamax_chunked": ratio(T, "peak_rss_above_baseline_mb", "lc_jax_xla", "tokamax_xla_chunked"),
             "time_vs_jax_xla": ratio(T, "time_s", "lc_jax_xla", "jax_xla"),
         }
-        print(f"T={T}: lc_jax / tokamax chunked: time "
+        print(f"T={T}: lc_jax / tokamax chunked: "
               + ", ".join(f"{k.split('_vs')[0]} {v:.2f}x" for k, v in ratios[T].items()
                           if v is not None and k.endswith("tokamax_chunked")))
 
