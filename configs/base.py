@@ -31,8 +31,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         param_dtype="float32",
         remat="none",  # none | full | dots
         norm_eps=1e-6,
-        position=dict(name=a.position, theta=10000.0, layout="half", fraction=1.0),
-        attention=dict(name=a.attention, window=1024, impl="auto", block_q=512, block_k=512),
+        position=dict(
+            name=a.position,
+            theta=10000.0,  # rope base
+            layout="half",  # rope: half (rotate-half) | interleaved
+            fraction=1.0,  # rope: share of each head that rotates
+            fraction_mode="rotary_dims",  # rotary_dims (partial RoPE) | p_rope (keep highest frequencies)
+            # Context extension (rope only): none | linear | ntk | dynamic_ntk | yarn | llama3.
+            # factor 0: the method's default (1; llama3: 8); original_max_len 0: data.seq_len (llama3: 8192).
+            scaling=dict(name="none", factor=0.0, original_max_len=0, alpha=1.0, beta=32.0,
+                         low_freq_factor=1.0, high_freq_factor=4.0),
+        ),
+        attention=dict(name=a.attention, window=1024, impl="auto", block_q=256, block_k=512),
     )
     c.data = dict(
         source="stdlib",  # stdlib | files
@@ -43,6 +53,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         packing="concat",  # concat | pad
         val_fraction=0.05,
         max_docs=0,  # >0: keep only the first few documents (tests)
+        # Length curriculum: 'step:seq_len,...' stages ending at data.seq_len, e.g. '0:512,300:1024,600:2048'.
+        curriculum="",
+        curriculum_constant_tokens=True,  # shorter stages get proportionally larger batches
     )
     c.train = dict(
         steps=10_000,
@@ -58,8 +71,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         eval_every=500,
         eval_batches=8,
         progress=True,
+        # Continued training: start from another run's parameters and step (workdir path); the
+        # optimizer and its schedule restart as configured here.
+        init_from="",
+        init_from_step=0,  # 0: its latest checkpoint
     )
     c.checkpoint = dict(every=500, keep=3)
     c.mesh = dict(data=-1, fsdp=1, tensor=1, context=1)
-    c.eval = dict(position_buckets=32)
+    c.eval = dict(
+        position_buckets=32,
+        # Evaluate with another RoPE scaling than training used ('' keeps the trained one);
+        # factor 0 means eval_len / train_len for static methods and 1 for dynamic_ntk.
+        position=dict(scaling="", factor=0.0),
+        # Extrapolation sweep (python -m lc_jax.evaluate): lengths as multiples of data.seq_len,
+        # the RoPE scalings to compare, and a token budget per length.
+        length_multipliers=(1, 2, 4, 8),
+        scalings=("none", "linear", "ntk", "dynamic_ntk", "yarn"),
+        max_tokens=65536,
+    )
     return c

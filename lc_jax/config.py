@@ -13,8 +13,10 @@ from pathlib import Path
 import ml_collections
 
 from lc_jax import attention, model, ops, positions
+from lc_jax import data as data_lib
 from lc_jax.data import corpus, packing, tokenizer
-from lc_jax.positions.rope import LAYOUTS
+from lc_jax.positions import rope_scaling
+from lc_jax.positions.rope import FRACTION_MODES, LAYOUTS, rotary_dim
 
 MESH_AXES = ("data", "fsdp", "tensor", "context")
 
@@ -44,11 +46,17 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(out)
 
 
-def load(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
-    """Load `get_config(arg)` from a config file path (the notebook-friendly twin of --config)."""
+def load_module(path: str):
+    """Import a config file by path (it may define get_config and get_sweep)."""
     spec = importlib.util.spec_from_file_location(Path(path).stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def load(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """Load `get_config(arg)` from a config file path (the notebook-friendly twin of --config)."""
+    module = load_module(path)
     return module.get_config(arg) if arg is not None else module.get_config()
 
 
@@ -84,10 +92,40 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
+def _check_scaling(p, field, factor_field, name, factor, m, pos):
+    _allowed(p, field, name, rope_scaling.SCALINGS)
+    if name != "none" and pos.name != "rope":
+        p.append(f"{field}={name!r} needs model.position.name='rope' (got {pos.name!r}); "
+                 "scalings stretch RoPE frequencies")
+    if not (isinstance(factor, (int, float)) and (factor == 0 or factor >= 1)):
+        p.append(f"{factor_field}={factor!r}: must be >= 1 (0: the method's default)")
+    sc = pos.scaling
+    if name == "yarn" and not sc.alpha < sc.beta:
+        p.append(f"model.position.scaling.alpha={sc.alpha} must be < beta={sc.beta}")
+    if name == "llama3" and not sc.low_freq_factor < sc.high_freq_factor:
+        p.append(f"model.position.scaling.low_freq_factor={sc.low_freq_factor} must be < "
+                 f"high_freq_factor={sc.high_freq_factor}")
+    if name in ("ntk", "dynamic_ntk") and isinstance(pos.fraction, (int, float)):
+        try:
+            if rotary_dim(head_dim(m), pos.fraction, pos.fraction_mode) <= 2:
+                p.append(f"{field}={name!r} needs a rotated width > 2 (the exponent is d / (d - 2))")
+        except (TypeError, ZeroDivisionError):
+            pass
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Fill the values that default to other fields (RoPE original length: the training length)."""
+    sc = config.model.position.scaling
+    if not sc.original_max_len and sc.name != "llama3":
+        sc.original_max_len = config.data.seq_len
+    return config
+
+
 def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = None) -> None:
     """Raise ConfigError listing every invalid field; return None if the config is usable."""
     p: list[str] = []
     m, d, t = config.model, config.data, config.train
+    pos = m.position
 
     # --- model
     for f in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim", "max_seq_len"):
@@ -122,6 +160,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
             p.append(f"model.position.fraction={pos.fraction}: rotates fewer than 2 of {head_dim(m)} dims")
         if heads_ok and head_dim(m) % 2:
             p.append(f"head_dim={head_dim(m)} must be even for model.position.name='rope'")
+        _allowed(p, "model.position.fraction_mode", pos.fraction_mode, FRACTION_MODES)
+    _check_scaling(p, "model.position.scaling.name", "model.position.scaling.factor", pos.scaling.name,
+                   pos.scaling.factor, m, pos)
+    ev = config.eval.position
+    if ev.scaling:
+        _check_scaling(p, "eval.position.scaling", "eval.position.factor", ev.scaling, ev.factor, m, pos)
 
     # --- attention variant
     att = m.attention
@@ -138,14 +182,37 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
         p.append("data.files is empty: with data.source='files' give a glob of .txt/.py/.jsonl files")
     _allowed(p, "data.packing", d.packing, packing.PACKINGS)
     if _positive(p, "data.seq_len", d.seq_len) and isinstance(m.max_seq_len, int) and d.seq_len > m.max_seq_len:
-        p.append(f"data.seq_len={d.seq_len} does not fit model.max_seq_len={m.max_seq_len}: "
+        why = (" (learned position embeddings cannot represent positions >= model.max_seq_len)"
+               if pos.name == "learned" else "")
+        p.append(f"data.seq_len={d.seq_len} does not fit model.max_seq_len={m.max_seq_len}{why}: "
                  f"allowed seq_len is 1..{m.max_seq_len}")
     _positive(p, "data.batch_size", d.batch_size)
     _positive(p, "data.max_docs", d.max_docs, zero_ok=True)
     if not (isinstance(d.val_fraction, float) and 0 < d.val_fraction < 1):
         p.append(f"data.val_fraction={d.val_fraction!r}: must be a float in (0, 1)")
 
+    if d.curriculum:
+        try:
+            stages = data_lib.curriculum(d)
+        except ValueError as e:
+            p.append(str(e))
+            stages = []
+        if stages:
+            starts = [s0 for s0, _, _ in stages]
+            if starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])):
+                p.append(f"data.curriculum={d.curriculum!r}: stage steps must start at 0 and increase")
+            if stages[-1][1] != d.seq_len:
+                p.append(f"data.curriculum={d.curriculum!r}: the last stage must be data.seq_len={d.seq_len}")
+            for _, length, batch in stages:
+                if not 0 < length <= m.max_seq_len:
+                    p.append(f"data.curriculum stage seq_len={length}: allowed 1..model.max_seq_len={m.max_seq_len}")
+                if batch < 1 or (d.curriculum_constant_tokens and (d.batch_size * d.seq_len) % length):
+                    p.append(f"data.curriculum stage seq_len={length}: batch_size * seq_len = "
+                             f"{d.batch_size * d.seq_len} tokens do not split into whole sequences of it")
+
     # --- train / checkpoint / eval
+    if t.init_from and not (Path(t.init_from) / "config.json").exists():
+        p.append(f"train.init_from={t.init_from!r}: not a run directory (no config.json there)")
     for f in ("steps", "log_every", "eval_every"):
         _positive(p, f"train.{f}", t[f])
     for f in ("warmup_steps", "eval_batches"):
@@ -173,6 +240,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
             batch_shards = sizes["data"] * sizes["fsdp"]
             if isinstance(d.batch_size, int) and d.batch_size % batch_shards:
                 p.append(f"data.batch_size={d.batch_size} is not divisible by mesh data x fsdp = {batch_shards}")
+            elif d.curriculum and not any(x.startswith("data.curriculum") for x in p):
+                for _, length, batch in data_lib.curriculum(d):
+                    if batch % batch_shards:
+                        p.append(f"data.curriculum stage seq_len={length} has batch {batch}, not divisible by "
+                                 f"mesh data x fsdp = {batch_shards}")
         except ConfigError as e:
             p.extend(e.problems)
     if p:

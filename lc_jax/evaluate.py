@@ -1,13 +1,22 @@
-"""Long-context evaluation. For now: per-position validation loss (the curve every run ends with).
+"""Long-context evaluation of a trained run.
 
-Protocol: validation sequences are non-overlapping chunks of the packed
-validation stream; each target token is bucketed by its *position*, i.e. how
-many tokens of its own document precede it inside the chunk. Buckets have equal
-width `ceil(seq_len / num_buckets)`; a bucket's loss is the mean over its tokens.
+    python -m lc_jax.evaluate --workdir runs/x [--config.eval.lengths=512,1024] [--config.eval.position.scaling=yarn]
+
+Loads the run's config and latest checkpoint, then measures validation loss at
+several evaluation lengths, for the trained RoPE scaling and any others named in
+`eval.scalings` (context extension at inference: the parameters are unchanged,
+only the frequencies). Writes `eval/extrapolation.{json,png}` and prints a table.
+
+Protocol: validation documents of at least the evaluation length, packed
+(`concat`) and cut into non-overlapping chunks of that length; positions restart
+at each chunk. Reported per length: mean loss over all tokens, and over tokens
+whose position is at or beyond the training length ("beyond").
+Per-position curves bucket each target by its position with equal-width buckets.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -36,11 +45,7 @@ class PerPositionLoss:
                         "target within the chunk; equal-width buckets; mean next-token loss (nats) per bucket",
             **dataclasses.asdict(self),
         }, indent=2))
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = _pyplot()
         xs = [s + self.bucket_width / 2 for s, v in zip(self.bucket_start, self.loss) if v is not None]
         ys = [v for v in self.loss if v is not None]
         fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -52,3 +57,194 @@ class PerPositionLoss:
         fig.tight_layout()
         fig.savefig(path_stem.with_suffix(".png"), dpi=120)
         plt.close(fig)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# ----------------------------------------------------------------------------- loading a run
+
+
+def load_config(workdir: str | Path):
+    """The resolved config a run saved; lists become tuples so `--config.x=(a,b)` overrides work."""
+    import ml_collections
+
+    def tuples(x):
+        if isinstance(x, dict):
+            return {k: tuples(v) for k, v in x.items()}
+        return tuple(tuples(v) for v in x) if isinstance(x, list) else x
+
+    return ml_collections.ConfigDict(tuples(json.loads((Path(workdir) / "config.json").read_text())))
+
+
+def load_params(workdir: str | Path, config, step: int | None = None):
+    """(step, params) from a run's checkpoint, restored onto this host's default device."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from lc_jax import train
+
+    mgr = ocp.CheckpointManager((Path(workdir) / "checkpoints").absolute())
+    step = mgr.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {Path(workdir) / 'checkpoints'}")
+    tx, _ = train.make_optimizer(config.train)
+    abstract = jax.eval_shape(lambda: train.fresh_state(config, tx))
+    restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+    mgr.close()
+    return step, restored["state"]["params"]
+
+
+# ----------------------------------------------------------------------------- extrapolation
+
+
+def eval_config(config, seq_len: int, scaling: str | None, factor: float = 0.0):
+    """A copy of the run's config for evaluation at `seq_len` with RoPE `scaling` (None: as trained)."""
+    c = copy.deepcopy(config)
+    train_len = config.data.seq_len
+    c.data.seq_len = seq_len
+    c.model.max_seq_len = max(c.model.max_seq_len, seq_len) if c.model.position.name != "learned" else \
+        c.model.max_seq_len
+    if scaling is not None:
+        sc = c.model.position.scaling
+        sc.name = scaling
+        if factor:
+            sc.factor = float(factor)
+        elif scaling == "dynamic_ntk":
+            sc.factor = 1.0
+        else:
+            sc.factor = max(1.0, seq_len / train_len)
+        sc.original_max_len = train_len
+    return c
+
+
+def loss_at_length(graphdef, params, config, seq_len: int, train_len: int, max_tokens: int, num_buckets: int):
+    """Mean loss, loss beyond the training length, and the per-position curve at one length."""
+    import jax
+
+    from lc_jax import train
+    from lc_jax.data import corpus, packing
+
+    docs = corpus.load_documents(source=config.data.source, split="validation", val_fraction=config.data.val_fraction,
+                                 files=config.data.files, jsonl_field=config.data.jsonl_field)
+    long_docs = [d for d in docs if len(d) >= seq_len] or docs
+    src = packing.PackedSequences(long_docs, seq_len=seq_len, packing="concat", seed=0)
+    n = max(1, min(len(src), max_tokens // seq_len))
+    eval_step, width = train.make_eval_step(graphdef, num_buckets, seq_len)
+    total = None
+    for i in range(n):
+        ex = {k: v[None] for k, v in src[i].items()}
+        out = jax.device_get(eval_step(params, ex))
+        total = out if total is None else {k: total[k] + out[k] for k in total}
+    curve = PerPositionLoss.from_sums(total["bucket_sum"], total["bucket_count"], width)
+    beyond = [(s, c) for s, c, start in zip(total["bucket_sum"], total["bucket_count"], curve.bucket_start)
+              if start >= train_len]
+    beyond_loss = float(sum(s for s, _ in beyond) / max(sum(c for _, c in beyond), 1)) if beyond else None
+    return {"loss": float(total["sum"] / max(total["count"], 1)), "beyond_loss": beyond_loss,
+            "tokens": int(total["count"]), "sequences": n, "documents": len(long_docs)}, curve
+
+
+def extrapolation_sweep(workdir: str | Path, config=None, *, lengths=None, scalings=None, max_tokens=None,
+                        out_dir: str | Path | None = None) -> dict:
+    """Validation loss at each length x scaling; learned positions stop at their table size."""
+    from flax import nnx
+
+    from lc_jax import train
+    from lc_jax.config import ConfigError, resolve, validate
+
+    workdir = Path(workdir)
+    config = config or load_config(workdir)
+    train_len = config.data.seq_len
+    lengths = lengths or [int(x * train_len) for x in config.eval.length_multipliers]
+    if scalings is None:
+        scalings = [config.eval.position.scaling or None]
+        if config.model.position.name == "rope":
+            trained = config.model.position.scaling.name
+            scalings += [s for s in config.eval.scalings if s not in scalings and s != trained]
+    max_tokens = max_tokens or config.eval.max_tokens
+    step, params = load_params(workdir, config)
+    rows, curves = [], {}
+    for scaling in scalings:
+        for L in lengths:
+            label = scaling or f"trained ({config.model.position.scaling.name})"
+            c = eval_config(config, L, scaling, config.eval.position.factor)
+            try:
+                validate(c)
+            except ConfigError as e:
+                rows.append({"scaling": label, "length": L, "error": "; ".join(e.problems)})
+                continue
+            c = resolve(c)
+            with nnx.use_eager_sharding(False):
+                graphdef = nnx.split(nnx.eval_shape(lambda c=c: train.build_model(c)), nnx.Param)[0]
+            res, curve = loss_at_length(graphdef, params, c, L, train_len, max_tokens, config.eval.position_buckets)
+            rows.append({"scaling": label, "length": L, "factor": float(c.model.position.scaling.factor), **res})
+            curves[f"{label}@{L}"] = dataclasses.asdict(curve)
+            print(f"  {label:>22} L={L:>6}: loss {res['loss']:.4f}"
+                  + (f", beyond {train_len}: {res['beyond_loss']:.4f}" if res["beyond_loss"] is not None else ""))
+    result = {"workdir": str(workdir), "step": step, "train_len": train_len, "position": config.model.position.name,
+              "protocol": __doc__.split("Protocol: ")[1].strip(), "rows": rows, "curves": curves}
+    out_dir = Path(out_dir or workdir / "eval")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "extrapolation.json").write_text(json.dumps(result, indent=2))
+    plot_extrapolation([result], out_dir / "extrapolation.png")
+    return result
+
+
+def plot_extrapolation(results: list[dict], path: Path, title: str = "validation loss vs evaluation length"):
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for res in results:
+        by = {}
+        for r in res["rows"]:
+            if "loss" in r:
+                by.setdefault(r["scaling"], []).append((r["length"], r["loss"]))
+        for label, pts in by.items():
+            pts.sort()
+            name = res.get("name", res["position"])
+            ax.plot(*zip(*pts), marker="o", ms=3, label=f"{name}: {label}" if len(by) > 1 else name)
+        ax.axvline(res["train_len"], color="grey", ls=":", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("evaluation length (tokens)")
+    ax.set_ylabel("validation loss (nats / byte)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv):
+    del argv
+    from absl import flags, logging
+
+    logging.set_verbosity(logging.WARNING)
+    res = extrapolation_sweep(flags.FLAGS.workdir, flags.FLAGS.config)
+    print(f"wrote {Path(flags.FLAGS.workdir) / 'eval' / 'extrapolation.json'} ({len(res['rows'])} rows)")
+
+
+def _workdir_from_argv(argv: list[str]) -> str:
+    for i, a in enumerate(argv):
+        if a.startswith("--workdir="):
+            return a.split("=", 1)[1]
+        if a == "--workdir" and i + 1 < len(argv):
+            return argv[i + 1]
+    raise SystemExit("usage: python -m lc_jax.evaluate --workdir runs/x [--config.eval.<field>=value ...]")
+
+
+if __name__ == "__main__":
+    import sys
+
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    # The run's own config is the default; --config.x=y overrides any field of it (eval.* usually).
+    config_flags.DEFINE_config_dict("config", load_config(_workdir_from_argv(sys.argv)), lock_config=True)
+    flags.DEFINE_string("workdir", None, "run directory with config.json and checkpoints/")
+    app.run(main)

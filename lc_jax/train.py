@@ -9,6 +9,7 @@ the losses continue exactly as if the run had never stopped.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -22,8 +23,9 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from lc_jax import data as data_lib
 from lc_jax import evaluate, sharding
-from lc_jax.config import validate
+from lc_jax.config import resolve, validate
 from lc_jax.data import make_dataset
 from lc_jax.model import Transformer
 
@@ -57,27 +59,30 @@ def build_model(config, rngs=None) -> Transformer:
         return Transformer.from_config(config.model, rngs=rngs or nnx.Rngs(config.seed))
 
 
+def fresh_state(config, tx) -> dict:
+    """A newly initialised training state (params, optimizer state, step, RNG); trace it, don't call it eagerly."""
+    _, params = nnx.split(build_model(config), nnx.Param)
+    return {
+        "params": params,
+        "opt_state": tx.init(params),
+        "step": jnp.zeros((), jnp.int32),
+        # Step at which this optimizer started (continued training restarts it; the schedule follows).
+        "phase_start": jnp.zeros((), jnp.int32),
+        "rng": jax.random.key_data(jax.random.key(config.seed + 1)),
+    }
+
+
 def init_state(config, mesh, tx):
     """Initialise directly into the target shardings: no host ever holds the full unsharded model."""
-    def make():
-        with nnx.use_eager_sharding(False):
-            return Transformer.from_config(config.model, rngs=nnx.Rngs(config.seed))
-
     with nnx.use_eager_sharding(False):
-        abstract = nnx.eval_shape(make)
-    graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+        graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: build_model(config)), nnx.Param)
     shardings = sharding.param_shardings(abstract_params, mesh)
 
     @jax.jit
     def init():
-        _, params = nnx.split(make(), nnx.Param)
-        params = jax.lax.with_sharding_constraint(params, shardings)
-        return {
-            "params": params,
-            "opt_state": tx.init(params),
-            "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.key_data(jax.random.key(config.seed + 1)),
-        }
+        state = fresh_state(config, tx)
+        state["params"] = jax.lax.with_sharding_constraint(state["params"], shardings)
+        return state
 
     with jax.set_mesh(mesh):
         state = init()
@@ -99,8 +104,9 @@ def make_train_step(graphdef, tx, schedule):
         (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], graphdef, batch)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"])}
-        new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
+        lr = schedule(state["step"] - state["phase_start"])
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr}
+        new_state = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}
         return new_state, metrics
 
     return jax.jit(train_step, donate_argnums=0)
@@ -164,6 +170,36 @@ def _host(x) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(x).items()}
 
 
+def _stage_at(stages, phase_step: int) -> int:
+    return max(i for i, (s0, _, _) in enumerate(stages) if s0 <= max(phase_step, 0))
+
+
+def _stage_iterator(config, stages, stage: int):
+    """A fresh training iterator for one curriculum stage (its own length, batch and seed)."""
+    d = copy.deepcopy(config.data)
+    d.seq_len, d.batch_size = stages[stage][1], stages[stage][2]
+    ds = make_dataset(d, split="train", batch_size=d.batch_size // jax.process_count(), seed=config.seed + stage,
+                      process_index=jax.process_index(), process_count=jax.process_count())
+    return iter(ds)
+
+
+def _init_from(config, state):
+    """Continued training: take parameters and step from another run; the optimizer starts afresh."""
+    src = Path(config.train.init_from)
+    src_config = evaluate.load_config(src)
+    step, params = evaluate.load_params(src, src_config, step=config.train.init_from_step or None)
+    want = jax.tree.map(lambda x: (x.shape, x.dtype), state["params"])
+    got = jax.tree.map(lambda x: (x.shape, x.dtype), params)
+    if want != got:
+        raise ValueError(f"train.init_from={str(src)!r}: its parameters do not match this model's shapes; "
+                         "only position scaling, lengths and training settings may change")
+    shardings = jax.tree.map(lambda x: x.sharding, state["params"])
+    if jax.process_index() == 0:
+        print(f"initialised from {src} at step {step}; optimizer restarts")
+    return {**state, "params": jax.device_put(params, shardings), "step": jnp.asarray(step, jnp.int32),
+            "phase_start": jnp.asarray(step, jnp.int32)}
+
+
 def run_eval(eval_step, params, config, mesh, width) -> dict:
     ds = make_dataset(config.data, split="validation", batch_size=config.data.batch_size // jax.process_count(),
                       seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
@@ -183,6 +219,7 @@ def run_eval(eval_step, params, config, mesh, width) -> dict:
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Train (or resume) in `workdir`; returns the final validation metrics."""
     validate(config, num_devices=jax.device_count())
+    config = resolve(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
@@ -194,36 +231,46 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     graphdef, state = init_state(config, mesh, tx)
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
 
-    train_ds = make_dataset(config.data, split="train", batch_size=config.data.batch_size // jax.process_count(),
-                            seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
-    data_iter = iter(train_ds)
+    stages = data_lib.curriculum(config.data)
     mgr = _checkpoint_manager(workdir, config.checkpoint)
-    start = 0
+    start = int(state["step"])
+    if mgr.latest_step() is None and config.train.init_from:
+        state = _init_from(config, state)
+        start = int(state["step"])
+    phase_start = int(state["phase_start"])
+    data = {"stage": _stage_at(stages, start - phase_start)}
+    data["iter"] = _stage_iterator(config, stages, data["stage"])
     if mgr.latest_step() is not None:
         start = mgr.latest_step()
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        # The stage follows from the saved step; its iterator state comes back from the checkpoint.
+        probe = mgr.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        phase_start = int(probe["state"]["phase_start"])
+        data["stage"] = _stage_at(stages, start - phase_start)
+        data["iter"] = _stage_iterator(config, stages, data["stage"])
         restored = mgr.restore(start, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(data_iter)))
+            state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(data["iter"])))
         state = restored["state"]
         if is_main:
             print(f"resumed from {workdir / 'checkpoints'} at step {start}")
 
     def save(step: int, force: bool = False):
         mgr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)), force=force)
+            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data["iter"])), force=force)
 
     train_step = make_train_step(graphdef, tx, schedule)
     eval_step, width = make_eval_step(graphdef, config.eval.position_buckets, config.data.seq_len)
     writer = MetricsWriter(workdir)
-    steps, tokens_per_step = config.train.steps, config.data.batch_size * config.data.seq_len
+    steps = phase_start + config.train.steps  # the global step this run ends at
     if is_main:
-        print(f"model: {n_params / 1e6:.2f}M params | {tokens_per_step} tokens/step | mesh {dict(mesh.shape)}")
+        plan = ", ".join(f"step {s0}: {b}x{L}" for s0, L, b in stages)
+        print(f"model: {n_params / 1e6:.2f}M params | batches {plan} | mesh {dict(mesh.shape)}")
 
     bar = None
     if is_main and config.train.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=steps, initial=start, dynamic_ncols=True, desc="train")
+        bar = tqdm(total=config.train.steps, initial=start - phase_start, dynamic_ncols=True, desc="train")
 
     all_finite = jax.jit(lambda t: jnp.all(jnp.array([jnp.isfinite(x).all() for x in jax.tree.leaves(t)])))
 
@@ -241,14 +288,23 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     try:
         with jax.set_mesh(mesh):
             for step in range(start, steps):
-                batch = sharding.shard_batch(next(data_iter), mesh)
+                stage = _stage_at(stages, step - phase_start)
+                if stage != data["stage"]:  # curriculum: the next sequence length starts here
+                    data["stage"], data["iter"] = stage, _stage_iterator(config, stages, stage)
+                    if bar is not None:
+                        bar.write(f"step {step}: curriculum stage {stage}, seq_len {stages[stage][1]}")
+                tokens_per_step = stages[stage][1] * stages[stage][2]
+                # Remember where the iterator was: a batch drawn but not trained on goes back on interrupt.
+                data["untrained"] = data["iter"].get_state()
+                batch = sharding.shard_batch(next(data["iter"]), mesh)
                 state, metrics = train_step(state, batch)
+                data["untrained"] = None
                 done = step + 1
                 if pending is not None:
                     check(pending[0], _host(pending[1]))
                 pending = (done, metrics)
                 window_steps += 1
-                if done % config.train.log_every == 0 or done == steps:
+                if (done - phase_start) % config.train.log_every == 0 or done == steps:
                     m = _host(metrics)
                     check(done, m)
                     m["tokens_per_s"] = window_steps * tokens_per_step / (time.perf_counter() - window_t0)
@@ -259,13 +315,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                     window_t0, window_steps = time.perf_counter(), 0
                 if bar is not None:
                     bar.update(1)
-                if done % config.train.eval_every == 0 or done == steps:
+                if (done - phase_start) % config.train.eval_every == 0 or done == steps:
                     val_metrics, per_pos = run_eval(eval_step, state["params"], config, mesh, width)
                     writer.write(done, "validation", val_metrics)
                     if bar is not None:
                         bar.write(f"step {done}: validation loss {val_metrics['loss']:.4f}")
                 preempted = mgr.reached_preemption(done)
-                if done % config.checkpoint.every == 0 or done == steps or preempted:
+                if (done - phase_start) % config.checkpoint.every == 0 or done == steps or preempted:
                     check(done, _host(metrics))  # never write a checkpoint of a diverged state
                     if not bool(all_finite(state["params"])):
                         check(done, {"loss": float("nan"), "grad_norm": float("nan")})
@@ -275,6 +331,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                         raise SystemExit(f"preempted: checkpoint saved at step {done}")
     except KeyboardInterrupt:
         # Keep the work done so far: save the current state unless it is already saved or diverged.
+        if data.get("untrained") is not None:
+            data["iter"].set_state(data["untrained"])
         if pending is not None and mgr.latest_step() != pending[0]:
             m = _host(pending[1])
             if math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]):

@@ -67,3 +67,13 @@ def test_parse_arg_rejects_unknown_keys():
     assert parse_arg("position=alibi", position="rope", attention="full").position == "alibi"
     with pytest.raises(ConfigError, match="'positon' is not one of"):
         parse_arg("positon=alibi", position="rope", attention="full")
+
+
+def test_every_sweep_member_is_valid():
+    from lc_jax.config import load_module
+
+    module = load_module("configs/ablations/positions.py")
+    names = [name for name, _ in module.get_sweep()]
+    assert {"nope", "learned", "sinusoidal", "rope", "alibi"} <= set(names)
+    for _, arg in module.get_sweep():
+        validate(module.get_config(arg), num_devices=1)

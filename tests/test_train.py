@@ -18,13 +18,14 @@ def test_resume_matches_uninterrupted_run(tiny_config, tmp_path, monkeypatch):
     straight = tmp_path / "straight"
     final = train.train(c, straight)
 
-    # Interrupt the second run when it asks for the batch of step 4: it must save step 3 and stop.
+    # Interrupt the second run as it places the batch of step 4 (call 5: call 4 is step 3's validation
+    # batch). That batch was drawn but not trained on: the checkpoint of step 3 must not skip it.
     resumed = tmp_path / "resumed"
     real_shard, calls = sharding.shard_batch, {"n": 0}
 
     def interrupting_shard(batch, mesh):
         calls["n"] += 1
-        if calls["n"] == 4:
+        if calls["n"] == 5:
             raise KeyboardInterrupt
         return real_shard(batch, mesh)
 

@@ -16,7 +16,7 @@ class AttentionVariant(nnx.Module):
     #: Keys further back than this are never visible (None: unbounded). KV caches read it.
     window: int | None = None
 
-    def __init__(self, *, impl: str = "auto", block_q: int = 512, block_k: int = 512, **_unused):
+    def __init__(self, *, impl: str = "auto", block_q: int = 256, block_k: int = 512, **_unused):
         self.impl = impl
         self.block_sizes = BlockSizes(block_q, block_k)
 

@@ -1,13 +1,18 @@
-"""Rotary position embedding (Su et al., 2021).
+"""Rotary position embedding (Su et al., 2021, arXiv:2104.09864).
 
 Pairs of q/k dimensions are rotated by angle p * inv_freq_i, so that q_t . k_s
-depends on t - s only. `fraction` < 1 gives partial RoPE (GPT-NeoX): only the
-first `fraction * head_dim` dimensions rotate, with frequencies computed from
-that rotated width. Layout 'half' pairs dim i with i + d/2 (rotate-half,
-Llama/NeoX); 'interleaved' pairs 2i with 2i+1 (the paper, GPT-J).
+depends on t - s only. Layout 'half' pairs dim i with i + d/2 (rotate-half,
+GPT-NeoX / Llama); 'interleaved' pairs 2i with 2i+1 (the paper, GPT-J).
 
-Context-extension scalings change `inv_freq` (and may add an attention factor);
-they plug in through `scaling` (see `lc_jax/positions/scaling.py` once added).
+Two ways to rotate only part of each head:
+  * `fraction_mode='rotary_dims'` (partial RoPE, GPT-NeoX `rotary_pct`): rotate the
+    first `fraction * head_dim` dims, with frequencies computed from that rotated width;
+  * `fraction_mode='p_rope'` (p-RoPE, Barbero et al., 2024, arXiv:2410.06205): frequencies
+    from the full width, keep the `fraction` highest and set the lowest to zero, so
+    those pairs carry no position (they become NoPE channels).
+
+Context-extension scalings (`scaling.name`: linear, ntk, dynamic_ntk, yarn, llama3)
+live in `rope_scaling.py`; they change the frequencies and may scale q and k.
 """
 
 from __future__ import annotations
@@ -15,13 +20,17 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from lc_jax.positions import rope_scaling
 from lc_jax.positions.base import PositionScheme
 
 LAYOUTS = ("half", "interleaved")
+FRACTION_MODES = ("rotary_dims", "p_rope")
 
 
-def rotary_dim(head_dim: int, fraction: float) -> int:
-    """Rotated width: fraction of head_dim, rounded down to an even number."""
+def rotary_dim(head_dim: int, fraction: float, fraction_mode: str = "rotary_dims") -> int:
+    """Rotated width: the fraction of head_dim (rounded down to even), or all of it for p-RoPE."""
+    if fraction_mode == "p_rope":
+        return head_dim // 2 * 2
     return int(head_dim * fraction) // 2 * 2
 
 
@@ -30,8 +39,14 @@ def rope_inv_freq(rot_dim: int, theta: float) -> np.ndarray:
     return theta ** (-np.arange(0, rot_dim, 2, dtype=np.float64) / rot_dim)
 
 
+def p_rope_keep(rot_dim: int, fraction: float) -> np.ndarray:
+    """Mask of the frequencies p-RoPE keeps: the highest `fraction` of them (lowest indices i)."""
+    n = rot_dim // 2
+    return np.arange(n) < int(round(fraction * n))
+
+
 def apply_rope(x_BTHD, pos_BT, inv_freq_F, layout: str = "half", mscale: float = 1.0):
-    """Rotate the first 2F dims of x by pos * inv_freq; the rest pass through. Math in f32."""
+    """Rotate the first 2F dims of x by pos * inv_freq (and scale them by mscale); the rest pass through."""
     F = inv_freq_F.shape[0]
     if F == 0:
         return x_BTHD
@@ -46,27 +61,36 @@ def apply_rope(x_BTHD, pos_BT, inv_freq_F, layout: str = "half", mscale: float =
         x1, x2 = x_rot[..., 0::2], x_rot[..., 1::2]
         rot = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(x_rot.shape)
     else:
-        raise ValueError(f"rope layout={layout!r} is not one of {LAYOUTS}")
+        raise ValueError(f"model.position.layout={layout!r} is not one of {LAYOUTS}")
     if mscale != 1.0:
         rot = rot * mscale
     return jnp.concatenate([rot, x_pass], axis=-1).astype(x_BTHD.dtype)
 
 
 class RoPE(PositionScheme):
-    def __init__(self, *, head_dim: int, theta: float = 10000.0, layout: str = "half",
-                 fraction: float = 1.0, **_unused):
-        self.head_dim = head_dim
-        self.theta = float(theta)
-        self.layout = layout
-        self.rot_dim = rotary_dim(head_dim, fraction)
+    def __init__(self, *, head_dim: int, theta: float = 10000.0, layout: str = "half", fraction: float = 1.0,
+                 fraction_mode: str = "rotary_dims", scaling=None, **_unused):
+        if fraction_mode not in FRACTION_MODES:
+            raise ValueError(f"model.position.fraction_mode={fraction_mode!r} is not one of {FRACTION_MODES}")
+        self.theta, self.layout = float(theta), layout
+        self.rot_dim = rotary_dim(head_dim, fraction, fraction_mode)
+        self.keep = p_rope_keep(self.rot_dim, fraction) if fraction_mode == "p_rope" else None
+        self.scaling = rope_scaling.resolve(dict(scaling or {"name": "none"}))
 
-    def inv_freq(self) -> np.ndarray:
-        return rope_inv_freq(self.rot_dim, self.theta)
+    def frequencies(self, current_len=None):
+        """(inv_freq, mscale) after scaling; `current_len` feeds dynamic NTK."""
+        s = dict(self.scaling)
+        name = s.pop("name")
+        inv_freq, mscale = rope_scaling.REGISTRY[name](
+            rope_inv_freq(self.rot_dim, self.theta), rot_dim=self.rot_dim, theta=self.theta,
+            current_len=current_len, **s)
+        if self.keep is not None:
+            inv_freq = inv_freq * self.keep
+        return inv_freq, mscale
 
     def rotate(self, q_BTHD, k_BSKD, q_pos_BT, kv_pos_BS):
-        inv_freq = self.inv_freq()
-        q = apply_rope(q_BTHD, q_pos_BT, inv_freq, self.layout)
-        k = apply_rope(k_BSKD, kv_pos_BS, inv_freq, self.layout)
+        current_len = jnp.maximum(q_pos_BT.max(), kv_pos_BS.max()) + 1
+        inv_freq, mscale = self.frequencies(current_len)
+        q = apply_rope(q_BTHD, q_pos_BT, inv_freq, self.layout, mscale)
+        k = apply_rope(k_BSKD, kv_pos_BS, inv_freq, self.layout, mscale)
         return q, k
-
-

@@ -1,0 +1,93 @@
+"""Context extension: evaluation with another RoPE scaling, continued training, and the length curriculum."""
+
+import json
+
+import pytest
+
+from lc_jax import evaluate, sharding, train
+from lc_jax.config import ConfigError, validate
+
+
+def _train_losses(workdir):
+    rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    return {r["step"]: r for r in rows if r["split"] == "train"}
+
+
+def test_eval_with_other_scalings_beyond_training_length(tiny_config, tmp_path):
+    c = tiny_config(**{"model.max_seq_len": 64})
+    train.train(c, tmp_path)
+    res = evaluate.extrapolation_sweep(tmp_path, lengths=[64, 128], scalings=[None, "linear", "yarn", "dynamic_ntk"],
+                                       max_tokens=256)
+    rows = {(r["scaling"], r["length"]): r for r in res["rows"]}
+    assert len(rows) == 8 and all("loss" in r for r in rows.values())
+    assert rows[("yarn", 128)]["factor"] == 2.0 and rows[("dynamic_ntk", 128)]["factor"] == 1.0
+    assert rows[("yarn", 128)]["beyond_loss"] is not None
+    # Scaling with factor 1 at the training length is plain RoPE: identical loss.
+    assert rows[("linear", 64)]["loss"] == pytest.approx(rows[("trained (none)", 64)]["loss"], abs=1e-6)
+    assert (tmp_path / "eval" / "extrapolation.png").exists()
+
+
+def test_learned_positions_refuse_longer_evaluation(tiny_config, tmp_path):
+    c = tiny_config("position=learned")
+    train.train(c, tmp_path)
+    res = evaluate.extrapolation_sweep(tmp_path, lengths=[64, 128], max_tokens=128)
+    short, long = sorted(res["rows"], key=lambda r: r["length"])
+    assert "loss" in short and "learned position embeddings cannot represent" in long["error"]
+
+
+def test_continued_training_carries_model_and_step_only(tiny_config, tmp_path):
+    src = tmp_path / "src"
+    train.train(tiny_config(), src)
+    c = tiny_config(**{"train.init_from": str(src), "train.steps": 3, "data.seq_len": 128, "model.max_seq_len": 128,
+                       "model.position.scaling.name": "yarn", "model.position.scaling.factor": 2.0,
+                       "model.position.scaling.original_max_len": 64, "train.warmup_steps": 2})
+    dst = tmp_path / "dst"
+    train.train(c, dst)
+    rows = _train_losses(dst)
+    assert sorted(rows) == [8, 9]  # global steps continue from 6 (logged every 2 of this phase, and the last)
+    src_rows = _train_losses(src)
+    assert rows[8]["loss"] < src_rows[2]["loss"]  # starts from trained weights, not from scratch
+    # The restarted optimizer's schedule is still warming up: lr at this phase's step 1 of 2 is half the peak.
+    assert rows[8]["lr"] == pytest.approx(c.train.lr / 2)
+
+
+def test_bad_init_from(tiny_config, tmp_path):
+    with pytest.raises(ConfigError, match="train.init_from"):
+        validate(tiny_config(**{"train.init_from": str(tmp_path / "nope")}))
+
+
+def test_curriculum_stages_and_resume_across_them(tiny_config, tmp_path, monkeypatch):
+    c = tiny_config(**{"data.curriculum": "0:32,3:64", "train.log_every": 1, "checkpoint.every": 100})
+    straight = tmp_path / "straight"
+    train.train(c, straight)
+    a = _train_losses(straight)
+    assert a[1]["tokens_per_s"] > 0 and sorted(a) == list(range(1, 7))
+
+    real, calls = sharding.shard_batch, {"n": 0}
+    shapes = []
+
+    def interrupting(batch, mesh):
+        calls["n"] += 1
+        shapes.append(batch["inputs"].shape)
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(batch, mesh)
+
+    monkeypatch.setattr(sharding, "shard_batch", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(c, tmp_path / "resumed")
+    monkeypatch.setattr(sharding, "shard_batch", real)
+    # Equal tokens per step in both stages; call 4 is the validation batch after step 3.
+    assert shapes[:3] == [(16, 32)] * 3 and shapes[4] == (8, 64)
+    train.train(c, tmp_path / "resumed")
+    b = _train_losses(tmp_path / "resumed")
+    assert all(a[s]["loss"] == b[s]["loss"] for s in a), ({s: a[s]["loss"] for s in a}, {s: b[s]["loss"] for s in b})
+
+
+def test_curriculum_validation(tiny_config):
+    with pytest.raises(ConfigError, match="last stage"):
+        validate(tiny_config(**{"data.curriculum": "0:32,3:48"}))
+    with pytest.raises(ConfigError, match="start at 0"):
+        validate(tiny_config(**{"data.curriculum": "5:32,3:64"}))
+    with pytest.raises(ConfigError, match="expected 'step:seq_len"):
+        validate(tiny_config(**{"data.curriculum": "0-32"}))
