@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 quickstart: $(STAMP)
 	$(PY) -m lc_jax.train --config configs/quickstart.py --workdir runs/quickstart
 
-## Run the test suite (CPU, ~N min on 2 cores).
+## Run the test suite (CPU, ~3 min on 2 cores).
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile tests
 

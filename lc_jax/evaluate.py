@@ -7,10 +7,12 @@ several evaluation lengths, for the trained RoPE scaling and any others named in
 `eval.scalings` (context extension at inference: the parameters are unchanged,
 only the frequencies). Writes `eval/extrapolation.{json,png}` and prints a table.
 
-Protocol: validation documents of at least the evaluation length, packed
-(`concat`) and cut into non-overlapping chunks of that length; positions restart
-at each chunk. Reported per length: mean loss over all tokens, and over tokens
-whose position is at or beyond the training length ("beyond").
+Protocol: validation documents at least as long as the longest evaluation
+length, packed (`concat`) in a fixed order and cut into non-overlapping chunks of
+each length; the first `eval.max_tokens` tokens are scored, so every length reads
+the same text. Positions restart at each chunk and each document. Reported per
+length: mean loss over all tokens, and over tokens whose position is at or beyond
+the training length ("beyond").
 Per-position curves bucket each target by its position with equal-width buckets.
 """
 
@@ -124,8 +126,13 @@ def eval_config(config, seq_len: int, scaling: str | None, factor: float = 0.0):
     return c
 
 
-def loss_at_length(graphdef, params, config, seq_len: int, train_len: int, max_tokens: int, num_buckets: int):
-    """Mean loss, loss beyond the training length, and the per-position curve at one length."""
+def loss_at_length(graphdef, params, config, seq_len: int, train_len: int, max_tokens: int, num_buckets: int,
+                   min_doc_len: int = 0):
+    """Mean loss, loss beyond the training length, and the per-position curve at one length.
+
+    Documents shorter than `min_doc_len` (default: `seq_len`) are left out; a sweep passes its
+    longest length so that every length reads the same text, only cut differently.
+    """
     import jax
 
     from lc_jax import train
@@ -133,7 +140,7 @@ def loss_at_length(graphdef, params, config, seq_len: int, train_len: int, max_t
 
     docs = corpus.load_documents(source=config.data.source, split="validation", val_fraction=config.data.val_fraction,
                                  files=config.data.files, jsonl_field=config.data.jsonl_field)
-    long_docs = [d for d in docs if len(d) >= seq_len] or docs
+    long_docs = [d for d in docs if len(d) >= (min_doc_len or seq_len)] or docs
     src = packing.PackedSequences(long_docs, seq_len=seq_len, packing="concat", seed=0)
     n = max(1, min(len(src), max_tokens // seq_len))
     eval_step, width = train.make_eval_step(graphdef, num_buckets, seq_len)
@@ -182,7 +189,8 @@ def extrapolation_sweep(workdir: str | Path, config=None, *, lengths=None, scali
             c = resolve(c)
             with nnx.use_eager_sharding(False):
                 graphdef = nnx.split(nnx.eval_shape(lambda c=c: train.build_model(c)), nnx.Param)[0]
-            res, curve = loss_at_length(graphdef, params, c, L, train_len, max_tokens, config.eval.position_buckets)
+            res, curve = loss_at_length(graphdef, params, c, L, train_len, max_tokens, config.eval.position_buckets,
+                                        min_doc_len=max(lengths))
             rows.append({"scaling": label, "length": L, "factor": float(c.model.position.scaling.factor), **res})
             curves[f"{label}@{L}"] = dataclasses.asdict(curve)
             print(f"  {label:>22} L={L:>6}: loss {res['loss']:.4f}"

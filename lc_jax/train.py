@@ -183,6 +183,20 @@ def _stage_iterator(config, stages, stage: int):
     return iter(ds)
 
 
+def _phase_start(config) -> int:
+    """The global step this run's optimizer started at: 0, or the step of the run it continues."""
+    if not config.train.init_from:
+        return 0
+    if config.train.init_from_step:
+        return config.train.init_from_step
+    mgr = ocp.CheckpointManager((Path(config.train.init_from) / "checkpoints").absolute())
+    step = mgr.latest_step()
+    mgr.close()
+    if step is None:
+        raise FileNotFoundError(f"train.init_from={config.train.init_from!r} has no checkpoint")
+    return step
+
+
 def _init_from(config, state):
     """Continued training: take parameters and step from another run; the optimizer starts afresh."""
     src = Path(config.train.init_from)
@@ -244,8 +258,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         start = mgr.latest_step()
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
         # The stage follows from the saved step; its iterator state comes back from the checkpoint.
-        probe = mgr.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-        phase_start = int(probe["state"]["phase_start"])
+        phase_start = _phase_start(config)
         data["stage"] = _stage_at(stages, start - phase_start)
         data["iter"] = _stage_iterator(config, stages, data["stage"])
         restored = mgr.restore(start, args=ocp.args.Composite(

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from lc_jax import evaluate, sharding, train
-from lc_jax.config import ConfigError, validate
+from lc_jax.config import ConfigError, load, validate
 
 
 def _train_losses(workdir):
@@ -43,6 +43,9 @@ def test_continued_training_carries_model_and_step_only(tiny_config, tmp_path):
                        "model.position.scaling.original_max_len": 64, "train.warmup_steps": 2})
     dst = tmp_path / "dst"
     train.train(c, dst)
+    ext = load("configs/extend.py", f"init_from={src},scaling=yarn,factor=2")
+    validate(ext)
+    assert ext.data.seq_len == 128 and ext.model.position.scaling.original_max_len == 64
     rows = _train_losses(dst)
     assert sorted(rows) == [8, 9]  # global steps continue from 6 (logged every 2 of this phase, and the last)
     src_rows = _train_losses(src)

@@ -26,7 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.update(seq_len=512, batch_size=8)
     c.train.update(steps=a.steps, lr=3e-3, warmup_steps=25, log_every=25, eval_every=a.steps, eval_batches=16)
     c.checkpoint.update(every=a.steps, keep=1)
-    c.eval.update(position_buckets=16, length_multipliers=(1, 2, 4, 8), max_tokens=32768,
+    c.eval.update(position_buckets=16, length_multipliers=(1, 2, 4, 8), max_tokens=65536,
                   scalings=("none", "linear", "ntk", "dynamic_ntk", "yarn"))
     return c
 
