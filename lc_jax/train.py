@@ -247,20 +247,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
 
     stages = data_lib.curriculum(config.data)
     mgr = _checkpoint_manager(workdir, config.checkpoint)
-    start = int(state["step"])
-    if mgr.latest_step() is None and config.train.init_from:
+    phase_start = _phase_start(config)
+    resume_step = mgr.latest_step()
+    start = phase_start if resume_step is None else resume_step
+    if resume_step is None and config.train.init_from:
         state = _init_from(config, state)
-        start = int(state["step"])
-    phase_start = int(state["phase_start"])
+    # The curriculum stage follows from the step; its iterator state comes back from the checkpoint.
     data = {"stage": _stage_at(stages, start - phase_start)}
     data["iter"] = _stage_iterator(config, stages, data["stage"])
-    if mgr.latest_step() is not None:
-        start = mgr.latest_step()
+    if resume_step is not None:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-        # The stage follows from the saved step; its iterator state comes back from the checkpoint.
-        phase_start = _phase_start(config)
-        data["stage"] = _stage_at(stages, start - phase_start)
-        data["iter"] = _stage_iterator(config, stages, data["stage"])
         restored = mgr.restore(start, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(data["iter"])))
         state = restored["state"]
