@@ -173,8 +173,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     _allowed(p, "model.attention.impl", att.impl, ops.IMPLS)
     if att.name == "sliding":
         _positive(p, "model.attention.window", att.window)
-    _positive(p, "model.attention.block_q", att.block_q)
-    _positive(p, "model.attention.block_k", att.block_k)
+    for f in ("block_q", "block_k"):
+        if _positive(p, f"model.attention.{f}", att[f]) and att.impl == "pallas" and att[f] % 128:
+            p.append(f"model.attention.{f}={att[f]}: the Pallas TPU kernel needs a multiple of 128")
 
     # --- data
     _allowed(p, "data.source", d.source, corpus.SOURCES)

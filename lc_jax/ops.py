@@ -10,18 +10,31 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.flash_attention import reference as _reference
+from pallas_kernels.flash_attention import tpu as _tpu
 from pallas_kernels.flash_attention import xla as _xla
 
-IMPLS = ("auto", "xla", "reference")
+IMPLS = ("auto", "xla", "pallas", "reference")
 
 
 def resolve_impl(impl: str) -> str:
-    """Map 'auto' to a concrete implementation for the default backend."""
+    """Map 'auto' to a concrete implementation for the default backend.
+
+    'auto': the Pallas kernel on TPU, the blockwise XLA path elsewhere (the GPU
+    Pallas kernel is not written yet). 'pallas' on CPU runs the TPU kernel in
+    Pallas interpret mode: slow, for tests only.
+    """
     if impl not in IMPLS:
         raise ValueError(f"attention impl={impl!r} is not one of {IMPLS}")
     if impl == "auto":
-        return "xla"  # Pallas kernels take over on TPU/GPU once they exist (issue 4).
+        return "pallas" if jax.default_backend() == "tpu" else "xla"
+    if impl == "pallas" and jax.default_backend() == "gpu":
+        raise NotImplementedError("impl='pallas' has no GPU kernel yet; use impl='xla' or 'auto' on GPU")
     return impl
+
+
+def _pallas(q, k, v, block_sizes, **kwargs):
+    interpret = jax.default_backend() == "cpu"
+    return _tpu.attention(q, k, v, block_sizes=block_sizes or _tpu.BlockSizes(), interpret=interpret, **kwargs)
 
 
 def _check_shapes(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, alibi_slopes):
@@ -61,7 +74,7 @@ def attention(
     logits_soft_cap: float | None = None,
     impl: str = "auto",
     return_lse: bool = False,
-    block_sizes: _xla.BlockSizes | None = None,
+    block_sizes: _xla.BlockSizes | _tpu.BlockSizes | None = None,
 ):
     """Causal/sliding/segment-masked attention with GQA; masks come from positions and segments.
 
@@ -83,6 +96,8 @@ def attention(
     )
     if impl == "reference":
         out, lse = _reference.attention(q_BTHD, k_BSKD, v_BSKD, **kwargs)
+    elif impl == "pallas":
+        out, lse = _pallas(q_BTHD, k_BSKD, v_BSKD, block_sizes, **kwargs)
     else:
         out, lse = _xla.attention(q_BTHD, k_BSKD, v_BSKD, block_sizes=block_sizes, **kwargs)
     return (out, lse) if return_lse else out

@@ -1,0 +1,581 @@
+"""Flash attention as Pallas (Mosaic TPU) kernels: forward, dq and dk/dv, with block skipping.
+
+Same contract as `reference.py` / `xla.py`: masks come from positions and
+segment ids (causal, sliding window, packed documents), GQA/MQA without
+repeating K/V in memory (the kv head of query head h is h // (H // K), chosen
+in the BlockSpec index_map), ALiBi computed in-kernel, logit soft-capping
+(applied before the ALiBi bias), an f32 log-sum-exp that is -inf (with a zero
+output) for rows that see no key, and a `custom_vjp` whose backward also
+accepts a cotangent for the log-sum-exp (ds = p * (dp - delta + dlse)).
+
+Block skipping. The wrapper summarises positions / segment ids per block
+(`masks.block_visible`, per batch row) and builds, for every (batch, q block),
+a compacted int32 list of the kv blocks that can be visible, plus its count
+(and the transposed lists for the dk/dv kernel). The lists go to the kernels
+through scalar prefetch; the innermost grid axis walks the list, so the
+BlockSpec index_map only ever names visible blocks. Grid steps past the count
+repeat the last listed block (same block index, so the pipeline issues no DMA)
+and `pl.when` skips their compute. `visited_blocks` reports the visited /
+total block pairs from the very tables the kernels use.
+
+Layout on the TPU side (the wrapper transposes): q/k/v/out as [B, heads, T, D]
+so every block's last two dims are (block, head_dim); per-query-row vectors
+(positions, segment ids, lse, delta) lane-broadcast to [B(,H), T, 128] and
+per-key vectors (positions, segment ids) sublane-broadcast to [B, 8, S], as the
+Mosaic (8, 128) tiling requires. Lengths are padded up to the block sizes;
+padded keys get segment id -1 and padded queries -2, so neither is ever visible.
+
+Laid out as project rule: block sizes -> kernel bodies -> pallas_call wrappers
+with shape validation -> custom_vjp -> public wrapper.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.flash_attention.masks import block_visible
+
+_LANES = 128  # lane width: per-query-row vectors are broadcast along it
+_SUBLANES = 8  # sublane count: per-key vectors are broadcast along it
+
+# ----------------------------------------------------------------------------- block sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Query / key block lengths, shared by the forward, dq and dk/dv kernels.
+
+    On a real TPU both must be multiples of 128 (block_k is the lane dimension of
+    the score tile and of the key-position block; block_q is transposed in the
+    dk/dv kernel). `allow_unaligned=True` relaxes that to multiples of 8, which
+    only the interpreter (`pltpu.force_tpu_interpret_mode`) is guaranteed to
+    accept: it lets tests exercise many blocks at tiny lengths.
+    """
+
+    block_q: int = 128
+    block_k: int = 128
+    allow_unaligned: bool = False
+
+    def __post_init__(self):
+        align = _SUBLANES if self.allow_unaligned else _LANES
+        for name in ("block_q", "block_k"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"BlockSizes.{name} must be a positive int, got {v!r}")
+            if v % align:
+                hint = "" if self.allow_unaligned else " (pass allow_unaligned=True for interpret-mode tests)"
+                raise ValueError(f"BlockSizes.{name}={v} must be a multiple of {align}{hint}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    causal: bool
+    window: int | None
+    scale: float
+    soft_cap: float | None
+    has_alibi: bool
+    block_q: int
+    block_k: int
+    interpret: bool = False  # Pallas TPU interpret mode (CPU): fixed at trace time, so the VJP's calls match
+
+
+def _interpret(st: _Static):
+    return pltpu.InterpretParams() if st.interpret else False
+
+
+# ----------------------------------------------------------------------------- kernel bodies
+
+_NT = (((1,), (1,)), ((), ()))  # a @ b.T
+_NN = (((1,), (0,)), ((), ()))  # a @ b
+
+
+def _scores(q, k, qp_ref, qs_ref, kp_ref, ks_ref, slope, st: _Static):
+    """f32 scores [bq, bk] (soft-capped, ALiBi-biased), their mask, and tanh(s/cap) for the backward."""
+    s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * st.scale
+    t = None
+    if st.soft_cap is not None:
+        t = jnp.tanh(s / st.soft_cap)
+        s = st.soft_cap * t
+    qp = qp_ref[...][:, :1]  # [bq, 1]
+    kp = kp_ref[...][:1, :]  # [1, bk]
+    d = qp - kp  # q_pos - kv_pos, [bq, bk]
+    if slope is not None:
+        s = s - slope * jnp.abs(d).astype(jnp.float32)
+    mask = qs_ref[...][:, :1] == ks_ref[...][:1, :]
+    if st.causal:
+        mask &= d >= 0
+    if st.window is not None:
+        mask &= (d < st.window) if st.causal else (jnp.abs(d) < st.window)
+    return s, mask, t
+
+
+def _fwd_kernel(kv_idx_ref, kv_cnt_ref, *refs, st: _Static, nq: int, nk: int):
+    del kv_idx_ref  # only the index_maps read it
+    if st.has_alibi:
+        slopes_ref, *refs = refs
+    q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
+    b, h, i, j = (pl.program_id(a) for a in range(4))
+
+    @pl.when(j == 0)
+    def _init():
+        m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, jnp.float32)
+        l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+        acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+    @pl.when(j < kv_cnt_ref[b * nq + i])
+    def _compute():
+        slope = slopes_ref[h] if st.has_alibi else None
+        v = v_ref[...]
+        s, mask, _ = _scores(q_ref[...], k_ref[...], qp_ref, qs_ref, kp_ref, ks_ref, slope, st)
+        s = jnp.where(mask, s, -jnp.inf)
+        m_prev = m_sc[...][:, :1]
+        m_new = jnp.maximum(m_prev, s.max(-1, keepdims=True))
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        p = jnp.exp(s - m_use)
+        alpha = jnp.exp(m_prev - m_use)
+        l_new = alpha * l_sc[...][:, :1] + p.sum(-1, keepdims=True)
+        pv = lax.dot_general(p.astype(v.dtype), v, _NN, preferred_element_type=jnp.float32)
+        acc_sc[...] = alpha * acc_sc[...] + pv
+        m_sc[...] = jnp.broadcast_to(m_new, m_sc.shape)
+        l_sc[...] = jnp.broadcast_to(l_new, l_sc.shape)
+
+    @pl.when(j == nk - 1)
+    def _finalize():
+        l = l_sc[...][:, :1]
+        safe_l = jnp.where(l == 0, 1.0, l)
+        o_ref[...] = (acc_sc[...] / safe_l).astype(o_ref.dtype)
+        lse = jnp.where(l == 0, -jnp.inf, m_sc[...][:, :1] + jnp.log(safe_l))
+        lse_ref[...] = jnp.broadcast_to(lse, lse_ref.shape)
+
+
+def _probs_and_dscores(q, k, v, do, lse_ref, di_ref, qp_ref, qs_ref, kp_ref, ks_ref, slope, st: _Static):
+    """Recompute p from the saved lse; ds = p * (dp - (delta - dlse)), through the soft-cap, times scale."""
+    s, mask, t = _scores(q, k, qp_ref, qs_ref, kp_ref, ks_ref, slope, st)
+    p = jnp.where(mask, jnp.exp(s - lse_ref[...][:, :1]), 0.0)
+    dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
+    ds = p * (dp - di_ref[...][:, :1])
+    if t is not None:
+        ds = ds * (1.0 - t * t)
+    return p, ds * st.scale
+
+
+def _dq_kernel(kv_idx_ref, kv_cnt_ref, *refs, st: _Static, nq: int, nk: int):
+    del kv_idx_ref
+    if st.has_alibi:
+        slopes_ref, *refs = refs
+    q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qp_ref, qs_ref, kp_ref, ks_ref, dq_ref, dq_sc = refs
+    b, h, i, j = (pl.program_id(a) for a in range(4))
+
+    @pl.when(j == 0)
+    def _init():
+        dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
+
+    @pl.when(j < kv_cnt_ref[b * nq + i])
+    def _compute():
+        slope = slopes_ref[h] if st.has_alibi else None
+        k = k_ref[...]
+        _, ds = _probs_and_dscores(
+            q_ref[...], k, v_ref[...], do_ref[...], lse_ref, di_ref, qp_ref, qs_ref, kp_ref, ks_ref, slope, st
+        )
+        dq_sc[...] += lax.dot_general(ds.astype(k.dtype), k, _NN, preferred_element_type=jnp.float32)
+
+    @pl.when(j == nk - 1)
+    def _finalize():
+        dq_ref[...] = dq_sc[...].astype(dq_ref.dtype)
+
+
+def _dkv_kernel(q_idx_ref, q_cnt_ref, *refs, st: _Static, nq: int, nk: int, groups: int):
+    del q_idx_ref
+    if st.has_alibi:
+        slopes_ref, *refs = refs
+    (q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qp_ref, qs_ref, kp_ref, ks_ref,
+     dk_ref, dv_ref, dk_sc, dv_sc) = refs
+    b, kh, j, g, t = (pl.program_id(a) for a in range(5))
+
+    @pl.when((g == 0) & (t == 0))
+    def _init():
+        dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
+        dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
+
+    @pl.when(t < q_cnt_ref[b * nk + j])
+    def _compute():
+        slope = slopes_ref[kh * groups + g] if st.has_alibi else None
+        q, do = q_ref[...], do_ref[...]
+        p, ds = _probs_and_dscores(
+            q, k_ref[...], v_ref[...], do, lse_ref, di_ref, qp_ref, qs_ref, kp_ref, ks_ref, slope, st
+        )
+        dv_sc[...] += lax.dot_general(p.astype(do.dtype).T, do, _NN, preferred_element_type=jnp.float32)
+        dk_sc[...] += lax.dot_general(ds.astype(q.dtype).T, q, _NN, preferred_element_type=jnp.float32)
+
+    @pl.when((g == groups - 1) & (t == nq - 1))
+    def _finalize():
+        dk_ref[...] = dk_sc[...].astype(dk_ref.dtype)
+        dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
+
+
+# ----------------------------------------------------------------------------- pallas_call wrappers
+
+
+def _check_blocked_shapes(q, k, v, q_pos, kv_pos, q_seg, kv_seg, st: _Static):
+    """Validate the padded [B, heads, len, D] operands the kernels see."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape} must all be rank 4 [B, heads, len, D]")
+    B, H, T, D = q.shape
+    Bk, K, S, Dk = k.shape
+    if Bk != B or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"k {k.shape} / v {v.shape} must share batch, heads and length (q {q.shape})")
+    if Dk != D:
+        raise ValueError(f"q head_dim {D} != k head_dim {Dk} (q {q.shape}, k {k.shape})")
+    if K == 0 or H % K:
+        raise ValueError(f"query heads {H} must be a multiple of kv heads {K} (q {q.shape}, k {k.shape})")
+    if T % st.block_q:
+        raise ValueError(f"padded query length {T} is not a multiple of block_q={st.block_q}")
+    if S % st.block_k:
+        raise ValueError(f"padded key length {S} is not a multiple of block_k={st.block_k}")
+    for name, x, want in (("q_pos", q_pos, (B, T)), ("q_seg", q_seg, (B, T)),
+                          ("kv_pos", kv_pos, (B, S)), ("kv_seg", kv_seg, (B, S))):
+        if x.shape != want:
+            raise ValueError(f"{name} has shape {x.shape}, expected {want}")
+
+
+def _row_layout(x_BT):
+    """[B, T] -> [B, T, 128] int32, lane-broadcast (a column per query block)."""
+    return jnp.broadcast_to(x_BT.astype(jnp.int32)[:, :, None], (*x_BT.shape, _LANES))
+
+
+def _col_layout(x_BS):
+    """[B, S] -> [B, 8, S] int32, sublane-broadcast (a row per key block)."""
+    B, S = x_BS.shape
+    return jnp.broadcast_to(x_BS.astype(jnp.int32)[:, None, :], (B, _SUBLANES, S))
+
+
+def _compact(vis_BNM):
+    """Per row of vis, the visible column indices first (ascending), then the last one repeated; and counts."""
+    M = vis_BNM.shape[-1]
+    cnt = vis_BNM.sum(-1).astype(jnp.int32)
+    order = jnp.argsort(~vis_BNM, axis=-1, stable=True).astype(jnp.int32)
+    last = jnp.take_along_axis(order, jnp.maximum(cnt - 1, 0)[..., None], axis=-1)
+    idx = jnp.where(jnp.arange(M, dtype=jnp.int32) < cnt[..., None], order, last)
+    return idx.reshape(-1), cnt.reshape(-1)
+
+
+def _block_tables(q_pos, kv_pos, q_seg, kv_seg, st: _Static):
+    """(kv_idx, kv_cnt, q_idx, q_cnt): flattened [B*nq*nk], [B*nq], [B*nk*nq], [B*nk] int32 tables."""
+    B, T = q_pos.shape
+    S = kv_pos.shape[1]
+    nq, nk = T // st.block_q, S // st.block_k
+
+    def one_row(qp, kp, qs, ks):  # per batch row: [nq, nk]
+        return block_visible(
+            qp.reshape(1, nq, st.block_q), kp.reshape(1, nk, st.block_k),
+            qs.reshape(1, nq, st.block_q), ks.reshape(1, nk, st.block_k),
+            causal=st.causal, window=st.window,
+        )
+
+    vis_BNM = jax.vmap(one_row)(q_pos, kv_pos, q_seg, kv_seg)
+    kv_idx, kv_cnt = _compact(vis_BNM)
+    q_idx, q_cnt = _compact(vis_BNM.transpose(0, 2, 1))
+    return kv_idx, kv_cnt, q_idx, q_cnt
+
+
+def _fwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes, tables, st: _Static):
+    _check_blocked_shapes(q, k, v, q_pos, kv_pos, q_seg, kv_seg, st)
+    B, H, T, D = q.shape
+    K, S, Dv = k.shape[1], k.shape[2], v.shape[3]
+    G = H // K
+    bq, bk = st.block_q, st.block_k
+    nq, nk = T // bq, S // bk
+    kv_idx, kv_cnt = tables[0], tables[1]
+
+    def kv_block(b, i, j, ki):
+        return ki[(b * nq + i) * nk + j]
+
+    in_specs = [
+        pl.BlockSpec((None, None, bq, D), lambda b, h, i, j, ki, kc: (b, h, i, 0)),
+        pl.BlockSpec((None, None, bk, D), lambda b, h, i, j, ki, kc: (b, h // G, kv_block(b, i, j, ki), 0)),
+        pl.BlockSpec((None, None, bk, Dv), lambda b, h, i, j, ki, kc: (b, h // G, kv_block(b, i, j, ki), 0)),
+        pl.BlockSpec((None, bq, _LANES), lambda b, h, i, j, ki, kc: (b, i, 0)),
+        pl.BlockSpec((None, bq, _LANES), lambda b, h, i, j, ki, kc: (b, i, 0)),
+        pl.BlockSpec((None, _SUBLANES, bk), lambda b, h, i, j, ki, kc: (b, 0, kv_block(b, i, j, ki))),
+        pl.BlockSpec((None, _SUBLANES, bk), lambda b, h, i, j, ki, kc: (b, 0, kv_block(b, i, j, ki))),
+    ]
+    args = [q, k, v, _row_layout(q_pos), _row_layout(q_seg), _col_layout(kv_pos), _col_layout(kv_seg)]
+    if st.has_alibi:
+        in_specs.insert(0, pl.BlockSpec(memory_space=pltpu.SMEM))
+        args.insert(0, slopes.astype(jnp.float32))
+    out, lse = pl.pallas_call(
+        functools.partial(_fwd_kernel, st=st, nq=nq, nk=nk),
+        interpret=_interpret(st),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=2,
+            grid=(B, H, nq, nk),
+            in_specs=in_specs,
+            out_specs=[
+                pl.BlockSpec((None, None, bq, Dv), lambda b, h, i, j, ki, kc: (b, h, i, 0)),
+                pl.BlockSpec((None, None, bq, _LANES), lambda b, h, i, j, ki, kc: (b, h, i, 0)),
+            ],
+            scratch_shapes=[
+                pltpu.VMEM((bq, _LANES), jnp.float32),
+                pltpu.VMEM((bq, _LANES), jnp.float32),
+                pltpu.VMEM((bq, Dv), jnp.float32),
+            ],
+        ),
+        out_shape=[
+            jax.ShapeDtypeStruct((B, H, T, Dv), q.dtype),
+            jax.ShapeDtypeStruct((B, H, T, _LANES), jnp.float32),
+        ],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        name="flash_attention_fwd",
+    )(kv_idx, kv_cnt, *args)
+    return out, lse[..., 0]
+
+
+def _dq_call(q, k, v, do, lse_rows, di_rows, q_pos, kv_pos, q_seg, kv_seg, slopes, tables, st: _Static):
+    _check_blocked_shapes(q, k, v, q_pos, kv_pos, q_seg, kv_seg, st)
+    B, H, T, D = q.shape
+    K, S, Dv = k.shape[1], k.shape[2], v.shape[3]
+    G = H // K
+    bq, bk = st.block_q, st.block_k
+    nq, nk = T // bq, S // bk
+    kv_idx, kv_cnt = tables[0], tables[1]
+
+    def kv_block(b, i, j, ki):
+        return ki[(b * nq + i) * nk + j]
+
+    in_specs = [
+        pl.BlockSpec((None, None, bq, D), lambda b, h, i, j, ki, kc: (b, h, i, 0)),
+        pl.BlockSpec((None, None, bk, D), lambda b, h, i, j, ki, kc: (b, h // G, kv_block(b, i, j, ki), 0)),
+        pl.BlockSpec((None, None, bk, Dv), lambda b, h, i, j, ki, kc: (b, h // G, kv_block(b, i, j, ki), 0)),
+        pl.BlockSpec((None, None, bq, Dv), lambda b, h, i, j, ki, kc: (b, h, i, 0)),
+        pl.BlockSpec((None, None, bq, _LANES), lambda b, h, i, j, ki, kc: (b, h, i, 0)),
+        pl.BlockSpec((None, None, bq, _LANES), lambda b, h, i, j, ki, kc: (b, h, i, 0)),
+        pl.BlockSpec((None, bq, _LANES), lambda b, h, i, j, ki, kc: (b, i, 0)),
+        pl.BlockSpec((None, bq, _LANES), lambda b, h, i, j, ki, kc: (b, i, 0)),
+        pl.BlockSpec((None, _SUBLANES, bk), lambda b, h, i, j, ki, kc: (b, 0, kv_block(b, i, j, ki))),
+        pl.BlockSpec((None, _SUBLANES, bk), lambda b, h, i, j, ki, kc: (b, 0, kv_block(b, i, j, ki))),
+    ]
+    args = [q, k, v, do, lse_rows, di_rows,
+            _row_layout(q_pos), _row_layout(q_seg), _col_layout(kv_pos), _col_layout(kv_seg)]
+    if st.has_alibi:
+        in_specs.insert(0, pl.BlockSpec(memory_space=pltpu.SMEM))
+        args.insert(0, slopes.astype(jnp.float32))
+    return pl.pallas_call(
+        functools.partial(_dq_kernel, st=st, nq=nq, nk=nk),
+        interpret=_interpret(st),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=2,
+            grid=(B, H, nq, nk),
+            in_specs=in_specs,
+            out_specs=pl.BlockSpec((None, None, bq, D), lambda b, h, i, j, ki, kc: (b, h, i, 0)),
+            scratch_shapes=[pltpu.VMEM((bq, D), jnp.float32)],
+        ),
+        out_shape=jax.ShapeDtypeStruct((B, H, T, D), q.dtype),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        name="flash_attention_dq",
+    )(kv_idx, kv_cnt, *args)
+
+
+def _dkv_call(q, k, v, do, lse_rows, di_rows, q_pos, kv_pos, q_seg, kv_seg, slopes, tables, st: _Static):
+    _check_blocked_shapes(q, k, v, q_pos, kv_pos, q_seg, kv_seg, st)
+    B, H, T, D = q.shape
+    K, S, Dv = k.shape[1], k.shape[2], v.shape[3]
+    G = H // K
+    bq, bk = st.block_q, st.block_k
+    nq, nk = T // bq, S // bk
+    q_idx, q_cnt = tables[2], tables[3]
+
+    def q_block(b, j, t, qi):
+        return qi[(b * nk + j) * nq + t]
+
+    # grid (b, kv head, kv block j, group member g, visible-q step t); g and t accumulate.
+    def per_q(width):
+        return pl.BlockSpec((None, None, bq, width),
+                            lambda b, kh, j, g, t, qi, qc: (b, kh * G + g, q_block(b, j, t, qi), 0))
+
+    def q_rows():
+        return pl.BlockSpec((None, bq, _LANES), lambda b, kh, j, g, t, qi, qc: (b, q_block(b, j, t, qi), 0))
+
+    def per_kv(width):
+        return pl.BlockSpec((None, None, bk, width), lambda b, kh, j, g, t, qi, qc: (b, kh, j, 0))
+
+    def kv_cols():
+        return pl.BlockSpec((None, _SUBLANES, bk), lambda b, kh, j, g, t, qi, qc: (b, 0, j))
+
+    in_specs = [per_q(D), per_kv(D), per_kv(Dv), per_q(Dv), per_q(_LANES), per_q(_LANES),
+                q_rows(), q_rows(), kv_cols(), kv_cols()]
+    args = [q, k, v, do, lse_rows, di_rows,
+            _row_layout(q_pos), _row_layout(q_seg), _col_layout(kv_pos), _col_layout(kv_seg)]
+    if st.has_alibi:
+        in_specs.insert(0, pl.BlockSpec(memory_space=pltpu.SMEM))
+        args.insert(0, slopes.astype(jnp.float32))
+    return pl.pallas_call(
+        functools.partial(_dkv_kernel, st=st, nq=nq, nk=nk, groups=G),
+        interpret=_interpret(st),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=2,
+            grid=(B, K, nk, G, nq),
+            in_specs=in_specs,
+            out_specs=[per_kv(D), per_kv(Dv)],
+            scratch_shapes=[pltpu.VMEM((bk, D), jnp.float32), pltpu.VMEM((bk, Dv), jnp.float32)],
+        ),
+        out_shape=[jax.ShapeDtypeStruct((B, K, S, D), k.dtype), jax.ShapeDtypeStruct((B, K, S, Dv), v.dtype)],
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary")
+        ),
+        name="flash_attention_dkv",
+    )(q_idx, q_cnt, *args)
+
+
+# ----------------------------------------------------------------------------- custom_vjp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
+def _flash(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes, tables, st):
+    return _fwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes, tables, st)
+
+
+def _flash_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes, tables, st):
+    out, lse = _fwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes, tables, st)
+    return (out, lse), (q, k, v, out, lse, q_pos, kv_pos, q_seg, kv_seg, slopes, tables)
+
+
+def _flash_bwd(st, res, g):
+    q, k, v, out, lse, q_pos, kv_pos, q_seg, kv_seg, slopes, tables = res
+    do, dlse = g
+    do = do.astype(q.dtype)
+    delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [B, H, T]
+    di = delta - dlse.astype(jnp.float32)
+    lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)  # rows that see nothing have p == 0 anyway
+    lse_rows = jnp.broadcast_to(lse_safe[..., None], (*lse.shape, _LANES))
+    di_rows = jnp.broadcast_to(di[..., None], (*di.shape, _LANES))
+    args = (q, k, v, do, lse_rows, di_rows, q_pos, kv_pos, q_seg, kv_seg, slopes, tables, st)
+    dq = _dq_call(*args)
+    dk, dv = _dkv_call(*args)
+    # ALiBi slopes are fixed by the scheme, never trained: zero cotangent (as in xla.py).
+    dslopes = None if slopes is None else jnp.zeros_like(slopes)
+    return dq, dk, dv, None, None, None, None, dslopes, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ----------------------------------------------------------------------------- public wrapper
+
+
+def _pad(x, axis, n, value):
+    if n == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, n)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _as_block_sizes(block_sizes) -> BlockSizes:
+    """None -> defaults; another implementation's block sizes (e.g. xla.BlockSizes) are re-validated here."""
+    if block_sizes is None:
+        return BlockSizes()
+    if isinstance(block_sizes, BlockSizes):
+        return block_sizes
+    return BlockSizes(block_q=block_sizes.block_q, block_k=block_sizes.block_k)
+
+
+def _prepare_masks(B, T, S, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, bs: BlockSizes):
+    """Padded int32 positions / segment ids (segments always present: padding needs them)."""
+    if (q_seg_BT is None) != (kv_seg_BS is None):
+        raise ValueError("q_seg_BT and kv_seg_BS must be given together")
+    if q_pos_BT.shape != (B, T) or kv_pos_BS.shape != (B, S):
+        raise ValueError(f"q_pos {q_pos_BT.shape} / kv_pos {kv_pos_BS.shape} must be ({B}, {T}) / ({B}, {S})")
+    if q_seg_BT is not None and (q_seg_BT.shape != (B, T) or kv_seg_BS.shape != (B, S)):
+        raise ValueError(f"q_seg {q_seg_BT.shape} / kv_seg {kv_seg_BS.shape} must be ({B}, {T}) / ({B}, {S})")
+    if q_seg_BT is None:
+        q_seg_BT = jnp.zeros((B, T), jnp.int32)
+        kv_seg_BS = jnp.zeros((B, S), jnp.int32)
+    pad_t, pad_s = -T % bs.block_q, -S % bs.block_k
+    # Padded keys get a segment no query has; padded queries one no key has.
+    q_pos = _pad(q_pos_BT.astype(jnp.int32), 1, pad_t, 0)
+    q_seg = _pad(q_seg_BT.astype(jnp.int32), 1, pad_t, -2)
+    kv_pos = _pad(kv_pos_BS.astype(jnp.int32), 1, pad_s, 0)
+    kv_seg = _pad(kv_seg_BS.astype(jnp.int32), 1, pad_s, -1)
+    return q_pos, kv_pos, q_seg, kv_seg, pad_t, pad_s
+
+
+def _static(D, causal, window, scale, logits_soft_cap, has_alibi, bs: BlockSizes, interpret: bool = False):
+    if window is not None and int(window) <= 0:
+        raise ValueError(f"window must be a positive int or None, got {window}")
+    return _Static(
+        causal=bool(causal),
+        window=None if window is None else int(window),
+        scale=float(D**-0.5 if scale is None else scale),
+        soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
+        has_alibi=has_alibi,
+        block_q=bs.block_q,
+        block_k=bs.block_k,
+        interpret=interpret,
+    )
+
+
+def attention(
+    q_BTHD,
+    k_BSKD,
+    v_BSKD,
+    *,
+    q_pos_BT,
+    kv_pos_BS,
+    q_seg_BT=None,
+    kv_seg_BS=None,
+    causal=True,
+    window=None,
+    alibi_slopes_H=None,
+    scale=None,
+    logits_soft_cap=None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool = False,
+):
+    """Pallas TPU flash attention; returns (out_BTHD, lse_BTH). Differentiable in q, k, v (and via lse).
+
+    `interpret=True` runs every kernel (forward and backward) in Pallas TPU interpret mode, on any backend.
+    """
+    bs = _as_block_sizes(block_sizes)
+    if q_BTHD.ndim != 4 or k_BSKD.ndim != 4 or v_BSKD.ndim != 4:
+        raise ValueError(f"q {q_BTHD.shape}, k {k_BSKD.shape}, v {v_BSKD.shape} must be rank 4 [B, len, heads, D]")
+    B, T, H, D = q_BTHD.shape
+    S, K = k_BSKD.shape[1], k_BSKD.shape[2]
+    if k_BSKD.shape[0] != B or v_BSKD.shape[:3] != k_BSKD.shape[:3] or k_BSKD.shape[3] != D:
+        raise ValueError(f"k {k_BSKD.shape} / v {v_BSKD.shape} do not match q {q_BTHD.shape}")
+    if K == 0 or H % K:
+        raise ValueError(f"query heads {H} must be a multiple of kv heads {K}")
+    if alibi_slopes_H is not None and alibi_slopes_H.shape != (H,):
+        raise ValueError(f"alibi_slopes_H must have shape ({H},), got {alibi_slopes_H.shape}")
+    q_pos, kv_pos, q_seg, kv_seg, pad_t, pad_s = _prepare_masks(B, T, S, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, bs)
+    st = _static(D, causal, window, scale, logits_soft_cap, alibi_slopes_H is not None, bs, interpret)
+    tables = _block_tables(q_pos, kv_pos, q_seg, kv_seg, st)
+    q = _pad(q_BTHD, 1, pad_t, 0).transpose(0, 2, 1, 3)  # [B, H, T, D]
+    k = _pad(k_BSKD, 1, pad_s, 0).transpose(0, 2, 1, 3)  # [B, K, S, D]
+    v = _pad(v_BSKD, 1, pad_s, 0).transpose(0, 2, 1, 3)
+    slopes = None if alibi_slopes_H is None else jnp.asarray(alibi_slopes_H, jnp.float32)
+    out, lse = _flash(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes, tables, st)
+    return out.transpose(0, 2, 1, 3)[:, :T], lse.transpose(0, 2, 1)[:, :T]
+
+
+def visited_blocks(q_pos_BT, kv_pos_BS, q_seg_BT=None, kv_seg_BS=None, *, causal=True, window=None,
+                   block_sizes: BlockSizes | None = None):
+    """(visited, total) (batch row, q block, kv block) triples: the forward / dq kernels' work.
+
+    Computed from the same scalar-prefetch tables the kernels iterate over, so
+    it is exactly the number of grid steps that do compute and DMA a new block.
+    """
+    bs = _as_block_sizes(block_sizes)
+    B, T = q_pos_BT.shape
+    S = kv_pos_BS.shape[1]
+    q_pos, kv_pos, q_seg, kv_seg, _, _ = _prepare_masks(B, T, S, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, bs)
+    st = _static(1, causal, window, None, None, False, bs)
+    _, kv_cnt, _, _ = _block_tables(q_pos, kv_pos, q_seg, kv_seg, st)
+    nq, nk = q_pos.shape[1] // bs.block_q, kv_pos.shape[1] // bs.block_k
+    return int(kv_cnt.sum()), B * nq * nk
