@@ -205,24 +205,28 @@ def extrapolation_sweep(workdir: str | Path, config=None, *, lengths=None, scali
 
 
 def plot_extrapolation(results: list[dict], path: Path, title: str = "validation loss vs evaluation length"):
+    """One colour per run, one line style per evaluation-time scaling."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for res in results:
+    styles = ["-", "--", ":", "-.", (0, (5, 1)), (0, (1, 1))]
+    colors = plt.get_cmap("tab10").colors
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, res in enumerate(results):
         by = {}
         for r in res["rows"]:
             if "loss" in r:
                 by.setdefault(r["scaling"], []).append((r["length"], r["loss"]))
-        for label, pts in by.items():
+        name = res.get("name", res["position"])
+        for j, (label, pts) in enumerate(by.items()):
             pts.sort()
-            name = res.get("name", res["position"])
-            ax.plot(*zip(*pts), marker="o", ms=3, label=f"{name}: {label}" if len(by) > 1 else name)
+            ax.plot(*zip(*pts), marker="o", ms=3, color=colors[i % len(colors)], ls=styles[j % len(styles)],
+                    label=f"{name}: {label}" if len(by) > 1 else name)
         ax.axvline(res["train_len"], color="grey", ls=":", lw=1)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("evaluation length (tokens)")
     ax.set_ylabel("validation loss (nats / byte)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

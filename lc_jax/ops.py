@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.flash_attention import gpu as _gpu
 from pallas_kernels.flash_attention import reference as _reference
 from pallas_kernels.flash_attention import tpu as _tpu
 from pallas_kernels.flash_attention import xla as _xla
@@ -19,22 +20,25 @@ IMPLS = ("auto", "xla", "pallas", "reference")
 def resolve_impl(impl: str) -> str:
     """Map 'auto' to a concrete implementation for the default backend.
 
-    'auto': the Pallas kernel on TPU, the blockwise XLA path elsewhere (the GPU
-    Pallas kernel is not written yet). 'pallas' on CPU runs the TPU kernel in
-    Pallas interpret mode: slow, for tests only.
+    'auto': the Pallas kernel on TPU, the blockwise XLA path elsewhere. The GPU
+    Pallas kernel is reachable with impl='pallas' but is not the GPU default until
+    it has been run on GPU hardware. 'pallas' on CPU runs the TPU kernel in Pallas
+    interpret mode: slow, for tests only.
     """
     if impl not in IMPLS:
         raise ValueError(f"attention impl={impl!r} is not one of {IMPLS}")
     if impl == "auto":
         return "pallas" if jax.default_backend() == "tpu" else "xla"
-    if impl == "pallas" and jax.default_backend() == "gpu":
-        raise NotImplementedError("impl='pallas' has no GPU kernel yet; use impl='xla' or 'auto' on GPU")
     return impl
 
 
 def _pallas(q, k, v, block_sizes, **kwargs):
-    interpret = jax.default_backend() == "cpu"
-    return _tpu.attention(q, k, v, block_sizes=block_sizes or _tpu.BlockSizes(), interpret=interpret, **kwargs)
+    backend = jax.default_backend()
+    if backend == "gpu":
+        bs = _gpu.BlockSizes() if block_sizes is None else block_sizes
+        return _gpu.attention(q, k, v, block_sizes=bs, **kwargs)
+    bs = _tpu.BlockSizes() if block_sizes is None else block_sizes
+    return _tpu.attention(q, k, v, block_sizes=bs, interpret=backend == "cpu", **kwargs)
 
 
 def _check_shapes(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, alibi_slopes):

@@ -1,0 +1,309 @@
+"""Pallas GPU (Triton) flash attention (pallas_kernels/flash_attention/gpu.py) against reference.py.
+
+Without a GPU everything runs in the generic Pallas interpreter (`interpret=True`),
+so shapes are tiny: T <= 128, blocks of 16-64. `test_kernels_lower_to_triton_for_cuda`
+runs the real Pallas -> Triton IR lowering of all three kernels on the CPU host
+(no PTX compile); `test_compiled_on_gpu` runs the compiled kernels and is skipped
+unless a GPU is the default backend.
+
+Tolerances: f32 out / lse 1e-5 abs+rel, f32 grads 1e-4 abs+rel; bf16 inputs
+are compared with the reference run on the same values upcast to f32, at 2e-2
+for out / lse and 5e-2 for grads (bf16 rounding of p and ds before the matmuls).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.flash_attention import gpu as flash_gpu
+from pallas_kernels.flash_attention import reference
+
+
+def _bs(bq, bk):
+    return flash_gpu.BlockSizes(block_q=bq, block_k=bk)
+
+
+def _inputs(B, T, S, H, K, D, dtype, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(ks[0], (B, T, H, D), jnp.float32).astype(dtype)
+    k = jax.random.normal(ks[1], (B, S, K, D), jnp.float32).astype(dtype)
+    v = jax.random.normal(ks[2], (B, S, K, D), jnp.float32).astype(dtype)
+    return q, k, v
+
+
+def _check(q, k, v, *, block_sizes, interpret=True, check_zero_dlse=False, tol=None, **kw):
+    """Compare out, lse and (dq, dk, dv) under a random (do, dlse) cotangent with the reference."""
+    bf16 = q.dtype == jnp.bfloat16
+    atol_o, atol_g = (2e-2, 5e-2) if bf16 else (1e-5, 1e-4)
+    if tol is not None:
+        atol_o, atol_g = tol
+
+    def ours(q, k, v):
+        return flash_gpu.attention(q, k, v, block_sizes=block_sizes, interpret=interpret, **kw)
+
+    def ref(q, k, v):
+        return reference.attention(q, k, v, **kw)
+
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    (out, lse), vjp = jax.vjp(ours, q, k, v)
+    (out_r, lse_r), vjp_r = jax.vjp(ref, f32(q), f32(k), f32(v))
+    assert out.shape == q.shape[:3] + (v.shape[-1],) and out.dtype == q.dtype
+    assert lse.shape == q.shape[:3] and lse.dtype == jnp.float32
+    np.testing.assert_allclose(f32(out), out_r, atol=atol_o, rtol=atol_o)
+    np.testing.assert_allclose(lse, lse_r, atol=atol_o, rtol=atol_o)  # -inf rows must match exactly
+
+    kd = jax.random.split(jax.random.key(42), 2)
+    do = jax.random.normal(kd[0], out.shape, jnp.float32)
+    dlse = jax.random.normal(kd[1], lse.shape, jnp.float32)
+    dlse = jnp.where(jnp.isfinite(lse_r), dlse, 0.0)
+    cotangents = [dlse, jnp.zeros_like(dlse)] if check_zero_dlse else [dlse]
+    for dl in cotangents:
+        grads = vjp((do.astype(out.dtype), dl))
+        grads_r = vjp_r((do, dl))
+        for name, g, gr in zip("qkv", grads, grads_r):
+            assert g.dtype == q.dtype, name
+            np.testing.assert_allclose(f32(g), gr, atol=atol_g, rtol=atol_g, err_msg=f"d{name}")
+    return out, lse
+
+
+def _arange(B, T, start=0):
+    return jnp.broadcast_to(jnp.arange(start, start + T, dtype=jnp.int32), (B, T))
+
+
+# ----------------------------------------------------------------------------- numerics
+
+
+def test_causal():
+    q, k, v = _inputs(1, 64, 64, 2, 2, 64, jnp.float32)
+    pos = _arange(1, 64)
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, block_sizes=_bs(32, 16), check_zero_dlse=True)
+
+
+def test_sliding_window():
+    q, k, v = _inputs(1, 128, 128, 2, 1, 64, jnp.float32)
+    pos = _arange(1, 128)
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, window=40, block_sizes=_bs(32, 32))
+
+
+def test_bidirectional_window():
+    q, k, v = _inputs(1, 64, 64, 2, 2, 64, jnp.float32)
+    pos = _arange(1, 64)
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=False, window=24, block_sizes=_bs(16, 16))
+
+
+def test_gqa_8_q_heads_2_kv_heads():
+    q, k, v = _inputs(1, 64, 64, 8, 2, 64, jnp.float32)
+    pos = _arange(1, 64)
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, block_sizes=_bs(32, 32))
+
+
+def test_mqa():
+    q, k, v = _inputs(2, 64, 64, 4, 1, 64, jnp.float32)
+    pos = _arange(2, 64)
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, block_sizes=_bs(32, 32))
+
+
+def test_packed_segments():
+    # Three documents of lengths 50, 70, 8 per row; positions restart per document.
+    B, T = 2, 128
+    lens = [50, 70, 8]
+    seg = jnp.asarray(np.repeat(np.arange(3), lens), jnp.int32)
+    pos = jnp.asarray(np.concatenate([np.arange(n) for n in lens]), jnp.int32)
+    seg, pos = jnp.broadcast_to(seg, (B, T)), jnp.broadcast_to(pos, (B, T))
+    q, k, v = _inputs(B, T, T, 2, 1, 64, jnp.float32)
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, q_seg_BT=seg, kv_seg_BS=seg, causal=True,
+           block_sizes=_bs(32, 32))
+
+
+def test_alibi():
+    q, k, v = _inputs(1, 64, 64, 4, 2, 64, jnp.float32)
+    pos = _arange(1, 64)
+    slopes = 2.0 ** (-8.0 * jnp.arange(1, 5, dtype=jnp.float32) / 4)
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, alibi_slopes_H=slopes, block_sizes=_bs(32, 32))
+
+
+def test_soft_cap():
+    q, k, v = _inputs(1, 64, 64, 2, 2, 64, jnp.float32)
+    q = q * 4.0  # large logits so the cap actually bites
+    pos = _arange(1, 64)
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, logits_soft_cap=3.0, block_sizes=_bs(32, 32))
+
+
+def test_soft_cap_with_alibi_and_scale():
+    q, k, v = _inputs(1, 64, 64, 2, 1, 64, jnp.float32)
+    q = q * 4.0
+    pos = _arange(1, 64)
+    slopes = jnp.asarray([0.25, 0.0625], jnp.float32)
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, logits_soft_cap=5.0, alibi_slopes_H=slopes,
+           scale=0.2, block_sizes=_bs(32, 32))
+
+
+def test_lengths_not_multiple_of_block_and_empty_rows():
+    # T=50 queries at positions 30..79 against S=40 keys at positions 40..79:
+    # padded to 64 (blocks of 32); queries at positions < 40 see no key (lse -inf, out 0).
+    q, k, v = _inputs(1, 50, 40, 2, 1, 64, jnp.float32)
+    out, lse = _check(q, k, v, q_pos_BT=_arange(1, 50, 30), kv_pos_BS=_arange(1, 40, 40), causal=True,
+                      block_sizes=_bs(32, 32))
+    assert bool(jnp.all(jnp.isneginf(lse[:, :10]))) and bool(jnp.all(out[:, :10] == 0))
+    assert bool(jnp.all(jnp.isfinite(lse[:, 10:])))
+
+
+def test_head_dim_128():
+    q, k, v = _inputs(1, 64, 64, 2, 1, 128, jnp.float32)
+    pos = _arange(1, 64)
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, block_sizes=_bs(32, 32))
+
+
+def test_bf16():
+    q, k, v = _inputs(1, 128, 128, 4, 2, 64, jnp.bfloat16)
+    pos = _arange(1, 128)
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, window=80, block_sizes=_bs(64, 64))
+
+
+def test_under_jit_default_blocks():
+    q, k, v = _inputs(1, 48, 48, 2, 1, 64, jnp.float32)  # one padded 64-block
+    pos = _arange(1, 48)
+    f = jax.jit(lambda q, k, v: flash_gpu.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, interpret=True)[0].sum())
+    g = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)
+    fr = lambda q, k, v: reference.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos)[0].sum()  # noqa: E731
+    gr = jax.grad(fr, argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g, gr):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- block skipping
+
+
+def test_sliding_window_visits_about_two_blocks_per_query_block():
+    # 8K tokens, 64-blocks, window 64: each q block needs its own and the previous kv block.
+    T, bs = 8192, _bs(64, 64)
+    pos = _arange(2, T)
+    visited, total = flash_gpu.visited_blocks(pos, pos, causal=True, window=64, block_sizes=bs)
+    n = T // 64
+    assert total == 2 * n * n
+    assert visited == 2 * (2 * n - 1)
+    # Causal alone: the lower triangle; packed equal-length documents: the diagonal blocks only.
+    visited_c, _ = flash_gpu.visited_blocks(pos, pos, causal=True, block_sizes=bs)
+    assert visited_c == 2 * n * (n + 1) // 2
+    seg = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32) // 64, (2, T))
+    visited_s, _ = flash_gpu.visited_blocks(pos, pos, seg, seg, causal=True, block_sizes=bs)
+    assert visited_s == 2 * n
+
+
+def test_skipped_blocks_are_never_loaded():
+    # Keys past the real ones carry NaN values and a segment no query has. If the kernels
+    # loaded those blocks, 0 * NaN would poison out / dq / dk / dv; the [lo, hi) ranges must avoid them.
+    B, T, S_real, S = 1, 32, 32, 64
+    q, k, v = _inputs(B, T, S, 2, 1, 64, jnp.float32)
+    k = k.at[:, S_real:].set(jnp.nan)
+    v = v.at[:, S_real:].set(jnp.nan)
+    pos = _arange(B, T)
+    kv_pos = _arange(B, S)
+    q_seg = jnp.zeros((B, T), jnp.int32)
+    kv_seg = jnp.where(jnp.arange(S) < S_real, 0, 7)[None].astype(jnp.int32)
+    bs = _bs(16, 16)
+    kw = dict(q_pos_BT=pos, kv_pos_BS=kv_pos, q_seg_BT=q_seg, kv_seg_BS=kv_seg, causal=False)
+    assert flash_gpu.visited_blocks(pos, kv_pos, q_seg, kv_seg, causal=False, block_sizes=bs) == (4, 8)
+
+    def ours(q, k, v):
+        return flash_gpu.attention(q, k, v, block_sizes=bs, interpret=True, **kw)
+
+    (out, lse), vjp = jax.vjp(ours, q, k, v)
+    dq, dk, dv = vjp((jnp.ones_like(out), jnp.ones_like(lse)))
+    kw_r = dict(kw, kv_pos_BS=kv_pos[:, :S_real], kv_seg_BS=kv_seg[:, :S_real])
+    ref = lambda q, k, v: reference.attention(q, k, v, **kw_r)  # noqa: E731
+    (out_r, lse_r), vjp_r = jax.vjp(ref, q, k[:, :S_real], v[:, :S_real])
+    dq_r, dk_r, dv_r = vjp_r((jnp.ones_like(out_r), jnp.ones_like(lse_r)))
+    np.testing.assert_allclose(out, out_r, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(lse, lse_r, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(dq, dq_r, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(dk[:, :S_real], dk_r, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(dv[:, :S_real], dv_r, atol=1e-4, rtol=1e-4)
+    assert bool(jnp.all(dk[:, S_real:] == 0)) and bool(jnp.all(dv[:, S_real:] == 0))
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def test_bad_block_sizes_raise():
+    with pytest.raises(ValueError, match="block_q=48 must be a power of two >= 16"):
+        flash_gpu.BlockSizes(block_q=48)
+    with pytest.raises(ValueError, match="block_k=8 must be a power of two >= 16"):
+        flash_gpu.BlockSizes(block_k=8)
+    with pytest.raises(ValueError, match="positive int"):
+        flash_gpu.BlockSizes(block_q=0)
+    with pytest.raises(ValueError, match="positive int"):
+        flash_gpu.BlockSizes(block_k=32.0)
+    with pytest.raises(ValueError, match="num_warps"):
+        flash_gpu.BlockSizes(num_warps=3)
+    with pytest.raises(ValueError, match="num_stages"):
+        flash_gpu.BlockSizes(num_stages=0)
+    assert flash_gpu.BlockSizes(block_q=16, block_k=128).block_k == 128
+    # Foreign (e.g. xla / tpu) block sizes are re-validated against the GPU rules.
+    from pallas_kernels.flash_attention import xla
+
+    pos = _arange(1, 1024)
+    assert flash_gpu.visited_blocks(pos, pos, block_sizes=xla.BlockSizes()) == (6, 8)
+    with pytest.raises(ValueError, match="block_q=100"):
+        flash_gpu.visited_blocks(pos, pos, block_sizes=xla.BlockSizes(block_q=100))
+
+
+def test_bad_shapes_raise():
+    q, k, v = _inputs(1, 32, 32, 3, 2, 64, jnp.float32)
+    pos = _arange(1, 32)
+    with pytest.raises(ValueError, match="multiple of kv heads 2"):
+        flash_gpu.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, interpret=True)
+    q, k, v = _inputs(1, 32, 32, 2, 1, 48, jnp.float32)
+    with pytest.raises(ValueError, match="head_dim=48 must be a power of two"):  # compiled path only
+        flash_gpu.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos)
+    q, k, v = _inputs(1, 32, 32, 2, 1, 64, jnp.float32)
+    with pytest.raises(ValueError, match=r"q_pos \(1, 16\)"):
+        flash_gpu.attention(q, k, v, q_pos_BT=pos[:, :16], kv_pos_BS=pos, interpret=True)
+    with pytest.raises(ValueError, match="given together"):
+        flash_gpu.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, q_seg_BT=pos, interpret=True)
+
+
+# ----------------------------------------------------------------------------- real lowering
+
+
+def test_kernels_lower_to_triton_for_cuda():
+    # No GPU needed: lowering for platform "cuda" runs the real Pallas -> Triton IR lowering
+    # (power-of-two load shapes, supported primitives, dot precisions) of all three kernels,
+    # with GQA, a window, packed segments, ALiBi and soft-cap. It does not run Triton's PTX compiler.
+    B, T, H, K, D = 1, 100, 8, 2, 64
+    pos = _arange(B, T)
+    seg = pos // 40
+    slopes = jnp.full((H,), 0.1, jnp.float32)
+
+    def loss(q, k, v):
+        out, lse = flash_gpu.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, q_seg_BT=seg, kv_seg_BS=seg,
+                                       window=50, alibi_slopes_H=slopes, logits_soft_cap=30.0,
+                                       block_sizes=_bs(32, 64))
+        return out.astype(jnp.float32).sum() + jnp.where(jnp.isfinite(lse), lse, 0.0).sum()
+
+    for dtype in (jnp.bfloat16, jnp.float32):
+        q, k, v = _inputs(B, T, T, H, K, D, dtype)
+        try:
+            lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(lowering_platforms=("cuda",))
+        except (ImportError, NotImplementedError, RuntimeError) as e:  # jaxlib without the Triton dialect
+            pytest.skip(f"cannot lower for cuda on this host: {e}")
+        text = lowered.as_text()
+        for name in ("flash_attention_gpu_fwd", "flash_attention_gpu_dq", "flash_attention_gpu_dkv"):
+            assert name in text, name
+        assert text.count("__gpu$xla.gpu.triton") == 3
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU: compiled Triton kernels")
+def test_compiled_on_gpu():
+    B, T, H, K = 2, 200, 8, 2
+    pos = _arange(B, T)
+    seg = pos // 120
+    slopes = 2.0 ** (-8.0 * jnp.arange(1, H + 1, dtype=jnp.float32) / H)
+    for D, dtype in ((64, jnp.float32), (128, jnp.bfloat16)):
+        q, k, v = _inputs(B, T, T, H, K, D, dtype)
+        _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, q_seg_BT=seg, kv_seg_BS=seg, causal=True, window=100,
+               alibi_slopes_H=slopes, logits_soft_cap=20.0, block_sizes=_bs(64, 64), interpret=False,
+               tol=(2e-4, 2e-3) if dtype == jnp.float32 else None)
