@@ -71,7 +71,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flash_attention.masks import block_visible
+from pallas_kernels.flash_attention.masks import block_visible, pad_axis, pad_positions
 
 _MIN_BLOCK = 16  # tl.dot needs M, N, K >= 16
 
@@ -464,12 +464,6 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # ----------------------------------------------------------------------------- public wrapper
 
 
-def _pad(x, axis, n, value):
-    if n == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, n)
-    return jnp.pad(x, widths, constant_values=value)
 
 
 def _as_block_sizes(block_sizes) -> BlockSizes:
@@ -482,24 +476,12 @@ def _as_block_sizes(block_sizes) -> BlockSizes:
 
 
 def _prepare_masks(B, T, S, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, bs: BlockSizes):
-    """Padded int32 positions / segment ids (segments always present: padding needs them)."""
-    if (q_seg_BT is None) != (kv_seg_BS is None):
-        raise ValueError("q_seg_BT and kv_seg_BS must be given together")
+    """Padded int32 positions / segment ids; segments always present (the kernels take them as inputs)."""
     if q_pos_BT.shape != (B, T) or kv_pos_BS.shape != (B, S):
         raise ValueError(f"q_pos {q_pos_BT.shape} / kv_pos {kv_pos_BS.shape} must be ({B}, {T}) / ({B}, {S})")
-    if q_seg_BT is not None and (q_seg_BT.shape != (B, T) or kv_seg_BS.shape != (B, S)):
-        raise ValueError(f"q_seg {q_seg_BT.shape} / kv_seg {kv_seg_BS.shape} must be ({B}, {T}) / ({B}, {S})")
-    if q_seg_BT is None:
-        q_seg_BT = jnp.zeros((B, T), jnp.int32)
-        kv_seg_BS = jnp.zeros((B, S), jnp.int32)
-    pad_t, pad_s = -T % bs.block_q, -S % bs.block_k
-    # Padded keys get a segment no query has; padded queries one no key has.
-    q_pos = _pad(q_pos_BT.astype(jnp.int32), 1, pad_t, 0)
-    q_seg = _pad(q_seg_BT.astype(jnp.int32), 1, pad_t, -2)
-    kv_pos = _pad(kv_pos_BS.astype(jnp.int32), 1, pad_s, 0)
-    kv_seg = _pad(kv_seg_BS.astype(jnp.int32), 1, pad_s, -1)
-    return q_pos, kv_pos, q_seg, kv_seg, pad_t, pad_s
-
+    if q_seg_BT is None and kv_seg_BS is None:
+        q_seg_BT, kv_seg_BS = jnp.zeros((B, T), jnp.int32), jnp.zeros((B, S), jnp.int32)
+    return pad_positions(q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, bs.block_q, bs.block_k)
 
 def _static(D, causal, window, scale, logits_soft_cap, has_alibi, bs: BlockSizes, interpret: bool = False):
     if window is not None and int(window) <= 0:
@@ -553,9 +535,9 @@ def attention(
     q_pos, kv_pos, q_seg, kv_seg, pad_t, pad_s = _prepare_masks(B, T, S, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, bs)
     st = _static(D, causal, window, scale, logits_soft_cap, alibi_slopes_H is not None, bs, interpret)
     ranges = _block_ranges(q_pos, kv_pos, q_seg, kv_seg, st)
-    q = _pad(q_BTHD, 1, pad_t, 0)
-    k = _pad(k_BSKD, 1, pad_s, 0)
-    v = _pad(v_BSKD, 1, pad_s, 0)
+    q = pad_axis(q_BTHD, 1, pad_t, 0)
+    k = pad_axis(k_BSKD, 1, pad_s, 0)
+    v = pad_axis(v_BSKD, 1, pad_s, 0)
     slopes = None if alibi_slopes_H is None else jnp.asarray(alibi_slopes_H, jnp.float32)
     out, lse = _flash(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes, ranges, st)
     return out[:, :T], lse.transpose(0, 2, 1)[:, :T]

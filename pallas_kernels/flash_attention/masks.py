@@ -50,3 +50,33 @@ def block_visible(q_pos_BNb, kv_pos_BMb, q_seg_BNb=None, kv_seg_BMb=None, *, cau
         ks_lo, ks_hi = kv_seg_BMb.min(-1)[:, None, :], kv_seg_BMb.max(-1)[:, None, :]
         vis_BNM &= (qs_lo <= ks_hi) & (ks_lo <= qs_hi)
     return vis_BNM.any(0)
+
+
+def pad_axis(x, axis: int, n: int, value):
+    """Pad `x` with `n` entries of `value` at the end of `axis` (no-op for n == 0 or x None)."""
+    if x is None or n == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, n)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def pad_positions(q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, block_q: int, block_k: int):
+    """int32 positions and segment ids padded to whole blocks; returns (q_pos, kv_pos, q_seg, kv_seg, pad_t, pad_s).
+
+    Padded keys get segment -1 and padded queries -2, so neither is ever visible.
+    Segment ids are created (zeros) when absent and padding is needed.
+    """
+    (B, T), S = q_pos_BT.shape, kv_pos_BS.shape[1]
+    if q_pos_BT.shape != (B, T) or kv_pos_BS.shape != (B, S):
+        raise ValueError(f"q_pos {q_pos_BT.shape} / kv_pos {kv_pos_BS.shape} must be ({B}, {T}) / ({B}, {S})")
+    if (q_seg_BT is None) != (kv_seg_BS is None):
+        raise ValueError("q_seg_BT and kv_seg_BS must be given together")
+    if q_seg_BT is not None and (q_seg_BT.shape != (B, T) or kv_seg_BS.shape != (B, S)):
+        raise ValueError(f"q_seg {q_seg_BT.shape} / kv_seg {kv_seg_BS.shape} must be ({B}, {T}) / ({B}, {S})")
+    pad_t, pad_s = -T % block_q, -S % block_k
+    if (pad_t or pad_s) and q_seg_BT is None:
+        q_seg_BT, kv_seg_BS = jnp.zeros((B, T), jnp.int32), jnp.zeros((B, S), jnp.int32)
+    as_int = lambda x: None if x is None else x.astype(jnp.int32)  # noqa: E731
+    return (pad_axis(as_int(q_pos_BT), 1, pad_t, 0), pad_axis(as_int(kv_pos_BS), 1, pad_s, 0),
+            pad_axis(as_int(q_seg_BT), 1, pad_t, -2), pad_axis(as_int(kv_seg_BS), 1, pad_s, -1), pad_t, pad_s)

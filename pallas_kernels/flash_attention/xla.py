@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.flash_attention.masks import block_visible, visible
+from pallas_kernels.flash_attention.masks import block_visible, pad_axis, pad_positions, visible
 
 # ----------------------------------------------------------------------------- block sizes
 
@@ -225,14 +225,6 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # ----------------------------------------------------------------------------- wrapper
 
 
-def _pad(x, axis, n, value):
-    if x is None or n == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, n)
-    return jnp.pad(x, widths, constant_values=value)
-
-
 def attention(
     q_BTHD,
     k_BSKD,
@@ -254,17 +246,9 @@ def attention(
     B, T, H, D = q_BTHD.shape
     S = k_BSKD.shape[1]
     bq, bk = min(bs.block_q, T), min(bs.block_k, S)
-    pad_t, pad_s = -T % bq, -S % bk
-    if (pad_t or pad_s) and q_seg_BT is None:
-        q_seg_BT = jnp.zeros((B, T), jnp.int32)
-        kv_seg_BS = jnp.zeros((B, S), jnp.int32)
-    # Padded keys get a segment no query has; padded queries one no key has.
-    q = _pad(q_BTHD, 1, pad_t, 0)
-    q_pos = _pad(q_pos_BT.astype(jnp.int32), 1, pad_t, 0)
-    q_seg = _pad(None if q_seg_BT is None else q_seg_BT.astype(jnp.int32), 1, pad_t, -2)
-    k, v = _pad(k_BSKD, 1, pad_s, 0), _pad(v_BSKD, 1, pad_s, 0)
-    kv_pos = _pad(kv_pos_BS.astype(jnp.int32), 1, pad_s, 0)
-    kv_seg = _pad(None if kv_seg_BS is None else kv_seg_BS.astype(jnp.int32), 1, pad_s, -1)
+    q_pos, kv_pos, q_seg, kv_seg, pad_t, pad_s = pad_positions(q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, bq, bk)
+    q = pad_axis(q_BTHD, 1, pad_t, 0)
+    k, v = pad_axis(k_BSKD, 1, pad_s, 0), pad_axis(v_BSKD, 1, pad_s, 0)
     st = _Static(
         causal=bool(causal),
         window=None if window is None else int(window),
