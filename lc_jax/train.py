@@ -304,7 +304,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                         bar.write(f"step {step}: curriculum stage {stage}, seq_len {stages[stage][1]}")
                 tokens_per_step = stages[stage][1] * stages[stage][2]
                 # Remember where the iterator was: a batch drawn but not trained on goes back on interrupt.
-                data["untrained"] = data["iter"].get_state()
+                data["untrained"] = (data["iter"].get_state(), step)
                 batch = sharding.shard_batch(next(data["iter"]), mesh)
                 state, metrics = train_step(state, batch)
                 data["untrained"] = None
@@ -339,14 +339,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                         mgr.wait_until_finished()
                         raise SystemExit(f"preempted: checkpoint saved at step {done}")
     except KeyboardInterrupt:
-        # Keep the work done so far: save the current state unless it is already saved or diverged.
-        if data.get("untrained") is not None:
-            data["iter"].set_state(data["untrained"])
-        if pending is not None and mgr.latest_step() != pending[0]:
-            m = _host(pending[1])
-            if math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]):
-                save(pending[0], force=True)
-                print(f"\ninterrupted: checkpoint saved at step {pending[0]}")
+        # Keep the work done so far: save the state as it is, unless already saved or diverged. If a
+        # batch was drawn but its step not taken, the iterator goes back so that the resume trains on it.
+        current = int(jax.device_get(state["step"]))
+        if data.get("untrained") is not None and data["untrained"][1] == current:
+            data["iter"].set_state(data["untrained"][0])
+        if mgr.latest_step() != current and bool(all_finite(state["params"])):
+            save(current, force=True)
+            print(f"\ninterrupted: checkpoint saved at step {current}")
         raise
     finally:
         mgr.wait_until_finished()
