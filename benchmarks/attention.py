@@ -8,6 +8,28 @@ and the process's peak RSS above its pre-compile baseline.
 
     python benchmarks/attention.py                    # 2K, 8K, 16K; writes benchmarks/results/attention_cpu.json
     python benchmarks/attention.py --lengths 2048 --reps 1
+
+Accelerator mode (the default when jax's default backend is 'gpu' or 'tpu', or
+with --accelerator): bf16 causal attention, B=1, H=K=--acc-heads, head_dim in
+--acc-head-dims, T in --acc-lengths, forward and forward+backward TFLOP/s for
+lc_jax impl='pallas', jax.nn.dot_product_attention implementation='xla' and
+'cudnn' (GPU only), tokamax.dot_product_attention (its default implementation)
+and, on TPU, jax's splash attention; plus lc_jax pallas with a causal sliding
+window W=--acc-window against full causal at the longest T (target: sliding at
+least 4x faster). FLOP convention: forward = 4*B*H*T*T*D, halved for causal
+(T*T/2 visible pairs); a window W counts 4*B*H*D*(W*T - W*W/2) (W <= T);
+fwd+bwd = 3.5 x forward. All implementations run in ONE process, so memory is
+not a per-process peak as on CPU: each row reports XLA's planned temp memory of
+its compiled program (custom kernels' scratch as XLA sees it), and the run
+reports the device's overall peak_bytes_in_use once. Implementations alternate
+order every repetition; time = median over all timed calls (after one warm-up
+call per compiled program) with jax.block_until_ready. An implementation that
+fails records its error string. Writes
+benchmarks/results/attention_<device_kind_slug>.json.
+
+    python benchmarks/attention.py                    # on a GPU/TPU: the full accelerator table
+    python benchmarks/attention.py --accelerator --acc-lengths 256 --acc-head-dims 64 --reps 1 --iters 1 \
+        --out /tmp/acc.json                           # CPU smoke run of the accelerator path
 """
 
 from __future__ import annotations
@@ -25,6 +47,7 @@ import time
 from pathlib import Path
 
 IMPLS = ("lc_jax_xla", "jax_xla", "tokamax_xla_chunked")
+ACC_IMPLS = ("lc_jax_pallas", "jax_xla", "jax_cudnn", "tokamax", "splash")
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -84,6 +107,198 @@ def worker(impl: str, T: int, B: int, H: int, D: int, iters: int, mem_limit_gb: 
             "peak_rss_above_baseline_mb": peak - baseline}
 
 
+# ----------------------------------------------------------------------------- accelerator mode
+
+
+def _causal_flops(B, H, T, D, window=None):
+    """Forward FLOPs, causal pairs counted as T*T/2 (or W*T - W*W/2 with a window W <= T)."""
+    pairs = T * T / 2 if window is None or window >= T else window * T - window * window / 2
+    return 4 * B * H * D * pairs
+
+
+def _acc_attn_fn(impl, backend, T, H, D, window):
+    """(attn(q, k, v) on [B, T, H, D] bf16, layout transform applied once outside timing) or raises."""
+    import jax
+    import jax.numpy as jnp
+
+    ident = lambda *xs: xs  # noqa: E731
+    if impl == "lc_jax_pallas":
+        from lc_jax import ops
+
+        pos = jnp.arange(T, dtype=jnp.int32)[None]
+
+        def attn(q, k, v):
+            p = jnp.broadcast_to(pos, q.shape[:2])
+            return ops.attention(q, k, v, q_pos_BT=p, kv_pos_BS=p, causal=True, window=window, impl="pallas")
+        return attn, ident
+    if impl in ("jax_xla", "jax_cudnn"):
+        if impl == "jax_cudnn" and backend != "gpu":
+            raise _Skip("GPU only")
+        local = None if window is None else (window - 1, 0)
+        kind = impl.split("_")[1]
+
+        def attn(q, k, v):
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local,
+                                                implementation=kind)
+        return attn, ident
+    if impl == "tokamax":
+        import tokamax
+
+        def attn(q, k, v):
+            return tokamax.dot_product_attention(q, k, v, is_causal=True)
+        return attn, ident
+    if impl == "splash":
+        if backend != "tpu":
+            raise _Skip("TPU only")
+        from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+        from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+        mask = sm.CausalMask((T, T)) if window is None else sm.LocalMask((T, T), (window - 1, 0), 0)
+        kernel = sk.make_splash_mha(sm.MultiHeadMask([mask] * H), head_shards=1, q_seq_shards=1)
+
+        def attn(q, k, v):  # native layout [B, H, T, D]; splash does not scale q
+            return jax.vmap(kernel)(q * D**-0.5, k, v)
+        return attn, lambda *xs: tuple(x.transpose(0, 2, 1, 3) for x in xs)
+    raise ValueError(f"unknown impl {impl!r}; allowed: {ACC_IMPLS}")
+
+
+class _Skip(Exception):
+    pass
+
+
+def _err(e: BaseException) -> str:
+    msg = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {msg}"[:300]
+
+
+def accelerator_main(a, command: str):
+    import jax
+    import jax.numpy as jnp
+
+    sys.argv = sys.argv[:1]  # tokamax parses absl flags from argv on first use
+    backend = jax.default_backend()
+    dev = jax.devices()[0]
+    slug = "".join(c if c.isalnum() else "_" for c in dev.device_kind.lower()).strip("_")
+    out_path = a.out or str(RESULTS / f"attention_{slug}{'_acc_mode' if backend == 'cpu' else ''}.json")
+    reps, iters = a.reps or 3, a.iters or 10
+    B, H = 1, a.acc_heads
+    t_max = max(a.acc_lengths)
+    print(f"accelerator mode: backend={backend} device={dev.device_kind} B={B} H={H} bf16 causal, "
+          f"reps={reps} iters={iters}", flush=True)
+
+    rows = []
+    for D in a.acc_head_dims:
+        for T in a.acc_lengths:
+            ks = jax.random.split(jax.random.PRNGKey(0), 4)
+            q, k, v, do = (jax.random.normal(kk, (B, T, H, D), jnp.bfloat16) for kk in ks)
+            entries = [(i, None) for i in a.acc_impls]
+            if T == t_max and "lc_jax_pallas" in a.acc_impls:
+                entries.append(("lc_jax_pallas", a.acc_window))
+            # prepare: compile fwd and fwd+bwd for every entry, record errors / skips
+            cells = {}
+            for impl, window in entries:
+                for mode in ("fwd", "fwd_bwd"):
+                    flops = _causal_flops(B, H, T, D, window) * (3.5 if mode == "fwd_bwd" else 1.0)
+                    row = {"impl": impl, "T": T, "D": D, "mode": mode, "window": window, "flops": flops}
+                    try:
+                        attn, layout = _acc_attn_fn(impl, backend, T, H, D, window)
+                        args = layout(q, k, v) + (layout(do)[0],) if mode == "fwd_bwd" else layout(q, k, v)
+                        if mode == "fwd":
+                            fn = attn
+                        else:
+                            def fn(q, k, v, do, attn=attn):
+                                out, vjp = jax.vjp(attn, q, k, v)
+                                return out, vjp(do)
+                        compiled = jax.jit(fn).lower(*args).compile()
+                        ma = compiled.memory_analysis()
+                        row["xla_temp_mb"] = ma.temp_size_in_bytes / 2**20 if ma is not None else None
+                        jax.block_until_ready(compiled(*args))  # warm-up
+                        cells[(impl, window, mode)] = (row, compiled, args, [])
+                    except _Skip as e:
+                        row["skipped"] = str(e)
+                    except Exception as e:  # noqa: BLE001 - one failing impl must not end the run
+                        row["error"] = _err(e)
+                    rows.append(row)
+            keys = list(cells)
+            for rep in range(reps):
+                order = keys[rep % len(keys):] + keys[: rep % len(keys)] if keys else []
+                for key in order:
+                    row, compiled, args, times = cells[key]
+                    if "error" in row:
+                        continue
+                    try:
+                        for _ in range(iters):
+                            t0 = time.perf_counter()
+                            jax.block_until_ready(compiled(*args))
+                            times.append(time.perf_counter() - t0)
+                    except Exception as e:  # noqa: BLE001
+                        row["error"] = _err(e)
+            for row, _, _, times in cells.values():
+                if times and "error" not in row:
+                    row.update(time_s=statistics.median(times), times_s=times,
+                               tflops=row["flops"] / statistics.median(times) / 1e12)
+            for row in rows[-2 * len(entries):]:
+                name = row["impl"] + ("" if row["window"] is None else f" W={row['window']}")
+                val = f"{row['time_s'] * 1e3:9.3f} ms {row['tflops']:7.2f} TFLOP/s" if "time_s" in row else \
+                    row.get("skipped") or row.get("error")
+                print(f"  D={D:4d} T={T:6d} {row['mode']:7s} {name:24s} {val}", flush=True)
+            del cells, q, k, v, do
+
+    def find(impl, T, D, mode, window):
+        return next((r for r in rows if (r["impl"], r["T"], r["D"], r["mode"], r["window"])
+                     == (impl, T, D, mode, window) and "time_s" in r), None)
+
+    sliding = {}
+    for D in a.acc_head_dims:
+        for mode in ("fwd", "fwd_bwd"):
+            full, win = find("lc_jax_pallas", t_max, D, mode, None), find("lc_jax_pallas", t_max, D, mode, a.acc_window)
+            sliding[f"D{D}_{mode}"] = full["time_s"] / win["time_s"] if full and win else None
+
+    print(f"\nbf16 causal attention, B={B} H={H}, {dev.device_kind} ({backend}), TFLOP/s "
+          f"(causal FLOPs halved, fwd+bwd = 3.5x fwd); median of {reps} alternating reps x {iters} calls")
+    names = list(dict.fromkeys((r["impl"], r["window"]) for r in rows))
+    hdr = "".join(f"{(i if w is None else f'{i} W={w}')[:22]:>24}" for i, w in names)
+    for mode in ("fwd", "fwd_bwd"):
+        print(f"\n{mode}\n{'D':>4} {'T':>6}{hdr}")
+        for D in a.acc_head_dims:
+            for T in a.acc_lengths:
+                cells_txt = []
+                for i, w in names:
+                    r = next((r for r in rows if (r["impl"], r["T"], r["D"], r["mode"], r["window"])
+                              == (i, T, D, mode, w)), None)
+                    cells_txt.append("" if r is None else f"{r['tflops']:.2f}" if "tflops" in r else
+                                     "skip" if "skipped" in r else "error")
+                print(f"{D:>4} {T:>6}" + "".join(f"{c:>24}" for c in cells_txt))
+    print(f"\nlc_jax pallas at T={t_max}: full causal time / sliding W={a.acc_window} time (target >= 4): "
+          + ", ".join(f"{k} {v:.2f}x" if v is not None else f"{k} n/a" for k, v in sliding.items()))
+    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+    peak = (stats or {}).get("peak_bytes_in_use")
+    if peak is not None:
+        print(f"device peak_bytes_in_use over the whole run: {peak / 2**30:.2f} GiB")
+
+    out = {
+        "benchmark": "attention_accelerator",
+        "command": command,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": dev.device_kind,
+        "backend": backend,
+        "num_devices": jax.device_count(),
+        "versions": {"python": platform.python_version(), "jax": jax.__version__, **_versions()},
+        "shape": {"batch": B, "heads": H, "kv_heads": H, "head_dims": a.acc_head_dims, "dtype": "bfloat16",
+                  "causal": True, "window": a.acc_window},
+        "flop_convention": "fwd = 4*B*H*T*T*D * 0.5 (causal); window W: 4*B*H*D*(W*T - W*W/2); fwd_bwd = 3.5 * fwd",
+        "memory_note": "one process: xla_temp_mb is XLA's planned temps per compiled program; "
+                       "device_peak_bytes_in_use covers the whole run",
+        "timing": {"reps": reps, "iters": iters, "warmup_calls": 1, "statistic": "median of all timed calls"},
+        "device_peak_bytes_in_use": peak,
+        "rows": rows,
+        "sliding_speedup_vs_full_causal": {"T": t_max, "window": a.acc_window, "target": 4.0, **sliding},
+    }
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(out_path).write_text(json.dumps(out, indent=2))
+    print(f"wrote {out_path}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 16384])
@@ -91,17 +306,36 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=2, help="alternating repetitions (each a fresh process)")
-    ap.add_argument("--iters", type=int, default=2, help="timed calls per process, after one warm-up")
+    ap.add_argument("--reps", type=int, default=None,
+                    help="alternating repetitions (CPU: each a fresh process, default 2; accelerator: default 3)")
+    ap.add_argument("--iters", type=int, default=None,
+                    help="timed calls per process/repetition, after one warm-up (CPU default 2, accelerator 10)")
     ap.add_argument("--mem-limit-gb", type=float, default=12.0, help="skip cells whose planned temps exceed this")
-    ap.add_argument("--out", default=str(RESULTS / "attention_cpu.json"))
+    ap.add_argument("--out", default=None,
+                    help="CPU default benchmarks/results/attention_cpu.json; accelerator attention_<device>.json")
     ap.add_argument("--worker", nargs=2, metavar=("IMPL", "T"), help=argparse.SUPPRESS)
+    ap.add_argument("--accelerator", action="store_true",
+                    help="run the accelerator table (default when jax's backend is gpu or tpu)")
+    ap.add_argument("--acc-lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
+    ap.add_argument("--acc-head-dims", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--acc-heads", type=int, default=16)
+    ap.add_argument("--acc-window", type=int, default=1024, help="sliding window compared at the longest length")
+    ap.add_argument("--acc-impls", nargs="+", default=list(ACC_IMPLS), choices=ACC_IMPLS)
     a = ap.parse_args()
+    command = "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:])
 
     if a.worker:
+        a.iters = 2 if a.iters is None else a.iters
         res = worker(a.worker[0], int(a.worker[1]), a.batch, a.heads, a.head_dim, a.iters, a.mem_limit_gb)
         print("RESULT " + json.dumps(res))
         return
+
+    if a.accelerator or _default_backend() in ("gpu", "tpu"):
+        accelerator_main(a, command)
+        return
+    a.reps = 2 if a.reps is None else a.reps
+    a.iters = 2 if a.iters is None else a.iters
+    a.out = str(RESULTS / "attention_cpu.json") if a.out is None else a.out
 
     cells: dict[tuple[str, int], list[dict]] = {}
     for T in a.lengths:
@@ -160,7 +394,7 @@ def main():
 
     out = {
         "benchmark": "attention_cpu",
-        "command": "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]),
+        "command": command,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "versions": {"python": platform.python_version(), "jax": jax.__version__, **_versions()},
@@ -172,6 +406,15 @@ def main():
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2))
     print(f"wrote {a.out}")
+
+
+def _default_backend() -> str:
+    """jax's default backend, or 'cpu' when JAX_PLATFORMS pins it (without initialising jax then)."""
+    if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
+        return "cpu"
+    import jax
+
+    return jax.default_backend()
 
 
 def _versions() -> dict:

@@ -1,0 +1,108 @@
+"""impl='cudnn' in lc_jax.ops: jax.nn.dot_product_attention for the plain causal/sliding layout.
+
+On CPU the shared helper `ops._jax_nn` runs with implementation='xla' (same
+arguments, same window convention) against reference.py; the cuDNN path itself
+runs only when a GPU is the default backend.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lc_jax import ops
+from pallas_kernels.flash_attention import reference
+
+
+def _inputs(B=2, T=48, H=4, K=2, D=16, dtype=jnp.float32, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(ks[0], (B, T, H, D), jnp.float32).astype(dtype)
+    k = jax.random.normal(ks[1], (B, T, K, D), jnp.float32).astype(dtype)
+    v = jax.random.normal(ks[2], (B, T, K, D), jnp.float32).astype(dtype)
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    return q, k, v, pos
+
+
+def test_cudnn_in_impls():
+    assert "cudnn" in ops.IMPLS
+    assert ops.resolve_impl("cudnn") == "cudnn"
+
+
+@pytest.mark.parametrize("causal,window", [(True, None), (True, 7), (False, None), (False, 7)])
+def test_jax_nn_helper_matches_reference(causal, window):
+    q, k, v, pos = _inputs()
+    out = ops._jax_nn(q, k, v, causal=causal, window=window, scale=None, implementation="xla")
+    ref, _ = reference.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=causal, window=window)
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_jax_nn_helper_grads_match_reference():
+    q, k, v, pos = _inputs()
+    do = jax.random.normal(jax.random.key(1), q.shape)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v) * do)
+
+    helper = loss(lambda q, k, v: ops._jax_nn(q, k, v, causal=True, window=7, scale=0.3, implementation="xla"))
+    ref = loss(lambda q, k, v: reference.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, window=7, scale=0.3)[0])
+    for a, b in zip(jax.grad(helper, (0, 1, 2))(q, k, v), jax.grad(ref, (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"q_seg_BT": "seg", "kv_seg_BS": "seg"}, "segment ids"),
+        ({"alibi_slopes_H": jnp.ones(4)}, "alibi_slopes_H"),
+        ({"logits_soft_cap": 30.0}, "logits_soft_cap"),
+        ({"return_lse": True}, "return_lse"),
+    ],
+)
+def test_unsupported_arguments_raise(kw, match):
+    q, k, v, pos = _inputs()
+    kw = {name: (jnp.zeros_like(pos) if isinstance(val, str) else val) for name, val in kw.items()}
+    with pytest.raises(ValueError, match=match) as e:
+        ops.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, impl="cudnn", **kw)
+    assert "impl='pallas'" in str(e.value)
+
+
+def test_t_ne_s_raises():
+    q, k, v, pos = _inputs()
+    with pytest.raises(ValueError, match="T != S"):
+        ops.attention(q[:, :16], k, v, q_pos_BT=pos[:, :16], kv_pos_BS=pos, impl="cudnn")
+
+
+def test_non_causal_window_raises_for_cudnn():
+    q, k, v, _ = _inputs()
+    with pytest.raises(ValueError, match="causal=True"):
+        ops._jax_nn(q, k, v, causal=False, window=7, scale=None, implementation="cudnn")
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the non-GPU error")
+def test_cudnn_needs_gpu():
+    q, k, v, pos = _inputs()
+    with pytest.raises(ValueError, match="needs a GPU"):
+        ops.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, impl="cudnn")
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN runs only on GPU")
+@pytest.mark.parametrize("window", [None, 7])
+def test_cudnn_on_gpu_bf16(window):
+    q, k, v, pos = _inputs(T=256, H=8, K=2, D=64, dtype=jnp.bfloat16)
+    do = jax.random.normal(jax.random.key(1), q.shape, jnp.float32)
+
+    def cudnn(q, k, v):
+        return ops.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, window=window, impl="cudnn")
+
+    def ref(q, k, v):
+        return reference.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, window=window)[0]
+
+    out = jax.jit(cudnn)(q, k, v)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    np.testing.assert_allclose(out.astype(jnp.float32), ref(*f32), atol=2e-2, rtol=2e-2)
+    g = jax.jit(jax.grad(lambda *a: jnp.sum(cudnn(*a).astype(jnp.float32) * do), (0, 1, 2)))(q, k, v)
+    g_ref = jax.grad(lambda *a: jnp.sum(ref(*a) * do), (0, 1, 2))(*f32)
+    for a, b in zip(g, g_ref):
+        np.testing.assert_allclose(a.astype(jnp.float32), b, atol=5e-2, rtol=5e-2)
