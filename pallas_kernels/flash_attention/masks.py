@@ -61,13 +61,15 @@ def pad_axis(x, axis: int, n: int, value):
     return jnp.pad(x, widths, constant_values=value)
 
 
-def pad_positions(q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, block_q: int, block_k: int):
+def pad_positions(q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, block_q: int, block_k: int, *,
+                  always_segments: bool = False, shape_BTS: tuple[int, int, int] | None = None):
     """int32 positions and segment ids padded to whole blocks; returns (q_pos, kv_pos, q_seg, kv_seg, pad_t, pad_s).
 
     Padded keys get segment -1 and padded queries -2, so neither is ever visible.
-    Segment ids are created (zeros) when absent and padding is needed.
+    Segment ids are created (zeros) when absent and padding needs them, or always
+    with `always_segments` (the Pallas kernels take them as inputs).
     """
-    (B, T), S = q_pos_BT.shape, kv_pos_BS.shape[1]
+    (B, T), S = (shape_BTS[:2], shape_BTS[2]) if shape_BTS else (q_pos_BT.shape, kv_pos_BS.shape[1])
     if q_pos_BT.shape != (B, T) or kv_pos_BS.shape != (B, S):
         raise ValueError(f"q_pos {q_pos_BT.shape} / kv_pos {kv_pos_BS.shape} must be ({B}, {T}) / ({B}, {S})")
     if (q_seg_BT is None) != (kv_seg_BS is None):
@@ -75,7 +77,7 @@ def pad_positions(q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, block_q: int, block_
     if q_seg_BT is not None and (q_seg_BT.shape != (B, T) or kv_seg_BS.shape != (B, S)):
         raise ValueError(f"q_seg {q_seg_BT.shape} / kv_seg {kv_seg_BS.shape} must be ({B}, {T}) / ({B}, {S})")
     pad_t, pad_s = -T % block_q, -S % block_k
-    if (pad_t or pad_s) and q_seg_BT is None:
+    if (pad_t or pad_s or always_segments) and q_seg_BT is None:
         q_seg_BT, kv_seg_BS = jnp.zeros((B, T), jnp.int32), jnp.zeros((B, S), jnp.int32)
     as_int = lambda x: None if x is None else x.astype(jnp.int32)  # noqa: E731
     return (pad_axis(as_int(q_pos_BT), 1, pad_t, 0), pad_axis(as_int(kv_pos_BS), 1, pad_s, 0),

@@ -469,8 +469,6 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # ----------------------------------------------------------------------------- public wrapper
 
 
-
-
 def _as_block_sizes(block_sizes) -> BlockSizes:
     """None -> defaults; another implementation's block sizes (e.g. xla.BlockSizes) are re-validated here."""
     if block_sizes is None:
@@ -479,14 +477,6 @@ def _as_block_sizes(block_sizes) -> BlockSizes:
         return block_sizes
     return BlockSizes(block_q=block_sizes.block_q, block_k=block_sizes.block_k)
 
-
-def _prepare_masks(B, T, S, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, bs: BlockSizes):
-    """Padded int32 positions / segment ids; segments always present (the kernels take them as inputs)."""
-    if q_pos_BT.shape != (B, T) or kv_pos_BS.shape != (B, S):
-        raise ValueError(f"q_pos {q_pos_BT.shape} / kv_pos {kv_pos_BS.shape} must be ({B}, {T}) / ({B}, {S})")
-    if q_seg_BT is None and kv_seg_BS is None:
-        q_seg_BT, kv_seg_BS = jnp.zeros((B, T), jnp.int32), jnp.zeros((B, S), jnp.int32)
-    return pad_positions(q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, bs.block_q, bs.block_k)
 
 def _static(D, causal, window, scale, logits_soft_cap, has_alibi, bs: BlockSizes, interpret: bool = False):
     if window is not None and int(window) <= 0:
@@ -535,7 +525,8 @@ def attention(
         raise ValueError(f"query heads {H} must be a multiple of kv heads {K}")
     if alibi_slopes_H is not None and alibi_slopes_H.shape != (H,):
         raise ValueError(f"alibi_slopes_H must have shape ({H},), got {alibi_slopes_H.shape}")
-    q_pos, kv_pos, q_seg, kv_seg, pad_t, pad_s = _prepare_masks(B, T, S, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, bs)
+    q_pos, kv_pos, q_seg, kv_seg, pad_t, pad_s = pad_positions(
+        q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, bs.block_q, bs.block_k, always_segments=True, shape_BTS=(B, T, S))
     st = _static(D, causal, window, scale, logits_soft_cap, alibi_slopes_H is not None, bs, interpret)
     tables = _block_tables(q_pos, kv_pos, q_seg, kv_seg, st)
     q = pad_axis(q_BTHD, 1, pad_t, 0).transpose(0, 2, 1, 3)  # [B, H, T, D]
@@ -556,7 +547,8 @@ def visited_blocks(q_pos_BT, kv_pos_BS, q_seg_BT=None, kv_seg_BS=None, *, causal
     bs = _as_block_sizes(block_sizes)
     B, T = q_pos_BT.shape
     S = kv_pos_BS.shape[1]
-    q_pos, kv_pos, q_seg, kv_seg, _, _ = _prepare_masks(B, T, S, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, bs)
+    q_pos, kv_pos, q_seg, kv_seg, _, _ = pad_positions(
+        q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, bs.block_q, bs.block_k, always_segments=True, shape_BTS=(B, T, S))
     st = _static(1, causal, window, None, None, False, bs)
     _, kv_cnt, _, _ = _block_tables(q_pos, kv_pos, q_seg, kv_seg, st)
     nq, nk = q_pos.shape[1] // bs.block_q, kv_pos.shape[1] // bs.block_k
