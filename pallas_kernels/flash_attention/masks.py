@@ -82,3 +82,18 @@ def pad_positions(q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, block_q: int, block_
     as_int = lambda x: None if x is None else x.astype(jnp.int32)  # noqa: E731
     return (pad_axis(as_int(q_pos_BT), 1, pad_t, 0), pad_axis(as_int(kv_pos_BS), 1, pad_s, 0),
             pad_axis(as_int(q_seg_BT), 1, pad_t, -2), pad_axis(as_int(kv_seg_BS), 1, pad_s, -1), pad_t, pad_s)
+
+
+def check_qkv(q_BTHD, k_BSKD, v_BSKD, alibi_slopes_H=None) -> tuple[int, int, int, int, int, int]:
+    """Validate a kernel's q/k/v (and ALiBi slopes) shapes; returns (B, T, S, H, K, D)."""
+    if q_BTHD.ndim != 4 or k_BSKD.ndim != 4 or v_BSKD.ndim != 4:
+        raise ValueError(f"q {q_BTHD.shape}, k {k_BSKD.shape}, v {v_BSKD.shape} must be rank 4 [B, len, heads, D]")
+    B, T, H, D = q_BTHD.shape
+    S, K = k_BSKD.shape[1], k_BSKD.shape[2]
+    if k_BSKD.shape[0] != B or v_BSKD.shape[:3] != k_BSKD.shape[:3] or k_BSKD.shape[3] != D:
+        raise ValueError(f"k {k_BSKD.shape} / v {v_BSKD.shape} do not match q {q_BTHD.shape}")
+    if K == 0 or H % K:
+        raise ValueError(f"query heads {H} must be a multiple of kv heads {K}")
+    if alibi_slopes_H is not None and alibi_slopes_H.shape != (H,):
+        raise ValueError(f"alibi_slopes_H must have shape ({H},), got {alibi_slopes_H.shape}")
+    return B, T, S, H, K, D

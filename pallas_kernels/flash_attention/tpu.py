@@ -40,7 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.flash_attention.masks import block_visible, pad_axis, pad_positions
+from pallas_kernels.flash_attention.masks import block_visible, check_qkv, pad_axis, pad_positions
 
 _LANES = 128  # lane width: per-query-row vectors are broadcast along it
 _SUBLANES = 8  # sublane count: per-key vectors are broadcast along it
@@ -515,16 +515,7 @@ def attention(
     `interpret=True` runs every kernel (forward and backward) in Pallas TPU interpret mode, on any backend.
     """
     bs = _as_block_sizes(block_sizes)
-    if q_BTHD.ndim != 4 or k_BSKD.ndim != 4 or v_BSKD.ndim != 4:
-        raise ValueError(f"q {q_BTHD.shape}, k {k_BSKD.shape}, v {v_BSKD.shape} must be rank 4 [B, len, heads, D]")
-    B, T, H, D = q_BTHD.shape
-    S, K = k_BSKD.shape[1], k_BSKD.shape[2]
-    if k_BSKD.shape[0] != B or v_BSKD.shape[:3] != k_BSKD.shape[:3] or k_BSKD.shape[3] != D:
-        raise ValueError(f"k {k_BSKD.shape} / v {v_BSKD.shape} do not match q {q_BTHD.shape}")
-    if K == 0 or H % K:
-        raise ValueError(f"query heads {H} must be a multiple of kv heads {K}")
-    if alibi_slopes_H is not None and alibi_slopes_H.shape != (H,):
-        raise ValueError(f"alibi_slopes_H must have shape ({H},), got {alibi_slopes_H.shape}")
+    B, T, S, H, K, D = check_qkv(q_BTHD, k_BSKD, v_BSKD, alibi_slopes_H)
     q_pos, kv_pos, q_seg, kv_seg, pad_t, pad_s = pad_positions(
         q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, bs.block_q, bs.block_k, always_segments=True, shape_BTS=(B, T, S))
     st = _static(D, causal, window, scale, logits_soft_cap, alibi_slopes_H is not None, bs, interpret)
