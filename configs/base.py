@@ -77,7 +77,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         init_from_step=0,  # 0: its latest checkpoint
     )
     c.checkpoint = dict(every=500, keep=3)
-    c.mesh = dict(data=-1, fsdp=1, tensor=1, context=1)
+    # Device mesh; -1: the remaining devices. context > 1 turns attention into ring attention over that
+    # axis, with tokens laid out zig-zag (balanced under the causal mask) or contiguous.
+    c.mesh = dict(data=-1, fsdp=1, tensor=1, context=1, context_layout="zigzag")
+    # Multi-host (jax.distributed): set coordinator_address ('host:port'), num_processes and process_id, or
+    # export JAX_COORDINATOR_ADDRESS etc.; auto=True lets JAX detect a TPU pod slice / SLURM / Open MPI.
+    # cpu_collectives: 'gloo' for multi-process CPU runs (tests).
+    c.distributed = dict(coordinator_address="", num_processes=0, process_id=-1, auto=False, cpu_collectives="")
     c.eval = dict(
         position_buckets=32,
         # Evaluate with another RoPE scaling than training used ('' keeps the trained one);

@@ -17,6 +17,7 @@ from lc_jax import data as data_lib
 from lc_jax.data import corpus, packing, tokenizer
 from lc_jax.positions import rope_scaling
 from lc_jax.positions.rope import FRACTION_MODES, LAYOUTS, rotary_dim
+from pallas_kernels import ring_attention
 
 MESH_AXES = ("data", "fsdp", "tensor", "context")
 
@@ -119,6 +120,32 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if not sc.original_max_len and sc.name != "llama3":
         sc.original_max_len = config.data.seq_len
     return config
+
+
+def _check_mesh(p: list[str], config, sizes: dict[str, int]) -> None:
+    """Batch, heads and sequence must split evenly over the mesh axes the sharding rules put them on."""
+    m, d = config.model, config.data
+    batch_shards, ctx, tp = sizes["data"] * sizes["fsdp"], sizes["context"], sizes["tensor"]
+    stages = [(0, d.seq_len, d.batch_size)]
+    if d.curriculum and not any(x.startswith("data.curriculum") for x in p):
+        stages = data_lib.curriculum(d)
+    for _, length, batch in stages:
+        where = f"data.curriculum stage seq_len={length}" if d.curriculum else f"data.seq_len={length}"
+        if isinstance(batch, int) and batch % batch_shards:
+            what = f"{where} has batch {batch}" if d.curriculum else f"data.batch_size={batch}"
+            p.append(f"{what}, not divisible by mesh data x fsdp = {batch_shards}")
+        if ctx > 1 and isinstance(length, int):
+            try:
+                ring_attention.check_layout(length, ctx, config.mesh.context_layout)
+            except ValueError as e:
+                p.append(f"{where}: {e}; allowed lengths are multiples of "
+                         f"{ctx * (2 if config.mesh.context_layout == 'zigzag' else 1)}")
+    for f in ("num_heads", "num_kv_heads"):
+        if isinstance(m[f], int) and m[f] % tp:
+            p.append(f"model.{f}={m[f]} is not divisible by mesh.tensor={tp} (heads are split over it)")
+    if ctx > 1 and m.attention.impl not in ("auto", "xla", "pallas"):
+        p.append(f"model.attention.impl={m.attention.impl!r} cannot run inside ring attention (mesh.context={ctx}): "
+                 "allowed values are ['auto', 'xla', 'pallas']")
 
 
 def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = None) -> None:
@@ -235,17 +262,16 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     for a in MESH_AXES:
         if not isinstance(config.mesh[a], int):
             p.append(f"mesh.{a}={config.mesh[a]!r}: must be an int (-1 means the remaining devices)")
+    _allowed(p, "mesh.context_layout", config.mesh.get("context_layout"), ring_attention.LAYOUTS)
+    dist = config.get("distributed")
+    if dist is not None:
+        _allowed(p, "distributed.cpu_collectives", dist.cpu_collectives, ("", "gloo", "mpi"))
+        _positive(p, "distributed.num_processes", dist.num_processes, zero_ok=True)
+        if not isinstance(dist.coordinator_address, str):
+            p.append(f"distributed.coordinator_address={dist.coordinator_address!r}: must be 'host:port' or ''")
     if num_devices is not None and not any(s.startswith("mesh.") for s in p):
         try:
-            sizes = dict(zip(MESH_AXES, mesh_shape(config.mesh, num_devices)))
-            batch_shards = sizes["data"] * sizes["fsdp"]
-            if isinstance(d.batch_size, int) and d.batch_size % batch_shards:
-                p.append(f"data.batch_size={d.batch_size} is not divisible by mesh data x fsdp = {batch_shards}")
-            elif d.curriculum and not any(x.startswith("data.curriculum") for x in p):
-                for _, length, batch in data_lib.curriculum(d):
-                    if batch % batch_shards:
-                        p.append(f"data.curriculum stage seq_len={length} has batch {batch}, not divisible by "
-                                 f"mesh data x fsdp = {batch_shards}")
+            _check_mesh(p, config, dict(zip(MESH_AXES, mesh_shape(config.mesh, num_devices))))
         except ConfigError as e:
             p.extend(e.problems)
     if p:

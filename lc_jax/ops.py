@@ -10,9 +10,11 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.flash_attention import gpu as _gpu
+from pallas_kernels.flash_attention import mosaic_gpu as _mosaic_gpu
 from pallas_kernels.flash_attention import reference as _reference
 from pallas_kernels.flash_attention import tpu as _tpu
 from pallas_kernels.flash_attention import xla as _xla
+from pallas_kernels.ring_attention import ring_attention as _ring_attention
 
 IMPLS = ("auto", "xla", "pallas", "reference", "cudnn")
 
@@ -21,11 +23,14 @@ def resolve_impl(impl: str) -> str:
     """Map 'auto' to a concrete implementation for the default backend.
 
     'auto': the Pallas kernel on TPU, the blockwise XLA path elsewhere. The GPU
-    Pallas kernel is reachable with impl='pallas' but is not the GPU default until
-    it has been run on GPU hardware. 'pallas' on CPU runs the TPU kernel in Pallas
-    interpret mode: slow, for tests only. 'cudnn' (GPU only) is cuDNN flash
-    attention through `jax.nn.dot_product_attention`; it covers only the plain
-    causal/sliding/full layout (see `_jax_nn`), never chosen by 'auto'.
+    Pallas kernels are reachable with impl='pallas' but are not the GPU default
+    until they have been run on GPU hardware: on a Hopper GPU with jax >= 0.11
+    (which deprecates the Pallas Triton lowering) 'pallas' runs the Mosaic GPU
+    kernels (`mosaic_gpu.py`), otherwise the Triton ones (`gpu.py`). 'pallas' on
+    CPU runs the TPU kernel in Pallas interpret mode: slow, for tests only.
+    'cudnn' (GPU only) is cuDNN flash attention through
+    `jax.nn.dot_product_attention`; it covers only the plain causal/sliding/full
+    layout (see `_jax_nn`), never chosen by 'auto'.
     """
     if impl not in IMPLS:
         raise ValueError(f"attention impl={impl!r} is not one of {IMPLS}")
@@ -37,8 +42,9 @@ def resolve_impl(impl: str) -> str:
 def _pallas(q, k, v, block_sizes, **kwargs):
     backend = jax.default_backend()
     if backend == "gpu":
-        bs = _gpu.BlockSizes() if block_sizes is None else block_sizes
-        return _gpu.attention(q, k, v, block_sizes=bs, **kwargs)
+        gpu = _mosaic_gpu if _mosaic_gpu.use_by_default() else _gpu  # Mosaic GPU (Hopper) from jax 0.11, else Triton
+        bs = gpu.BlockSizes() if block_sizes is None else block_sizes
+        return gpu.attention(q, k, v, block_sizes=bs, **kwargs)
     bs = _tpu.BlockSizes() if block_sizes is None else block_sizes
     return _tpu.attention(q, k, v, block_sizes=bs, interpret=backend == "cpu", **kwargs)
 
@@ -145,10 +151,77 @@ def attention(
         scale=scale,
         logits_soft_cap=logits_soft_cap,
     )
-    if impl == "reference":
-        out, lse = _reference.attention(q_BTHD, k_BSKD, v_BSKD, **kwargs)
-    elif impl == "pallas":
-        out, lse = _pallas(q_BTHD, k_BSKD, v_BSKD, block_sizes, **kwargs)
+    mesh = _ambient_mesh()
+    if mesh is not None:
+        out, lse = _on_mesh(mesh, impl, q_BTHD, k_BSKD, v_BSKD, block_sizes, kwargs)
     else:
-        out, lse = _xla.attention(q_BTHD, k_BSKD, v_BSKD, block_sizes=block_sizes, **kwargs)
+        out, lse = _local(impl, q_BTHD, k_BSKD, v_BSKD, block_sizes, kwargs)
     return (out, lse) if return_lse else out
+
+
+def _local(impl, q, k, v, block_sizes, kwargs):
+    if impl == "reference":
+        return _reference.attention(q, k, v, **kwargs)
+    if impl == "pallas":
+        return _pallas(q, k, v, block_sizes, **kwargs)
+    return _xla.attention(q, k, v, block_sizes=block_sizes, **kwargs)
+
+
+# ----------------------------------------------------------------------------- meshes
+
+
+def _ambient_mesh():
+    """The mesh set by `jax.set_mesh` if attention should shard over it; None inside shard_map or off-mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return None
+    if any(t == jax.sharding.AxisType.Manual for t in mesh.axis_types):
+        return None  # already per-device (e.g. a user's shard_map)
+    return mesh
+
+
+def _on_mesh(mesh, impl, q, k, v, block_sizes, kwargs):
+    """Attention under `shard_map`: batch over (data, fsdp), heads over tensor, sequence over the ring.
+
+    Kernels are per-device programs (a Pallas call cannot be partitioned by
+    XLA), so the batch and head shards run locally; when the sequence is split
+    over `context`, the ring passes K/V between devices.
+    """
+    from lc_jax import sharding  # sharding -> config -> ops: import late
+
+    B, T, H, _ = q.shape
+    K = k.shape[2]
+    n_ctx, n_batch, n_heads = (sharding.axis_size(mesh, a) for a in ("seq", "batch", "heads"))
+    for what, size, shards, axes in (("batch", B, n_batch, "data x fsdp"), ("sequence length", T, n_ctx, "context"),
+                                     ("query heads", H, n_heads, "tensor"), ("kv heads", K, n_heads, "tensor")):
+        if size % shards:
+            raise ValueError(f"attention on mesh {dict(mesh.shape)}: {what} {size} does not split over "
+                             f"mesh {axes} = {shards}")
+    if n_ctx > 1 and k.shape[1] != T:
+        raise ValueError(f"context parallelism needs keys sharded like queries (T={T}, S={k.shape[1]})")
+    if n_ctx > 1 and impl not in ("xla", "pallas"):
+        raise ValueError(f"impl={impl!r} cannot run inside ring attention (mesh.context={n_ctx}); "
+                         "use model.attention.impl='xla' or 'pallas'")
+    spec = lambda *axes: sharding.activation_spec(mesh, *axes)  # noqa: E731
+    qs, kvs, rows = spec("batch", "seq", "heads", None), spec("batch", "seq", "kv_heads", None), spec("batch", "seq")
+    slopes = kwargs.pop("alibi_slopes_H")
+    segs = (kwargs.pop("q_seg_BT"), kwargs.pop("kv_seg_BS"))
+    q_pos, kv_pos = kwargs.pop("q_pos_BT"), kwargs.pop("kv_pos_BS")
+
+    def per_device(q, k, v, q_pos, kv_pos, segs, slopes):
+        kw = dict(kwargs, q_pos_BT=q_pos, kv_pos_BS=kv_pos, q_seg_BT=(segs or (None,))[0],
+                  kv_seg_BS=(segs or (None, None))[1], alibi_slopes_H=(slopes or (None,))[0])
+        if n_ctx == 1:
+            return _local(impl, q, k, v, block_sizes, kw)
+        pallas = impl == "pallas" and jax.default_backend() != "gpu"  # the GPU kernels have no ring backward yet
+        bs = (_tpu.BlockSizes() if block_sizes is None else block_sizes) if pallas else block_sizes
+        return _ring_attention(q, k, v, **kw, axis_name=spec("seq")[0], kernel="pallas" if pallas else "xla",
+                               block_sizes=bs, interpret=pallas and jax.default_backend() == "cpu")
+
+    # Absent segments / slopes travel as empty tuples (shard_map specs must match the pytree).
+    segs = () if segs[0] is None else segs
+    slopes = () if slopes is None else (slopes,)
+    fn = jax.shard_map(per_device, mesh=mesh, in_specs=(qs, kvs, kvs, rows, rows, (rows,) * len(segs),
+                                                        (spec("heads"),) * len(slopes)),
+                       out_specs=(qs, spec("batch", "seq", "heads")))
+    return fn(q, k, v, q_pos, kv_pos, segs, slopes)

@@ -1,11 +1,21 @@
-"""Meshes and the one table that maps logical axis names onto mesh axes.
+"""Meshes, the one table that maps logical axis names onto mesh axes, batch placement and multi-host start-up.
 
-Every parameter is created with logical names (`sharding_names` in model.py);
-activations are constrained with the same names. Changing a parallelism
-strategy means editing `LOGICAL_AXIS_RULES`, nothing else.
+Every parameter is created with logical names (`out_sharding` in model.py);
+attention shards its activations with the same names (`activation_spec`).
+Changing a parallelism strategy means editing `LOGICAL_AXIS_RULES`, nothing else:
+
+  * FSDP: parameters (and with them the optimizer state) split their model
+    dimension over `fsdp`; XLA all-gathers them per layer.
+  * Tensor parallelism: heads and the MLP hidden dimension over `tensor`.
+  * Data parallelism: the batch over (`data`, `fsdp`).
+  * Context parallelism: the sequence over `context`; attention becomes ring
+    attention (pallas_kernels/ring_attention.py), with tokens laid out by
+    `config.mesh.context_layout` (zig-zag balances the causal triangle).
 """
 
 from __future__ import annotations
+
+import os
 
 import flax.linen as nn
 import jax
@@ -30,6 +40,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 
 
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
+    """The (data, fsdp, tensor, context) mesh; `context` is innermost so that a ring stays within a host."""
     devices = jax.devices() if devices is None else devices
     shape = mesh_shape(mesh_cfg, len(devices))
     return jax.sharding.Mesh(
@@ -43,18 +54,119 @@ def param_shardings(abstract_state, mesh):
     return nn.logical_to_mesh_sharding(nnx.get_partition_spec(abstract_state), mesh, LOGICAL_AXIS_RULES)
 
 
+def activation_spec(mesh, *logical_axes) -> P:
+    """PartitionSpec for logical axes on `mesh`, dropping mesh axes the mesh does not have (user meshes)."""
+    spec = nn.logical_to_mesh_axes(logical_axes, LOGICAL_AXIS_RULES)
+    names = set(mesh.axis_names)
+
+    def keep(entry):
+        if entry is None:
+            return None
+        entry = tuple(a for a in ((entry,) if isinstance(entry, str) else entry) if a in names)
+        return None if not entry else entry[0] if len(entry) == 1 else entry
+
+    return P(*(keep(e) for e in spec))
+
+
 def logical_sharding(mesh, *logical_axes) -> NamedSharding:
-    return NamedSharding(mesh, nn.logical_to_mesh_axes(logical_axes, LOGICAL_AXIS_RULES))
+    return NamedSharding(mesh, activation_spec(mesh, *logical_axes))
 
 
-def shard_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-    """Place this process's slice of the global batch onto the mesh (batch over data x fsdp)."""
+def axis_size(mesh, logical_axis: str) -> int:
+    """How many shards a logical axis is split into on `mesh`."""
+    entry = activation_spec(mesh, logical_axis)[0]
+    if entry is None:
+        return 1
+    return int(np.prod([mesh.shape[a] for a in ((entry,) if isinstance(entry, str) else entry)]))
+
+
+def process_rows(mesh, global_batch: int) -> tuple[int, int, int]:
+    """(first row, rows, shard count) of the global batch that this process's devices hold.
+
+    Processes whose devices hold the same rows (a context ring spanning hosts)
+    load the same examples; each feeds the sequence slices its devices need.
+    """
+    spec = logical_sharding(mesh, "batch")
+    rows = {idx[0].indices(global_batch)[:2] for idx in spec.addressable_devices_indices_map((global_batch,)).values()}
+    start, stop = min(r[0] for r in rows), max(r[1] for r in rows)
+    n = stop - start
+    if global_batch % n or start % n:
+        raise ValueError(f"this process holds batch rows [{start}, {stop}) of {global_batch}: not an equal, aligned "
+                         "share; choose mesh.data x mesh.fsdp so that processes split the batch evenly")
+    return start, n, global_batch // n
+
+
+def context_order(mesh, seq_len: int, layout: str) -> np.ndarray | None:
+    """Token order for ring attention on this mesh (None: no context parallelism)."""
+    from pallas_kernels.ring_attention import layout_order
+
+    n = axis_size(mesh, "seq")
+    return None if n == 1 else layout_order(seq_len, n, layout)
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh, *, global_batch: int | None = None,
+                layout: str = "zigzag") -> dict[str, jax.Array]:
+    """Place this process's rows of the global batch onto the mesh: batch over (data, fsdp), sequence over context.
+
+    With context parallelism the sequence is first reordered on the host into
+    the ring's `layout`, so that every device gets its balanced share.
+    """
+    leaves = jax.tree.leaves(batch)
+    rows = leaves[0].shape[0]
+    global_batch = rows * jax.process_count() if global_batch is None else global_batch
+    start, n, _ = process_rows(mesh, global_batch)
+    if rows != n:
+        raise ValueError(f"shard_batch got {rows} rows, but this process holds {n} rows of the global batch "
+                         f"{global_batch}")
+    order = context_order(mesh, leaves[0].shape[1], layout) if leaves[0].ndim > 1 else None
+
     def put(x):
-        spec = logical_sharding(mesh, "batch", *([None] * (x.ndim - 1)))
-        return jax.make_array_from_process_local_data(spec, x)
+        x = np.asarray(x)
+        if order is not None:
+            x = x[:, order]
+        sharding = logical_sharding(mesh, "batch", "seq", *([None] * (x.ndim - 2)))
+        shape = (global_batch, *x.shape[1:])
+
+        def local(idx):  # global index -> this process's rows
+            lo, hi, _ = idx[0].indices(global_batch)
+            return x[(slice(lo - start, hi - start), *idx[1:])]
+
+        return jax.make_array_from_callback(shape, sharding, local)
 
     return jax.tree.map(put, batch)
 
 
 def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+# ----------------------------------------------------------------------------- multi-host
+
+
+def maybe_initialize_distributed(dist_cfg=None) -> bool:
+    """Start JAX's multi-controller runtime when the config or the environment asks for it.
+
+    Asked for by: `config.distributed.coordinator_address` (with num_processes
+    and process_id), the JAX_COORDINATOR_ADDRESS environment variable, or a
+    TPU pod slice / SLURM / Open MPI environment that JAX detects by itself
+    (`config.distributed.auto=True`). A single-host run initialises nothing.
+    Returns whether the runtime is (now) running.
+    """
+    from jax._src import distributed as _dist  # the global_state flag is not public
+
+    if _dist.global_state.client is not None:
+        return True
+    cfg = dist_cfg or {}
+    addr = cfg.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if addr:
+        num = cfg.get("num_processes") or None
+        pid = cfg.get("process_id")
+        kwargs = dict(coordinator_address=addr, num_processes=num, process_id=None if pid in (None, -1) else pid)
+        if cfg.get("cpu_collectives"):
+            jax.config.update("jax_cpu_collectives_implementation", cfg["cpu_collectives"])
+        jax.distributed.initialize(**kwargs)
+        return True
+    if cfg.get("auto"):
+        jax.distributed.initialize()
+        return True
+    return False

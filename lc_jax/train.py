@@ -174,13 +174,22 @@ def _stage_at(stages, phase_step: int) -> int:
     return max(i for i, (s0, _, _) in enumerate(stages) if s0 <= max(phase_step, 0))
 
 
-def _stage_iterator(config, stages, stage: int):
+def _process_dataset(config, d, mesh, *, split: str, seed: int):
+    """This process's share of the global batch: the rows its devices hold (see `sharding.process_rows`)."""
+    start, rows, shards = sharding.process_rows(mesh, d.batch_size)
+    return make_dataset(d, split=split, batch_size=rows, seed=seed, process_index=start // rows,
+                        process_count=shards)
+
+
+def _put(batch, mesh, config, global_batch: int):
+    return sharding.shard_batch(batch, mesh, global_batch=global_batch, layout=config.mesh.context_layout)
+
+
+def _stage_iterator(config, stages, stage: int, mesh):
     """A fresh training iterator for one curriculum stage (its own length, batch and seed)."""
     d = copy.deepcopy(config.data)
     d.seq_len, d.batch_size = stages[stage][1], stages[stage][2]
-    ds = make_dataset(d, split="train", batch_size=d.batch_size // jax.process_count(), seed=config.seed + stage,
-                      process_index=jax.process_index(), process_count=jax.process_count())
-    return iter(ds)
+    return iter(_process_dataset(config, d, mesh, split="train", seed=config.seed + stage))
 
 
 def _phase_start(config) -> int:
@@ -215,14 +224,13 @@ def _init_from(config, state):
 
 
 def run_eval(eval_step, params, config, mesh, width) -> dict:
-    ds = make_dataset(config.data, split="validation", batch_size=config.data.batch_size // jax.process_count(),
-                      seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
+    ds = _process_dataset(config, config.data, mesh, split="validation", seed=config.seed)
     n = len(ds) if config.train.eval_batches == 0 else min(config.train.eval_batches, len(ds))
     if n == 0:
         raise ValueError(f"the validation split has fewer than data.batch_size={config.data.batch_size} sequences")
     total = None
     for i in range(n):
-        out = eval_step(params, sharding.shard_batch(ds[i], mesh))
+        out = eval_step(params, _put(ds[i], mesh, config, config.data.batch_size))
         total = out if total is None else jax.tree.map(jnp.add, total, out)
     total = jax.device_get(total)
     loss = float(total["sum"] / max(total["count"], 1.0))
@@ -232,6 +240,7 @@ def run_eval(eval_step, params, config, mesh, width) -> dict:
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Train (or resume) in `workdir`; returns the final validation metrics."""
+    sharding.maybe_initialize_distributed(config.get("distributed"))
     validate(config, num_devices=jax.device_count())
     config = resolve(config)
     workdir = Path(workdir)
@@ -254,7 +263,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         state = _init_from(config, state)
     # The curriculum stage follows from the step; its iterator state comes back from the checkpoint.
     data = {"stage": _stage_at(stages, start - phase_start)}
-    data["iter"] = _stage_iterator(config, stages, data["stage"])
+    data["iter"] = _stage_iterator(config, stages, data["stage"], mesh)
     if resume_step is not None:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
         restored = mgr.restore(start, args=ocp.args.Composite(
@@ -299,13 +308,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
             for step in range(start, steps):
                 stage = _stage_at(stages, step - phase_start)
                 if stage != data["stage"]:  # curriculum: the next sequence length starts here
-                    data["stage"], data["iter"] = stage, _stage_iterator(config, stages, stage)
+                    data["stage"], data["iter"] = stage, _stage_iterator(config, stages, stage, mesh)
                     if bar is not None:
                         bar.write(f"step {step}: curriculum stage {stage}, seq_len {stages[stage][1]}")
                 tokens_per_step = stages[stage][1] * stages[stage][2]
                 # Remember where the iterator was: a batch drawn but not trained on goes back on interrupt.
                 data["untrained"] = (data["iter"].get_state(), step)
-                batch = sharding.shard_batch(next(data["iter"]), mesh)
+                batch = _put(next(data["iter"]), mesh, config, stages[stage][2])
                 state, metrics = train_step(state, batch)
                 data["untrained"] = None
                 done = step + 1

@@ -69,12 +69,12 @@ def test_curriculum_stages_and_resume_across_them(tiny_config, tmp_path, monkeyp
     real, calls = sharding.shard_batch, {"n": 0}
     shapes = []
 
-    def interrupting(batch, mesh):
+    def interrupting(batch, mesh, **kw):
         calls["n"] += 1
         shapes.append(batch["inputs"].shape)
         if calls["n"] == 5:
             raise KeyboardInterrupt
-        return real(batch, mesh)
+        return real(batch, mesh, **kw)
 
     monkeypatch.setattr(sharding, "shard_batch", interrupting)
     with pytest.raises(KeyboardInterrupt):

@@ -23,11 +23,11 @@ def test_resume_matches_uninterrupted_run(tiny_config, tmp_path, monkeypatch):
     resumed = tmp_path / "resumed"
     real_shard, calls = sharding.shard_batch, {"n": 0}
 
-    def interrupting_shard(batch, mesh):
+    def interrupting_shard(batch, mesh, **kw):
         calls["n"] += 1
         if calls["n"] == 5:
             raise KeyboardInterrupt
-        return real_shard(batch, mesh)
+        return real_shard(batch, mesh, **kw)
 
     monkeypatch.setattr(sharding, "shard_batch", interrupting_shard)
     with pytest.raises(KeyboardInterrupt):

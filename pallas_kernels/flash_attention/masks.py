@@ -7,6 +7,7 @@ prefill against a KV cache all reuse one definition.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 
@@ -97,3 +98,38 @@ def check_qkv(q_BTHD, k_BSKD, v_BSKD, alibi_slopes_H=None) -> tuple[int, int, in
     if alibi_slopes_H is not None and alibi_slopes_H.shape != (H,):
         raise ValueError(f"alibi_slopes_H must have shape ({H},), got {alibi_slopes_H.shape}")
     return B, T, S, H, K, D
+
+
+def _varying(x) -> frozenset:
+    """The manual mesh axes `x` varies over (`aval.mat.varying` in jax 0.10, `aval.vma` before)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "mat", None)
+    return frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def like_vma(x, *refs):
+    """Give fresh loop carries (zeros, -inf) the varying mesh axes of `refs`.
+
+    Inside `shard_map` (ring attention) the inputs vary over the manual axes
+    while constants do not, and `cond` / `scan` / `while_loop` reject carries
+    whose types differ; outside `shard_map` this is a no-op.
+    """
+    want = frozenset().union(*(_varying(r) for r in refs if r is not None))
+    if not want:
+        return x
+
+    def cast(a):
+        missing = tuple(sorted(want - _varying(a)))
+        return jax.lax.pcast(a, missing, to="varying") if missing else a
+
+    return jax.tree.map(cast, x)
+
+
+def out_struct(shape, dtype, like) -> jax.ShapeDtypeStruct:
+    """A `pallas_call` output type that varies over the same manual mesh axes as `like` (inside shard_map)."""
+    aval = jax.typeof(like)
+    if not _varying(like):
+        return jax.ShapeDtypeStruct(shape, dtype)
+    if getattr(aval, "mat", None) is not None:
+        return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=aval.mat)
+    return jax.ShapeDtypeStruct(shape, dtype, vma=aval.vma)

@@ -40,7 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.flash_attention.masks import block_visible, check_qkv, pad_axis, pad_positions
+from pallas_kernels.flash_attention.masks import block_visible, check_qkv, out_struct, pad_axis, pad_positions
 
 _LANES = 128  # lane width: per-query-row vectors are broadcast along it
 _SUBLANES = 8  # sublane count: per-key vectors are broadcast along it
@@ -328,8 +328,8 @@ def _fwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes, tables, st: _Static
             ],
         ),
         out_shape=[
-            jax.ShapeDtypeStruct((B, H, T, Dv), q.dtype),
-            jax.ShapeDtypeStruct((B, H, T, _LANES), jnp.float32),
+            out_struct((B, H, T, Dv), q.dtype, q),
+            out_struct((B, H, T, _LANES), jnp.float32, q),
         ],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         name="flash_attention_fwd",
@@ -376,7 +376,7 @@ def _dq_call(q, k, v, do, lse_rows, di_rows, q_pos, kv_pos, q_seg, kv_seg, slope
             out_specs=pl.BlockSpec((None, None, bq, D), lambda b, h, i, j, ki, kc: (b, h, i, 0)),
             scratch_shapes=[pltpu.VMEM((bq, D), jnp.float32)],
         ),
-        out_shape=jax.ShapeDtypeStruct((B, H, T, D), q.dtype),
+        out_shape=out_struct((B, H, T, D), q.dtype, q),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         name="flash_attention_dq",
     )(kv_idx, kv_cnt, *args)
@@ -425,7 +425,7 @@ def _dkv_call(q, k, v, do, lse_rows, di_rows, q_pos, kv_pos, q_seg, kv_seg, slop
             out_specs=[per_kv(D), per_kv(Dv)],
             scratch_shapes=[pltpu.VMEM((bk, D), jnp.float32), pltpu.VMEM((bk, Dv), jnp.float32)],
         ),
-        out_shape=[jax.ShapeDtypeStruct((B, K, S, D), k.dtype), jax.ShapeDtypeStruct((B, K, S, Dv), v.dtype)],
+        out_shape=[out_struct((B, K, S, D), k.dtype, q), out_struct((B, K, S, Dv), v.dtype, q)],
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary")
         ),
@@ -526,6 +526,26 @@ def attention(
     slopes = None if alibi_slopes_H is None else jnp.asarray(alibi_slopes_H, jnp.float32)
     out, lse = _flash(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes, tables, st)
     return out.transpose(0, 2, 1, 3)[:, :T], lse.transpose(0, 2, 1)[:, :T]
+
+
+def attention_bwd(q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BTH, do_BTHD, dlse_BTH, *, q_pos_BT, kv_pos_BS,
+                  q_seg_BT=None, kv_seg_BS=None, causal=True, window=None, alibi_slopes_H=None, scale=None,
+                  logits_soft_cap=None, block_sizes: BlockSizes | None = None, interpret: bool = False):
+    """(dq, dk, dv) of one key shard given the rows' final out and lse (ring attention; see xla.attention_bwd)."""
+    bs = _as_block_sizes(block_sizes)
+    B, T, S, H, K, D = check_qkv(q_BTHD, k_BSKD, v_BSKD, alibi_slopes_H)
+    q_pos, kv_pos, q_seg, kv_seg, pad_t, pad_s = pad_positions(
+        q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, bs.block_q, bs.block_k, always_segments=True, shape_BTS=(B, T, S))
+    st = _static(D, causal, window, scale, logits_soft_cap, alibi_slopes_H is not None, bs, interpret)
+    tables = _block_tables(q_pos, kv_pos, q_seg, kv_seg, st)
+    rows = lambda x: pad_axis(x, 1, pad_t, 0).transpose(0, 2, 1, 3)  # noqa: E731  [B, H, T, D]
+    cols = lambda x: pad_axis(x, 1, pad_s, 0).transpose(0, 2, 1, 3)  # noqa: E731  [B, K, S, D]
+    stats = lambda x: pad_axis(x, 1, pad_t, 0).transpose(0, 2, 1)  # noqa: E731  [B, H, T]
+    slopes = None if alibi_slopes_H is None else jnp.asarray(alibi_slopes_H, jnp.float32)
+    res = (rows(q_BTHD), cols(k_BSKD), cols(v_BSKD), rows(out_BTHD), stats(lse_BTH), q_pos, kv_pos, q_seg, kv_seg,
+           slopes, tables)
+    dq, dk, dv = _flash_bwd(st, res, (rows(do_BTHD), stats(dlse_BTH)))[:3]
+    return dq.transpose(0, 2, 1, 3)[:, :T], dk.transpose(0, 2, 1, 3)[:, :S], dv.transpose(0, 2, 1, 3)[:, :S]
 
 
 def visited_blocks(q_pos_BT, kv_pos_BS, q_seg_BT=None, kv_seg_BS=None, *, causal=True, window=None,

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.flash_attention.masks import block_visible, pad_axis, pad_positions, visible
+from pallas_kernels.flash_attention.masks import block_visible, like_vma, pad_axis, pad_positions, visible
 
 # ----------------------------------------------------------------------------- block sizes
 
@@ -122,11 +122,11 @@ def _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes_H, st: _Static):
 
             return lax.cond(vis[i, j], compute, lambda c: c, carry)
 
-        init = (
+        init = like_vma((
             jnp.full((B, K, G, st.block_q), -jnp.inf, jnp.float32),
             jnp.zeros((B, K, G, st.block_q), jnp.float32),
             jnp.zeros((B, K, G, st.block_q, Dv), jnp.float32),
-        )
+        ), q, k, v)
         m, l, acc = lax.fori_loop(lo[i], hi[i], step, init)
         safe_l = jnp.where(l == 0, 1.0, l)
         out = (acc / safe_l[..., None]).transpose(0, 3, 1, 2, 4).reshape(B, st.block_q, H, Dv)
@@ -182,14 +182,14 @@ def _backward(q, k, v, out, lse, do, dlse, q_pos, kv_pos, q_seg, kv_seg, slopes_
 
             return lax.cond(vis[i, j], compute, lambda c: c, c)
 
-        dq0 = jnp.zeros((B, st.block_q, K, G, D), jnp.float32)
+        dq0 = like_vma(jnp.zeros((B, st.block_q, K, G, D), jnp.float32), q, k, v)
         dq_i, dk_acc, dv_acc = lax.fori_loop(lo[i], hi[i], step, (dq0, *carry))
         return (dk_acc, dv_acc), dq_i
 
-    init = (
+    init = like_vma((
         jnp.zeros((B, nk, st.block_k, K, D), jnp.float32),
         jnp.zeros((B, nk, st.block_k, K, Dv), jnp.float32),
-    )
+    ), q, k, v)
     (dk, dv), dq = lax.scan(q_block, init, jnp.arange(nq))
     dq = dq.transpose(1, 0, 2, 3, 4, 5).reshape(B, T, H, D).astype(q.dtype)
     dk = dk.reshape(B, -1, K, D).astype(k.dtype)
@@ -225,6 +225,25 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # ----------------------------------------------------------------------------- wrapper
 
 
+def _prepare(q_BTHD, k_BSKD, v_BSKD, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, causal, window, scale,
+             logits_soft_cap, block_sizes):
+    """Pad to whole blocks and fix the static settings (shared by the forward and `attention_bwd`)."""
+    bs = block_sizes or BlockSizes()
+    T, D = q_BTHD.shape[1], q_BTHD.shape[3]
+    S = k_BSKD.shape[1]
+    bq, bk = min(bs.block_q, T), min(bs.block_k, S)
+    q_pos, kv_pos, q_seg, kv_seg, pad_t, pad_s = pad_positions(q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, bq, bk)
+    st = _Static(
+        causal=bool(causal),
+        window=None if window is None else int(window),
+        scale=float(D**-0.5 if scale is None else scale),
+        soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
+        block_q=bq,
+        block_k=bk,
+    )
+    return q_pos, kv_pos, q_seg, kv_seg, pad_t, pad_s, st
+
+
 def attention(
     q_BTHD,
     k_BSKD,
@@ -242,23 +261,35 @@ def attention(
     block_sizes: BlockSizes | None = None,
 ):
     """Blockwise attention; returns (out_BTHD, lse_BTH). Shapes are validated by `lc_jax.ops`."""
-    bs = block_sizes or BlockSizes()
-    B, T, H, D = q_BTHD.shape
-    S = k_BSKD.shape[1]
-    bq, bk = min(bs.block_q, T), min(bs.block_k, S)
-    q_pos, kv_pos, q_seg, kv_seg, pad_t, pad_s = pad_positions(q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, bq, bk)
+    T = q_BTHD.shape[1]
+    q_pos, kv_pos, q_seg, kv_seg, pad_t, pad_s, st = _prepare(
+        q_BTHD, k_BSKD, v_BSKD, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, causal, window, scale,
+        logits_soft_cap, block_sizes)
     q = pad_axis(q_BTHD, 1, pad_t, 0)
     k, v = pad_axis(k_BSKD, 1, pad_s, 0), pad_axis(v_BSKD, 1, pad_s, 0)
-    st = _Static(
-        causal=bool(causal),
-        window=None if window is None else int(window),
-        scale=float(D**-0.5 if scale is None else scale),
-        soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
-        block_q=bq,
-        block_k=bk,
-    )
     out, lse = _flash(q, k, v, q_pos, kv_pos, q_seg, kv_seg, alibi_slopes_H, st)
     return out[:, :T], lse[:, :T]
+
+
+def attention_bwd(q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BTH, do_BTHD, dlse_BTH, *, q_pos_BT, kv_pos_BS,
+                  q_seg_BT=None, kv_seg_BS=None, causal=True, window=None, alibi_slopes_H=None, scale=None,
+                  logits_soft_cap=None, block_sizes: BlockSizes | None = None):
+    """(dq, dk, dv) of one key shard, given the rows' *final* out and lse.
+
+    Ring attention merges many key shards; with the merged lse,
+    p = exp(s - lse) is this shard's share of the global softmax, so the usual
+    flash backward (ds = p * (dp - rowsum(out * do) + dlse)) yields exactly this
+    shard's part of the gradient without recomputing the other shards.
+    """
+    T, S = q_BTHD.shape[1], k_BSKD.shape[1]
+    q_pos, kv_pos, q_seg, kv_seg, pad_t, pad_s, st = _prepare(
+        q_BTHD, k_BSKD, v_BSKD, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, causal, window, scale,
+        logits_soft_cap, block_sizes)
+    padq = lambda x: pad_axis(x, 1, pad_t, 0)  # noqa: E731
+    k, v = pad_axis(k_BSKD, 1, pad_s, 0), pad_axis(v_BSKD, 1, pad_s, 0)
+    dq, dk, dv = _backward(padq(q_BTHD), k, v, padq(out_BTHD), padq(lse_BTH), padq(do_BTHD), padq(dlse_BTH),
+                           q_pos, kv_pos, q_seg, kv_seg, alibi_slopes_H, st)
+    return dq[:, :T], dk[:, :S], dv[:, :S]
 
 
 def visited_blocks(q_pos_BT, kv_pos_BS, q_seg_BT=None, kv_seg_BS=None, *, causal=True, window=None,
