@@ -42,7 +42,9 @@ def resolve_impl(impl: str) -> str:
 def _pallas(q, k, v, block_sizes, **kwargs):
     backend = jax.default_backend()
     if backend == "gpu":
-        gpu = _mosaic_gpu if _mosaic_gpu.use_by_default() else _gpu  # Mosaic GPU (Hopper) from jax 0.11, else Triton
+        # Mosaic GPU (Hopper) from jax 0.11 where its blocks fit shared memory, else Triton.
+        mosaic = _mosaic_gpu.use_by_default() and _mosaic_gpu.supports(q.dtype, q.shape[-1])
+        gpu = _mosaic_gpu if mosaic else _gpu
         bs = gpu.BlockSizes() if block_sizes is None else block_sizes
         return gpu.attention(q, k, v, block_sizes=bs, **kwargs)
     bs = _tpu.BlockSizes() if block_sizes is None else block_sizes

@@ -43,18 +43,11 @@ use `Precision.HIGHEST` (IEEE, not TF32) so f32 results match the reference.
 `interpret=True` runs the same kernels with the generic Pallas interpreter on
 any backend (how the CPU tests run).
 
-Path forward (jax >= 0.11). JAX deprecates the Pallas Triton lowering in
-favour of Mosaic GPU (`jax.experimental.pallas.mosaic_gpu`). A Mosaic GPU
-variant would keep the wrapper, the block ranges, the custom_vjp and the
-kernel math, but change the kernel plumbing: K/V blocks would be staged into
-shared memory (`plgpu.SMEM`) by TMA copies (`plgpu.copy_gmem_to_smem` +
-barriers, or `plgpu.emit_pipeline` over the [lo, hi) range) instead of being
-loaded through pointers, the QK^T / PV matmuls would be warpgroup MMAs
-(`plgpu.wgmma`, Hopper) or `tcgen05` MMAs (Blackwell) with explicit
-accumulator refs, blocks would be 64-row warpgroup tiles with swizzled
-layouts, and producer/consumer warpgroup specialisation would replace
-`num_stages` software pipelining. The per-block [lo, hi) ranges would be
-read from SMEM/GMEM scalars exactly as here.
+Mosaic GPU port. JAX deprecates the Pallas Triton lowering from 0.11;
+`mosaic_gpu.py` has the same interface and contract written for Mosaic GPU
+(TMA-staged K/V rings in shared memory, wgmma matmuls on 64-row warpgroup
+tiles, the same [lo, hi) block ranges), and `lc_jax.ops` runs it instead of
+this module on Hopper GPUs from jax 0.11.
 
 Laid out as project rule: block sizes -> kernel bodies -> pallas_call wrappers
 with shape validation -> custom_vjp -> public wrapper.

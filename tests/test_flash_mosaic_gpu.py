@@ -1,0 +1,374 @@
+"""Pallas Mosaic GPU flash attention (pallas_kernels/flash_attention/mosaic_gpu.py) against reference.py.
+
+Without a GPU the kernels run in jax's Mosaic GPU interpreter (`interpret=True`:
+the same kernels, with SMEM, TMA copies, barriers and wgmma simulated on CPU,
+over the whole grid), so shapes are small: T <= 192 with 64-row blocks, which
+still gives multi-block grids, multi-step K/V rings and block skipping.
+`test_kernels_lower_for_cuda` runs the real Pallas -> Mosaic GPU lowering of
+all three kernels on the CPU host (no cubin); `test_compiled_on_gpu` runs the
+compiled kernels over the whole feature matrix and is skipped unless the default
+device is a Hopper GPU (its f32 tolerances are looser: 2e-4 / 2e-3, as in
+test_flash_gpu.py, since nothing has been measured on hardware yet).
+
+Tolerances: f32 out / lse 1e-5 abs+rel, f32 grads 1e-4 abs+rel (f32 inputs go
+through the kernels' three-term bf16 split, so these also check that split);
+bf16 inputs are compared with the reference run on the same values upcast to
+f32, at 2e-2 for out / lse and 5e-2 for grads (bf16 rounding of p and ds
+before the matmuls).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.flash_attention import mosaic_gpu as flash_mgpu
+from pallas_kernels.flash_attention import reference
+
+pytestmark = pytest.mark.skipif(flash_mgpu.InterpretGPUParams is None,
+                                reason="this jax has no Mosaic GPU interpreter")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_interpreter():
+    """After an exception inside an interpreted kernel the interpreter's global state is stale: reset it."""
+    yield
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+
+    interpret_pallas_call.reset_gpu_interpret_mode_state()
+
+
+def _bs(bq=64, bk=64, stages=None):
+    return flash_mgpu.BlockSizes(block_q=bq, block_k=bk, num_stages=stages)
+
+
+def _inputs(B, T, S, H, K, D, dtype, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(ks[0], (B, T, H, D), jnp.float32).astype(dtype)
+    k = jax.random.normal(ks[1], (B, S, K, D), jnp.float32).astype(dtype)
+    v = jax.random.normal(ks[2], (B, S, K, D), jnp.float32).astype(dtype)
+    return q, k, v
+
+
+def _fwd_bwd(fn, q, k, v, do, dlse):
+    """(out, lse, (dq, dk, dv)) of fn under the cotangent (do, dlse); dlse is zeroed on rows whose lse is -inf."""
+    (out, lse), vjp = jax.vjp(fn, q, k, v)
+    return out, lse, vjp((do.astype(out.dtype), jnp.where(jnp.isfinite(lse), dlse, 0.0)))
+
+
+def _check(q, k, v, *, block_sizes=None, interpret=True, check_zero_dlse=False, tol=None, **kw):
+    """Compare out, lse and (dq, dk, dv) under a random (do, dlse) cotangent with the reference (both jitted)."""
+    bf16 = q.dtype == jnp.bfloat16
+    atol_o, atol_g = (2e-2, 5e-2) if bf16 else (1e-5, 1e-4)
+    if tol is not None:
+        atol_o, atol_g = tol
+
+    def ours(q, k, v):
+        return flash_mgpu.attention(q, k, v, block_sizes=block_sizes, interpret=interpret, **kw)
+
+    def ref(q, k, v):
+        return reference.attention(q, k, v, **kw)
+
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    kd = jax.random.split(jax.random.key(42), 2)
+    do = jax.random.normal(kd[0], q.shape[:3] + (v.shape[-1],), jnp.float32)
+    dlse = jax.random.normal(kd[1], q.shape[:3], jnp.float32)
+    run, run_ref = jax.jit(functools.partial(_fwd_bwd, ours)), jax.jit(functools.partial(_fwd_bwd, ref))
+    for dl in [dlse, jnp.zeros_like(dlse)] if check_zero_dlse else [dlse]:
+        out, lse, grads = run(q, k, v, do, dl)
+        with jax.default_matmul_precision("highest"):  # an f32 ground truth on GPUs too (no TF32)
+            out_r, lse_r, grads_r = run_ref(f32(q), f32(k), f32(v), do, dl)
+        assert out.shape == q.shape[:3] + (v.shape[-1],) and out.dtype == q.dtype
+        assert lse.shape == q.shape[:3] and lse.dtype == jnp.float32
+        np.testing.assert_allclose(f32(out), out_r, atol=atol_o, rtol=atol_o)
+        np.testing.assert_allclose(lse, lse_r, atol=atol_o, rtol=atol_o)  # -inf rows must match exactly
+        for name, g, gr in zip("qkv", grads, grads_r):
+            assert g.dtype == q.dtype, name
+            np.testing.assert_allclose(f32(g), gr, atol=atol_g, rtol=atol_g, err_msg=f"d{name}")
+    return out, lse
+
+
+def _arange(B, T, start=0):
+    return jnp.broadcast_to(jnp.arange(start, start + T, dtype=jnp.int32), (B, T))
+
+
+# ----------------------------------------------------------------------------- numerics (GPU interpreter)
+
+
+def test_causal():
+    # 2 x 2 blocks: the upper-right kv block is skipped, the diagonal ones are masked element-wise.
+    q, k, v = _inputs(1, 128, 128, 2, 2, 64, jnp.float32)
+    pos = _arange(1, 128)
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, block_sizes=_bs(), check_zero_dlse=True)
+
+
+def test_sliding_window_single_stage_ring():
+    # 3 x 3 blocks, window 40: each q block sees at most its own and the previous kv block;
+    # a one-slot K/V ring (fetch, wait, compute).
+    q, k, v = _inputs(1, 192, 192, 2, 1, 64, jnp.float32)
+    pos = _arange(1, 192)
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, window=40, block_sizes=_bs(stages=1))
+
+
+def test_bidirectional_window_three_stage_ring():
+    q, k, v = _inputs(1, 192, 192, 2, 2, 64, jnp.float32)
+    pos = _arange(1, 192)
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=False, window=90, block_sizes=_bs(stages=3))
+
+
+def test_mqa_batch_2():
+    q, k, v = _inputs(2, 64, 64, 3, 1, 64, jnp.float32)
+    pos = _arange(2, 64)
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, block_sizes=_bs())
+
+
+def test_packed_segments():
+    # Three documents of lengths 50, 70, 8 per row; positions restart per document.
+    B, T = 2, 128
+    lens = [50, 70, 8]
+    seg = jnp.asarray(np.repeat(np.arange(3), lens), jnp.int32)
+    pos = jnp.asarray(np.concatenate([np.arange(n) for n in lens]), jnp.int32)
+    seg, pos = jnp.broadcast_to(seg, (B, T)), jnp.broadcast_to(pos, (B, T))
+    q, k, v = _inputs(B, T, T, 2, 1, 64, jnp.float32)
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, q_seg_BT=seg, kv_seg_BS=seg, causal=True, block_sizes=_bs())
+
+
+def test_gqa_8_q_heads_2_kv_heads_with_alibi():
+    # Per-head slopes also check the head bookkeeping: query head h = kv head * 4 + g in the dk/dv loop.
+    q, k, v = _inputs(1, 64, 64, 8, 2, 64, jnp.float32)
+    pos = _arange(1, 64)
+    slopes = 2.0 ** (-8.0 * jnp.arange(1, 9, dtype=jnp.float32) / 8)
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, alibi_slopes_H=slopes, block_sizes=_bs())
+
+
+def test_soft_cap_with_alibi_and_scale_head_dim_128():
+    q, k, v = _inputs(1, 64, 64, 2, 1, 128, jnp.float32)
+    q = q * 4.0  # large logits so the cap actually bites
+    pos = _arange(1, 64)
+    slopes = jnp.asarray([0.25, 0.0625], jnp.float32)
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, logits_soft_cap=5.0, alibi_slopes_H=slopes,
+           scale=0.2, block_sizes=_bs())
+
+
+def test_lengths_not_multiple_of_block_and_empty_rows():
+    # T=50 queries at positions 30..79 against S=40 keys at positions 40..79, padded to one 64-block
+    # each; queries at positions < 40 see no key (lse -inf, out 0, zero gradients).
+    q, k, v = _inputs(1, 50, 40, 2, 1, 64, jnp.float32)
+    out, lse = _check(q, k, v, q_pos_BT=_arange(1, 50, 30), kv_pos_BS=_arange(1, 40, 40), causal=True,
+                      block_sizes=_bs())
+    assert bool(jnp.all(jnp.isneginf(lse[:, :10]))) and bool(jnp.all(out[:, :10] == 0))
+    assert bool(jnp.all(jnp.isfinite(lse[:, 10:])))
+
+
+def test_bf16_head_dim_128_block_q_128():
+    # block_q=128: two 64-row wgmma groups per warpgroup; q and kv blocks of different sizes.
+    q, k, v = _inputs(1, 128, 128, 2, 1, 128, jnp.bfloat16)
+    pos = _arange(1, 128)
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, window=100, block_sizes=_bs(128, 64))
+
+
+def test_pipeline_has_no_races():
+    # The interpreter's happens-before race detector over TMA copies, barriers and SMEM reads,
+    # through a two-slot ring in all three kernels. (A missing barrier wait raises in the interpreter.)
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+
+    q, k, v = _inputs(1, 128, 128, 2, 1, 64, jnp.bfloat16)
+    pos = _arange(1, 128)
+    params = flash_mgpu.InterpretGPUParams(detect_races=True)
+
+    def loss(q, k, v):
+        out, lse = flash_mgpu.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=False, interpret=params,
+                                        block_sizes=_bs(stages=2))
+        return out.astype(jnp.float32).sum() + lse.sum()
+
+    jax.block_until_ready(jax.grad(loss, argnums=(0, 1, 2))(q, k, v))
+    assert not interpret_pallas_call.get_races().races_found
+
+
+# ----------------------------------------------------------------------------- block skipping
+
+
+def test_sliding_window_visits_about_two_blocks_per_query_block():
+    # 8K tokens, 64-blocks, window 64: each q block needs its own and the previous kv block.
+    T, bs = 8192, _bs()
+    pos = _arange(2, T)
+    visited, total = flash_mgpu.visited_blocks(pos, pos, causal=True, window=64, block_sizes=bs)
+    n = T // 64
+    assert total == 2 * n * n
+    assert visited == 2 * (2 * n - 1)
+    # Causal alone: the lower triangle; packed equal-length documents: the diagonal blocks only.
+    visited_c, _ = flash_mgpu.visited_blocks(pos, pos, causal=True, block_sizes=bs)
+    assert visited_c == 2 * n * (n + 1) // 2
+    seg = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32) // 64, (2, T))
+    visited_s, _ = flash_mgpu.visited_blocks(pos, pos, seg, seg, causal=True, block_sizes=bs)
+    assert visited_s == 2 * n
+
+
+def test_skipped_blocks_are_never_loaded():
+    # Keys past the real ones carry NaN values and a segment no query has. If the kernels
+    # copied those blocks in, 0 * NaN would poison out / dq / dk / dv; the [lo, hi) ranges must avoid them.
+    # Their dk/dv programs run zero steps (dk = dv = 0), and so do the forward / dq programs of the
+    # second q block, whose segment no key has (out 0, lse -inf, dq 0).
+    B, T, S_real, S = 1, 128, 64, 192
+    q, k, v = _inputs(B, T, S, 2, 1, 64, jnp.float32)
+    k = k.at[:, S_real:].set(jnp.nan)
+    v = v.at[:, S_real:].set(jnp.nan)
+    pos = _arange(B, T)
+    kv_pos = _arange(B, S)
+    q_seg = jnp.where(jnp.arange(T) < 64, 0, 5)[None].astype(jnp.int32)
+    kv_seg = jnp.where(jnp.arange(S) < S_real, 0, 7)[None].astype(jnp.int32)
+    bs = _bs()
+    kw = dict(q_pos_BT=pos, kv_pos_BS=kv_pos, q_seg_BT=q_seg, kv_seg_BS=kv_seg, causal=False)
+    assert flash_mgpu.visited_blocks(pos, kv_pos, q_seg, kv_seg, causal=False, block_sizes=bs) == (1, 6)
+
+    def ours(q, k, v):
+        return flash_mgpu.attention(q, k, v, block_sizes=bs, interpret=True, **kw)
+
+    kw_r = dict(kw, kv_pos_BS=kv_pos[:, :S_real], kv_seg_BS=kv_seg[:, :S_real])
+    ref = lambda q, k, v: reference.attention(q, k, v, **kw_r)  # noqa: E731
+    ones_o, ones_l = jnp.ones(q.shape, jnp.float32), jnp.ones(q.shape[:3], jnp.float32)
+    out, lse, (dq, dk, dv) = jax.jit(functools.partial(_fwd_bwd, ours))(q, k, v, ones_o, ones_l)
+    out_r, lse_r, (dq_r, dk_r, dv_r) = jax.jit(functools.partial(_fwd_bwd, ref))(
+        q, k[:, :S_real], v[:, :S_real], ones_o, ones_l)
+    np.testing.assert_allclose(out, out_r, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(lse, lse_r, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(dq, dq_r, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(dk[:, :S_real], dk_r, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(dv[:, :S_real], dv_r, atol=1e-4, rtol=1e-4)
+    assert bool(jnp.all(dk[:, S_real:] == 0)) and bool(jnp.all(dv[:, S_real:] == 0))
+    assert bool(jnp.all(jnp.isneginf(lse[:, 64:]))) and bool(jnp.all(out[:, 64:] == 0))
+    assert bool(jnp.all(dq[:, 64:] == 0))
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def test_bad_block_sizes_raise():
+    for field, value in (("block_q", 32), ("block_k", 96), ("block_q", 320)):
+        with pytest.raises(ValueError, match=f"BlockSizes.{field}={value} must be one of 64, 128, 192, 256"):
+            flash_mgpu.BlockSizes(**{field: value})
+    with pytest.raises(ValueError, match="BlockSizes.block_q must be a positive int"):
+        flash_mgpu.BlockSizes(block_q=0)
+    with pytest.raises(ValueError, match="BlockSizes.block_k must be a positive int"):
+        flash_mgpu.BlockSizes(block_k=64.0)
+    with pytest.raises(ValueError, match=r"BlockSizes.num_stages must be None or an int in \[1, 4\]"):
+        flash_mgpu.BlockSizes(num_stages=0)
+    assert flash_mgpu.BlockSizes(block_q=128, block_k=256, num_stages=1).block_k == 256
+    # Foreign (e.g. xla / gpu) block sizes are re-validated against the Mosaic GPU rules.
+    from pallas_kernels.flash_attention import xla
+
+    pos = _arange(1, 1024)
+    assert flash_mgpu.visited_blocks(pos, pos, block_sizes=xla.BlockSizes(block_q=64, block_k=64)) == (136, 256)
+    with pytest.raises(ValueError, match="block_q=100"):
+        flash_mgpu.visited_blocks(pos, pos, block_sizes=xla.BlockSizes(block_q=100))
+
+
+def test_bad_shapes_and_dtypes_raise():
+    pos = _arange(1, 64)
+    q, k, v = _inputs(1, 64, 64, 3, 2, 64, jnp.float32)
+    with pytest.raises(ValueError, match="multiple of kv heads 2"):
+        flash_mgpu.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, interpret=True)
+    q, k, v = _inputs(1, 64, 64, 2, 1, 96, jnp.float32)
+    with pytest.raises(ValueError, match="head_dim=96 must be 64 or 128"):
+        flash_mgpu.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, interpret=True)
+    q, k, v = _inputs(1, 64, 64, 2, 1, 64, jnp.float32)
+    with pytest.raises(ValueError, match=r"q_pos \(1, 16\)"):
+        flash_mgpu.attention(q, k, v, q_pos_BT=pos[:, :16], kv_pos_BS=pos, interpret=True)
+    with pytest.raises(ValueError, match="given together"):
+        flash_mgpu.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, q_seg_BT=pos, interpret=True)
+    with pytest.raises(ValueError, match="q dtype int8 is not supported"):
+        flash_mgpu.attention(q.astype(jnp.int8), k, v, q_pos_BT=pos, kv_pos_BS=pos, interpret=True)
+    with pytest.raises(ValueError, match="window must be a positive int"):
+        flash_mgpu.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, window=0, interpret=True)
+
+
+def test_shared_memory_budget_is_checked_when_compiling():
+    # f32 inputs are three bf16 terms per value: at head_dim 128 the backward kernels exceed the
+    # 227 KiB of SMEM a Hopper block can have, even with a one-slot ring. The check runs at trace
+    # time, before any lowering, so it needs no GPU (the interpreter has no such limit).
+    q, k, v = _inputs(1, 64, 64, 2, 1, 128, jnp.float32)
+    pos = _arange(1, 64)
+
+    def loss(q, k, v):
+        return flash_mgpu.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos)[0].sum()
+
+    jax.eval_shape(lambda q, k, v: flash_mgpu.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos), q, k, v)  # fwd fits
+    with pytest.raises(ValueError, match=r"the dq kernel needs \d+ KiB of shared memory .* \(limit 227 KiB\)"):
+        jax.eval_shape(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
+    with pytest.raises(ValueError, match="num_stages=2"):
+        jax.eval_shape(lambda q: flash_mgpu.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos,
+                                                      block_sizes=_bs(stages=2)), q)
+
+
+@pytest.mark.parametrize("version, hopper, dtype, D, expected", [
+    ((0, 11, 0), True, jnp.bfloat16, 128, "mosaic_gpu"), ((0, 10, 2), True, jnp.bfloat16, 128, "gpu"),
+    ((0, 11, 0), False, jnp.bfloat16, 128, "gpu"),
+    ((0, 11, 0), True, jnp.float32, 64, "mosaic_gpu"), ((0, 11, 0), True, jnp.float32, 128, "gpu"),  # SMEM
+    ((0, 11, 0), True, jnp.bfloat16, 96, "gpu")])
+def test_ops_runs_mosaic_gpu_on_hopper_from_jax_0_11(monkeypatch, version, hopper, dtype, D, expected):
+    from lc_jax import ops
+
+    calls = []
+    for name, module in (("gpu", ops._gpu), ("mosaic_gpu", ops._mosaic_gpu)):
+        monkeypatch.setattr(module, "attention", lambda *a, block_sizes, _n=name, **kw: calls.append((_n, block_sizes)))
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "__version_info__", version)
+    monkeypatch.setattr(flash_mgpu, "on_hopper", lambda: hopper)
+    q = jnp.zeros((1, 8, 2, D), dtype)
+    ops._pallas(q, None, None, None)
+    assert calls == [(expected, getattr(ops, "_" + expected).BlockSizes())]
+
+
+# ----------------------------------------------------------------------------- real lowering
+
+
+@pytest.mark.parametrize("dtype, D, bs", [(jnp.bfloat16, 64, _bs()), (jnp.bfloat16, 128, _bs(128, 64)),
+                                          (jnp.bfloat16, 64, _bs(64, 128, 3)), (jnp.float32, 64, _bs())])
+def test_kernels_lower_for_cuda(dtype, D, bs):
+    # No GPU needed: lowering for platform "cuda" runs the real Pallas -> Mosaic GPU lowering of all
+    # three kernels (wgmma operand layouts and swizzles, TMA descriptors, register layouts of the
+    # masks and softmax), with GQA, a window, packed segments, ALiBi and soft-cap. It stops at the
+    # serialized Mosaic GPU module: no PTX / cubin is produced.
+    B, T, H, K = 1, 100, 8, 2
+    pos = _arange(B, T)
+    seg = pos // 40
+    slopes = jnp.full((H,), 0.1, jnp.float32)
+
+    def loss(q, k, v):
+        out, lse = flash_mgpu.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, q_seg_BT=seg, kv_seg_BS=seg,
+                                        window=50, alibi_slopes_H=slopes, logits_soft_cap=30.0, block_sizes=bs)
+        return out.astype(jnp.float32).sum() + jnp.where(jnp.isfinite(lse), lse, 0.0).sum()
+
+    q, k, v = _inputs(B, T, T, H, K, D, dtype)
+    try:
+        lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(lowering_platforms=("cuda",))
+    except (ImportError, NotImplementedError) as e:  # a jaxlib without the Mosaic GPU dialects
+        pytest.skip(f"cannot lower for cuda on this host: {e}")
+    text = lowered.as_text()
+    for name in ("flash_attention_mgpu_fwd", "flash_attention_mgpu_dq", "flash_attention_mgpu_dkv"):
+        assert name in text, name
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == 3
+
+
+@pytest.mark.skipif(not flash_mgpu.on_hopper(), reason="needs a Hopper GPU (sm_90): compiled wgmma / TMA kernels")
+@pytest.mark.parametrize("D, dtype, bq, stages", [(64, jnp.float32, 64, None), (64, jnp.bfloat16, 64, 1),
+                                                  (128, jnp.bfloat16, 64, None), (128, jnp.bfloat16, 128, 2)])
+def test_compiled_on_gpu(D, dtype, bq, stages):
+    # The full feature matrix on hardware: GQA, packed segments, causal + window, ALiBi, soft-cap,
+    # lengths that are not a multiple of the block, plus MQA / bidirectional / empty rows below.
+    B, T, H, K = 2, 200, 8, 2
+    pos = _arange(B, T)
+    seg = pos // 120
+    slopes = 2.0 ** (-8.0 * jnp.arange(1, H + 1, dtype=jnp.float32) / H)
+    tol = (2e-4, 2e-3) if dtype == jnp.float32 else None
+    bs = _bs(bq, 64, stages)
+    q, k, v = _inputs(B, T, T, H, K, D, dtype)
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, q_seg_BT=seg, kv_seg_BS=seg, causal=True, window=100,
+           alibi_slopes_H=slopes, logits_soft_cap=20.0, block_sizes=bs, interpret=False, tol=tol)
+    q, k, v = _inputs(1, 150, 130, 4, 1, D, dtype)
+    _check(q, k, v, q_pos_BT=_arange(1, 150, 20), kv_pos_BS=_arange(1, 130, 40), causal=False, window=60,
+           block_sizes=bs, interpret=False, tol=tol)
