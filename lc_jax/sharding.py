@@ -143,30 +143,40 @@ def replicated(mesh) -> NamedSharding:
 # ----------------------------------------------------------------------------- multi-host
 
 
-def maybe_initialize_distributed(dist_cfg=None) -> bool:
-    """Start JAX's multi-controller runtime when the config or the environment asks for it.
+def _cluster_asks() -> str | None:
+    """The multi-host environment JAX can configure itself from, if any (what `initialize()` auto-detects)."""
+    if len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
+        return "TPU pod slice"
+    for var, what in (("SLURM_NTASKS", "SLURM"), ("OMPI_COMM_WORLD_SIZE", "Open MPI")):
+        if int(os.environ.get(var, "1") or 1) > 1:
+            return what
+    return None
 
-    Asked for by: `config.distributed.coordinator_address` (with num_processes
-    and process_id), the JAX_COORDINATOR_ADDRESS environment variable, or a
-    TPU pod slice / SLURM / Open MPI environment that JAX detects by itself
-    (`config.distributed.auto=True`). A single-host run initialises nothing.
-    Returns whether the runtime is (now) running.
+
+def maybe_initialize_distributed(dist_cfg=None) -> bool:
+    """Start JAX's multi-controller runtime where the config or the environment asks for it.
+
+    In order: `config.distributed.coordinator_address` (with num_processes
+    and process_id) or the JAX_COORDINATOR_ADDRESS environment variable; a
+    multi-host TPU pod slice, SLURM job or Open MPI launch, which JAX
+    configures by itself; `config.distributed.auto=True` for other clusters
+    JAX detects. A single-host run initialises nothing. Returns whether the
+    runtime is (now) running; calling it twice is harmless.
     """
-    from jax._src import distributed as _dist  # the global_state flag is not public
+    from jax._src import distributed as _dist  # whether it already runs is not public
 
     if _dist.global_state.client is not None:
         return True
     cfg = dist_cfg or {}
+    if cfg.get("cpu_collectives"):
+        jax.config.update("jax_cpu_collectives_implementation", cfg["cpu_collectives"])
     addr = cfg.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if addr:
-        num = cfg.get("num_processes") or None
         pid = cfg.get("process_id")
-        kwargs = dict(coordinator_address=addr, num_processes=num, process_id=None if pid in (None, -1) else pid)
-        if cfg.get("cpu_collectives"):
-            jax.config.update("jax_cpu_collectives_implementation", cfg["cpu_collectives"])
-        jax.distributed.initialize(**kwargs)
+        jax.distributed.initialize(coordinator_address=addr, num_processes=cfg.get("num_processes") or None,
+                                   process_id=None if pid in (None, -1) else pid)
         return True
-    if cfg.get("auto"):
+    if _cluster_asks() or cfg.get("auto"):
         jax.distributed.initialize()
         return True
     return False

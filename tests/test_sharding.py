@@ -122,3 +122,24 @@ def test_process_rows_and_layout_on_one_process(tiny_config):
     # Device (data 0, fsdp 0, context 1) holds rows 0-1 and zig-zag chunks 1 and 2 of 4 (tokens 16-47).
     shard = next(s for s in placed.addressable_shards if s.index[1].start == 32)
     assert np.asarray(shard.data)[0].tolist() == list(range(16, 48))
+
+
+@pytest.mark.parametrize("env,cfg,expect", [
+    ({}, {}, None),
+    ({"TPU_WORKER_HOSTNAMES": "t1"}, {}, None),  # a single-host TPU VM needs no runtime
+    ({"TPU_WORKER_HOSTNAMES": "t1,t2,t3,t4"}, {}, {}),
+    ({"SLURM_NTASKS": "2"}, {}, {}),
+    ({}, {"auto": True}, {}),
+    ({"JAX_COORDINATOR_ADDRESS": "h:1"}, {}, {"coordinator_address": "h:1", "num_processes": None, "process_id": None}),
+    ({}, {"coordinator_address": "h:2", "num_processes": 2, "process_id": 1},
+     {"coordinator_address": "h:2", "num_processes": 2, "process_id": 1}),
+])
+def test_distributed_starts_where_asked(monkeypatch, env, cfg, expect):
+    for var in ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    started = sharding.maybe_initialize_distributed(cfg)
+    assert started == (expect is not None) and calls == ([] if expect is None else [expect])
