@@ -42,7 +42,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             scaling=dict(name="none", factor=0.0, original_max_len=0, alpha=1.0, beta=32.0,
                          low_freq_factor=1.0, high_freq_factor=4.0),
         ),
-        attention=dict(name=a.attention, window=1024, impl="auto", block_q=256, block_k=512),
+        attention=dict(
+            name=a.attention, window=1024, impl="auto", block_q=256, block_k=512,
+            # DSA (attention=dsa): a lightning indexer picks each query's top-k keys (lc_jax/attention/dsa.py).
+            dsa=dict(
+                topk=2048,  # keys per query in the sparse stage (all visible keys when fewer)
+                index_heads=4,  # H_I indexer heads
+                index_dim=32,  # d_I per indexer head
+                index_rope_dim=16,  # leading indexer dims that get RoPE (0: none)
+                warmup_steps=1000,  # dense warm-up steps (indexer trained by KL); sparse from then on
+                warmup_mode="joint",  # joint: LM trains too (from scratch) | frozen: only the indexer trains
+                kl_weight=1.0,
+                index_block_q=128,  # query block of the blockwise index scores / streaming top-k
+                index_block_k=512,  # key block of the streaming top-k
+                lr=0.0,  # indexer learning rate (0: train.lr)
+                weight_decay=0.0,
+            ),
+        ),
     )
     c.data = dict(
         source="stdlib",  # stdlib | files
@@ -56,6 +72,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # Length curriculum: 'step:seq_len,...' stages ending at data.seq_len, e.g. '0:512,300:1024,600:2048'.
         curriculum="",
         curriculum_constant_tokens=True,  # shorter stages get proportionally larger batches
+        # Synthetic retrieval mixed into the text (lc_jax/data/synthetic.py): task none | passkey | kv_recall |
+        # mqar replaces a share `ratio` of examples (validation too, other seed). Depth tasks plant the fact at a
+        # depth drawn in [min_depth, max_depth]; min_distance: filler tokens at least between fact and question
+        # (mqar: '.' gap before the queries). digits: passkey / kv_recall answer length; mqar_pairs: key-value pairs.
+        synthetic=dict(task="none", ratio=0.0, min_depth=0.0, max_depth=1.0, min_distance=0, digits=5, mqar_pairs=16),
     )
     c.train = dict(
         steps=10_000,

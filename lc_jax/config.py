@@ -14,6 +14,7 @@ import ml_collections
 
 from lc_jax import attention, model, ops, positions
 from lc_jax import data as data_lib
+from lc_jax.attention import dsa
 from lc_jax.data import corpus, packing, tokenizer
 from lc_jax.positions import rope_scaling
 from lc_jax.positions.rope import FRACTION_MODES, LAYOUTS, rotary_dim
@@ -122,6 +123,19 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
+def _check_dsa(p: list[str], ds) -> None:
+    for f in ("topk", "index_heads", "index_dim", "index_block_q", "index_block_k"):
+        _positive(p, f"model.attention.dsa.{f}", ds[f])
+    _positive(p, "model.attention.dsa.warmup_steps", ds.warmup_steps, zero_ok=True)
+    if _positive(p, "model.attention.dsa.index_rope_dim", ds.index_rope_dim, zero_ok=True):
+        if ds.index_rope_dim % 2 or (isinstance(ds.index_dim, int) and ds.index_rope_dim > ds.index_dim):
+            p.append(f"model.attention.dsa.index_rope_dim={ds.index_rope_dim}: must be even and "
+                     f"<= model.attention.dsa.index_dim={ds.index_dim}")
+    _allowed(p, "model.attention.dsa.warmup_mode", ds.warmup_mode, dsa.WARMUP_MODES)
+    for f in ("kl_weight", "lr", "weight_decay"):
+        _positive(p, f"model.attention.dsa.{f}", ds[f], zero_ok=True, kind=(float, int))
+
+
 def _check_mesh(p: list[str], config, sizes: dict[str, int]) -> None:
     """Batch, heads and sequence must split evenly over the mesh axes the sharding rules put them on."""
     m, d = config.model, config.data
@@ -143,6 +157,9 @@ def _check_mesh(p: list[str], config, sizes: dict[str, int]) -> None:
     for f in ("num_heads", "num_kv_heads"):
         if isinstance(m[f], int) and m[f] % tp:
             p.append(f"model.{f}={m[f]} is not divisible by mesh.tensor={tp} (heads are split over it)")
+    if ctx > 1 and m.attention.name == "dsa":
+        p.append(f"model.attention.name='dsa' does not run under context parallelism yet (mesh.context={ctx}): "
+                 "use mesh.context=1")
     if ctx > 1 and m.attention.impl not in ("auto", "xla", "pallas"):
         p.append(f"model.attention.impl={m.attention.impl!r} cannot run inside ring attention (mesh.context={ctx}): "
                  "allowed values are ['auto', 'xla', 'pallas']")
@@ -200,6 +217,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     _allowed(p, "model.attention.impl", att.impl, ops.IMPLS)
     if att.name == "sliding":
         _positive(p, "model.attention.window", att.window)
+    if att.name == "dsa":
+        _check_dsa(p, att.dsa)
     for f in ("block_q", "block_k"):
         if _positive(p, f"model.attention.{f}", att[f]) and att.impl == "pallas" and att[f] % 128:
             p.append(f"model.attention.{f}={att[f]}: the Pallas TPU kernel needs a multiple of 128")
@@ -215,6 +234,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
         p.append(f"data.seq_len={d.seq_len} does not fit model.max_seq_len={m.max_seq_len}{why}: "
                  f"allowed seq_len is 1..{m.max_seq_len}")
     _positive(p, "data.batch_size", d.batch_size)
+    p.extend(data_lib.check_config(d))  # data.synthetic
     _positive(p, "data.max_docs", d.max_docs, zero_ok=True)
     if not (isinstance(d.val_fraction, float) and 0 < d.val_fraction < 1):
         p.append(f"data.val_fraction={d.val_fraction!r}: must be a float in (0, 1)")

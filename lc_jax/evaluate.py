@@ -96,7 +96,7 @@ def load_params(workdir: str | Path, config, step: int | None = None):
     step = mgr.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {Path(workdir) / 'checkpoints'}")
-    tx, _ = train.make_optimizer(config.train)
+    tx, _ = train.make_optimizer(config.train, config.model)
     abstract = jax.eval_shape(lambda: train.fresh_state(config, tx))
     restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
     mgr.close()
@@ -127,7 +127,7 @@ def eval_config(config, seq_len: int, scaling: str | None, factor: float = 0.0):
 
 
 def loss_at_length(graphdef, params, config, seq_len: int, train_len: int, max_tokens: int, num_buckets: int,
-                   min_doc_len: int = 0):
+                   min_doc_len: int = 0, sparse: bool = False):
     """Mean loss, loss beyond the training length, and the per-position curve at one length.
 
     Documents shorter than `min_doc_len` (default: `seq_len`) are left out; a sweep passes its
@@ -143,7 +143,7 @@ def loss_at_length(graphdef, params, config, seq_len: int, train_len: int, max_t
     long_docs = [d for d in docs if len(d) >= (min_doc_len or seq_len)] or docs
     src = packing.PackedSequences(long_docs, seq_len=seq_len, packing="concat", seed=0)
     n = max(1, min(len(src), max_tokens // seq_len))
-    eval_step, width = train.make_eval_step(graphdef, num_buckets, seq_len)
+    eval_step, width = train.make_eval_step(graphdef, num_buckets, seq_len, sparse=sparse)
     total = None
     for i in range(n):
         ex = {k: v[None] for k, v in src[i].items()}
@@ -190,7 +190,7 @@ def extrapolation_sweep(workdir: str | Path, config=None, *, lengths=None, scali
             with nnx.use_eager_sharding(False):
                 graphdef = nnx.split(nnx.eval_shape(lambda c=c: train.build_model(c)), nnx.Param)[0]
             res, curve = loss_at_length(graphdef, params, c, L, train_len, max_tokens, config.eval.position_buckets,
-                                        min_doc_len=max(lengths))
+                                        min_doc_len=max(lengths), sparse=train.dsa_sparse_at(config, step))
             rows.append({"scaling": label, "length": L, "factor": float(c.model.position.scaling.factor), **res})
             curves[f"{label}@{L}"] = dataclasses.asdict(curve)
             print(f"  {label:>22} L={L:>6}: loss {res['loss']:.4f}"

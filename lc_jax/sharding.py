@@ -36,6 +36,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("norm", None),
+    ("index_heads", None),  # the DSA indexer is small: replicated over tensor
+    ("index_dim", None),
 )
 
 
@@ -109,7 +111,9 @@ def shard_batch(batch: dict[str, np.ndarray], mesh, *, global_batch: int | None 
     """Place this process's rows of the global batch onto the mesh: batch over (data, fsdp), sequence over context.
 
     With context parallelism the sequence is first reordered on the host into
-    the ring's `layout`, so that every device gets its balanced share.
+    the ring's `layout`, so that every device gets its balanced share. Fields
+    without a sequence axis (e.g. `key_position` [batch, 1] of synthetic examples)
+    shard over the batch only.
     """
     leaves = jax.tree.leaves(batch)
     rows = leaves[0].shape[0]
@@ -118,13 +122,16 @@ def shard_batch(batch: dict[str, np.ndarray], mesh, *, global_batch: int | None 
     if rows != n:
         raise ValueError(f"shard_batch got {rows} rows, but this process holds {n} rows of the global batch "
                          f"{global_batch}")
-    order = context_order(mesh, leaves[0].shape[1], layout) if leaves[0].ndim > 1 else None
+    seq_len = max((x.shape[1] for x in leaves if np.ndim(x) > 1), default=None)
+    order = context_order(mesh, seq_len, layout) if seq_len is not None else None
 
     def put(x):
         x = np.asarray(x)
-        if order is not None:
+        is_seq = x.ndim > 1 and x.shape[1] == seq_len
+        if order is not None and is_seq:
             x = x[:, order]
-        sharding = logical_sharding(mesh, "batch", "seq", *([None] * (x.ndim - 2)))
+        sharding = (logical_sharding(mesh, "batch", "seq", *([None] * (x.ndim - 2))) if is_seq
+                    else logical_sharding(mesh, "batch", *([None] * (x.ndim - 1))))
         shape = (global_batch, *x.shape[1:])
 
         def local(idx):  # global index -> this process's rows

@@ -25,6 +25,7 @@ from flax import nnx
 
 from lc_jax import data as data_lib
 from lc_jax import evaluate, sharding
+from lc_jax.attention import dsa
 from lc_jax.config import resolve, validate
 from lc_jax.data import make_dataset
 from lc_jax.model import Transformer
@@ -37,17 +38,39 @@ class NonFiniteLossError(RuntimeError):
 # ----------------------------------------------------------------------------- optimizer
 
 
-def make_optimizer(t) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with linear warm-up and cosine decay to `min_lr_ratio * lr`, after global-norm clipping."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=t.lr, warmup_steps=t.warmup_steps,
-        decay_steps=max(t.steps, t.warmup_steps + 1), end_value=t.lr * t.min_lr_ratio,
+def _schedule(t, peak: float) -> optax.Schedule:
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=peak, warmup_steps=t.warmup_steps,
+        decay_steps=max(t.steps, t.warmup_steps + 1), end_value=peak * t.min_lr_ratio,
     )
+
+
+def _adamw(t, schedule, weight_decay: float) -> optax.GradientTransformation:
     # Decay matrices only: norms' scales and other vectors stay undecayed.
     decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
     parts = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip > 0 else []
-    parts.append(optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mask=decay_mask))
-    return optax.chain(*parts), schedule
+    parts.append(optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=weight_decay, mask=decay_mask))
+    return optax.chain(*parts)
+
+
+def make_optimizer(t, model_cfg=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with linear warm-up and cosine decay to `min_lr_ratio * lr`, after global-norm clipping.
+
+    With DSA attention (`model_cfg.attention.name == 'dsa'`) the indexer gets its
+    own AdamW (`model.attention.dsa.lr`, `weight_decay`, clipped separately) through
+    `optax.multi_transform`; in the `frozen` warm-up the main model's learning
+    rate is 0 until the sparse stage starts.
+    """
+    schedule = _schedule(t, t.lr)
+    if model_cfg is None or not dsa.is_dsa(model_cfg):
+        return _adamw(t, schedule, t.weight_decay), schedule
+    ds = model_cfg.attention.dsa
+    main = schedule
+    if ds.warmup_mode == "frozen":
+        main = lambda count: jnp.where(count < ds.warmup_steps, 0.0, schedule(count))  # noqa: E731
+    indexer = _adamw(t, _schedule(t, ds.lr or t.lr), ds.weight_decay)
+    return optax.multi_transform({"main": _adamw(t, main, t.weight_decay), "indexer": indexer},
+                                 dsa.label_params), main
 
 
 # ----------------------------------------------------------------------------- state
@@ -89,42 +112,73 @@ def init_state(config, mesh, tx):
     return graphdef, state
 
 
-def loss_fn(params, graphdef, batch):
-    """Mean next-token cross-entropy over the tokens that count (same document as their input)."""
+def loss_fn(params, graphdef, batch, *, sparse: bool = False, diagnostics: bool = False, kl_weight: float = 1.0):
+    """Mean next-token cross-entropy over the tokens that count (same document as their input).
+
+    Returns (objective, (ce, aux)). For DSA models the objective adds
+    `kl_weight` x the indexer KL (mean over layers and tokens); `aux` holds the
+    (sum, count) pairs the DSA layers report, `sparse` picks the stage and
+    `diagnostics` adds the attention-mass recall measurements.
+    """
     model = nnx.merge(graphdef, params)
-    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    args = (batch["inputs"], batch["positions"], batch["segment_ids"])
+    if dsa.configure(model, sparse=sparse, diagnostics=diagnostics):
+        logits, intermediates = nnx.capture(model, nnx.Intermediate)(*args)
+        aux = dsa.collect(intermediates)
+    else:
+        logits, aux = model(*args), {}
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     mask = batch["loss_mask"]
     n = jnp.maximum(mask.sum(), 1.0)
-    return (ce * mask).sum() / n, ce
+    lm = (ce * mask).sum() / n
+    objective = lm
+    if "kl" in aux:
+        objective = lm + kl_weight * aux["kl"][0] / jnp.maximum(aux["kl"][1], 1.0)
+    return objective, (ce, aux)
 
 
-def make_train_step(graphdef, tx, schedule):
+def make_train_step(graphdef, tx, schedule, *, sparse: bool = False, kl_weight: float = 1.0):
+    """The jitted, donated step. `sparse`: the DSA stage this step function trains (one compiled step per stage)."""
     def train_step(state, batch):
-        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], graphdef, batch)
+        (objective, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"], graphdef, batch, sparse=sparse, kl_weight=kl_weight)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         lr = schedule(state["step"] - state["phase_start"])
+        mask = batch["loss_mask"]
+        loss = (ce * mask).sum() / jnp.maximum(mask.sum(), 1.0)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr}
+        metrics.update({f"dsa_{k}": v[0] / jnp.maximum(v[1], 1.0) for k, v in aux.items()})
         new_state = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}
         return new_state, metrics
 
     return jax.jit(train_step, donate_argnums=0)
 
 
-def make_eval_step(graphdef, num_buckets: int, seq_len: int):
-    """Sum of losses and token counts, overall and per position bucket (positions = context length)."""
+def make_eval_step(graphdef, num_buckets: int, seq_len: int, *, sparse: bool = False):
+    """Sum of losses and token counts, overall and per position bucket (positions = context length).
+
+    DSA models also return (sum, count) of the indexer KL and the attention-mass diagnostics as `dsa_*`.
+    """
     width = max(1, math.ceil(seq_len / num_buckets))
 
     def eval_step(params, batch):
-        _, ce = loss_fn(params, graphdef, batch)
+        _, (ce, aux) = loss_fn(params, graphdef, batch, sparse=sparse, diagnostics=True)
         mask = batch["loss_mask"]
         bucket = jnp.clip(batch["positions"] // width, 0, num_buckets - 1).reshape(-1)
         per_sum = jax.ops.segment_sum((ce * mask).reshape(-1), bucket, num_buckets)
         per_cnt = jax.ops.segment_sum(mask.reshape(-1), bucket, num_buckets)
-        return {"sum": (ce * mask).sum(), "count": mask.sum(), "bucket_sum": per_sum, "bucket_count": per_cnt}
+        out = {"sum": (ce * mask).sum(), "count": mask.sum(), "bucket_sum": per_sum, "bucket_count": per_cnt}
+        return out | {f"dsa_{k}": v for k, v in aux.items()}
 
     return jax.jit(eval_step), width
+
+
+def dsa_sparse_at(config, step: int) -> bool:
+    """Whether a DSA model is in its sparse stage after `step` steps (a run that continued others counts its own)."""
+    if not dsa.is_dsa(config.model):
+        return False
+    return step >= _phase_start(config) + config.model.attention.dsa.warmup_steps
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -234,8 +288,9 @@ def run_eval(eval_step, params, config, mesh, width) -> dict:
         total = out if total is None else jax.tree.map(jnp.add, total, out)
     total = jax.device_get(total)
     loss = float(total["sum"] / max(total["count"], 1.0))
+    extra = {k: float(v[0] / max(v[1], 1.0)) for k, v in total.items() if k.startswith("dsa_")}
     per_pos = evaluate.PerPositionLoss.from_sums(total["bucket_sum"], total["bucket_count"], width)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": float(total["count"])}, per_pos
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": float(total["count"]), **extra}, per_pos
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
@@ -250,7 +305,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
     mesh = sharding.make_mesh(config.mesh)
-    tx, schedule = make_optimizer(config.train)
+    tx, schedule = make_optimizer(config.train, config.model)
     graphdef, state = init_state(config, mesh, tx)
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
 
@@ -276,8 +331,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         mgr.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data["iter"])), force=force)
 
-    train_step = make_train_step(graphdef, tx, schedule)
-    eval_step, width = make_eval_step(graphdef, config.eval.position_buckets, config.data.seq_len)
+    # DSA trains dense, then sparse from `warmup_steps` on: one compiled step per stage.
+    sparse_from = phase_start + config.model.attention.dsa.warmup_steps if dsa.is_dsa(config.model) else None
+    kl_weight = config.model.attention.dsa.kl_weight if sparse_from is not None else 0.0
+    train_steps = {s: make_train_step(graphdef, tx, schedule, sparse=s, kl_weight=kl_weight) for s in (False, True)}
+    eval_steps = {s: make_eval_step(graphdef, config.eval.position_buckets, config.data.seq_len, sparse=s)
+                  for s in (False, True)}
+    width = eval_steps[False][1]
+    is_sparse = lambda step: sparse_from is not None and step >= sparse_from  # noqa: E731
     writer = MetricsWriter(workdir)
     steps = phase_start + config.train.steps  # the global step this run ends at
     if is_main:
@@ -315,7 +376,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                 # Remember where the iterator was: a batch drawn but not trained on goes back on interrupt.
                 data["untrained"] = (data["iter"].get_state(), step)
                 batch = _put(next(data["iter"]), mesh, config, stages[stage][2])
-                state, metrics = train_step(state, batch)
+                state, metrics = train_steps[is_sparse(step)](state, batch)
                 data["untrained"] = None
                 done = step + 1
                 if pending is not None:
@@ -334,7 +395,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                 if bar is not None:
                     bar.update(1)
                 if (done - phase_start) % config.train.eval_every == 0 or done == steps:
-                    val_metrics, per_pos = run_eval(eval_step, state["params"], config, mesh, width)
+                    val_metrics, per_pos = run_eval(eval_steps[is_sparse(done)][0], state["params"], config, mesh,
+                                                    width)
                     writer.write(done, "validation", val_metrics)
                     if bar is not None:
                         bar.write(f"step {done}: validation loss {val_metrics['loss']:.4f}")

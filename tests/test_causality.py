@@ -10,24 +10,33 @@ import itertools
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from lc_jax import attention, positions
+from lc_jax.attention import dsa
 from lc_jax.train import build_model
+
+# DSA runs in both of its stages: dense warm-up and top-k sparse.
+VARIANTS = [v for v in sorted(attention.REGISTRY) if v != "dsa"] + ["dsa", "dsa-sparse"]
 
 
 @pytest.mark.parametrize(
     "position,variant,impl",
-    list(itertools.product(sorted(positions.REGISTRY), sorted(attention.REGISTRY), ["xla", "reference"])),
+    list(itertools.product(sorted(positions.REGISTRY), VARIANTS, ["xla", "reference"])),
 )
 def test_causal(tiny_config, position, variant, impl):
     T = 24
-    c = tiny_config(f"position={position},attention={variant}")
+    c = tiny_config(f"position={position},attention={variant.split('-')[0]}")
     c.model.attention.update(impl=impl, window=5, block_q=8, block_k=8)
-    model = build_model(c)
+    c.model.attention.dsa.update(topk=6, index_heads=2, index_dim=8, index_rope_dim=4, index_block_q=8,
+                                 index_block_k=8)
+    graphdef, state = nnx.split(build_model(c))
     x_BTE = jax.random.normal(jax.random.PRNGKey(1), (1, T, c.model.d_model))
 
     def logits_per_position(x):
-        return model(None, embeds_BTE=x)[0].sum(-1)  # [T]
+        model = nnx.merge(graphdef, state)  # functional: DSA layers record their KL on a fresh copy
+        dsa.configure(model, sparse=variant == "dsa-sparse")
+        return nnx.capture(model, nnx.Intermediate)(None, embeds_BTE=x)[0][0].sum(-1)  # [T]
 
     jac_TTE = jax.jacobian(logits_per_position)(x_BTE)[:, 0]  # d logit_t / d x_s
     influence_TT = np.abs(np.asarray(jac_TTE)).sum(-1)
@@ -35,7 +44,10 @@ def test_causal(tiny_config, position, variant, impl):
     assert influence_TT[future].max() == 0.0, "a position sees the future"
     # Self and (within the window) the past must matter.
     assert (influence_TT[np.eye(T, dtype=bool)] > 0).all()
-    assert (np.diagonal(influence_TT, offset=-1) > 0).all()
+    if variant == "dsa-sparse":  # each query sees its top-6 keys only: some past, not necessarily t-1
+        assert all(influence_TT[t, :t].max() > 0 for t in range(1, T))
+    else:
+        assert (np.diagonal(influence_TT, offset=-1) > 0).all()
     if variant == "sliding":
         far_past = np.tril(np.ones((T, T), bool), k=-(5 * c.model.num_layers))
         assert influence_TT[far_past].max() == 0.0, "sliding window leaks beyond num_layers * W"

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from lc_jax.attention.base import AttentionVariant
+from lc_jax.attention.dsa import DSA
 from lc_jax.attention.full import Full
 from lc_jax.attention.sliding import Sliding
 
 REGISTRY: dict[str, type[AttentionVariant]] = {
     "full": Full,
     "sliding": Sliding,
+    "dsa": DSA,
 }
 
 

@@ -37,6 +37,7 @@ def block_visible(q_pos_BNb, kv_pos_BMb, q_seg_BNb=None, kv_seg_BMb=None, *, cau
     layouts (contiguous, zig-zag halves, packed documents with increasing
     segment ids) and merely conservative otherwise.
     """
+    q_pos_BNb, kv_pos_BMb = jnp.asarray(q_pos_BNb), jnp.asarray(kv_pos_BMb)  # traced indexing needs jax arrays
     q_lo, q_hi = q_pos_BNb.min(-1)[:, :, None], q_pos_BNb.max(-1)[:, :, None]
     k_lo, k_hi = kv_pos_BMb.min(-1)[:, None, :], kv_pos_BMb.max(-1)[:, None, :]
     vis_BNM = jnp.ones(jnp.broadcast_shapes(q_lo.shape, k_lo.shape), dtype=bool)
@@ -80,7 +81,7 @@ def pad_positions(q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, block_q: int, block_
     pad_t, pad_s = -T % block_q, -S % block_k
     if (pad_t or pad_s or always_segments) and q_seg_BT is None:
         q_seg_BT, kv_seg_BS = jnp.zeros((B, T), jnp.int32), jnp.zeros((B, S), jnp.int32)
-    as_int = lambda x: None if x is None else x.astype(jnp.int32)  # noqa: E731
+    as_int = lambda x: None if x is None else jnp.asarray(x, jnp.int32)  # noqa: E731  (numpy in: jax out)
     return (pad_axis(as_int(q_pos_BT), 1, pad_t, 0), pad_axis(as_int(kv_pos_BS), 1, pad_s, 0),
             pad_axis(as_int(q_seg_BT), 1, pad_t, -2), pad_axis(as_int(kv_seg_BS), 1, pad_s, -1), pad_t, pad_s)
 

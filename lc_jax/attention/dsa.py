@@ -1,0 +1,416 @@
+"""DSA: learned top-k sparse attention with a lightning indexer (DeepSeek-V3.2, 2025).
+
+A small indexer scores every visible key s for every query t,
+
+    I[t, s] = sum_j w[t, j] * ReLU(q_I[t, j] . k_I[s]),        j = 1..H_I indexer heads,
+
+with q_I[t, j] = x_t W_q^I (d_I dims per head), one shared k_I[s] = norm(x_s W_k^I)
+per token, RoPE on the first `index_rope_dim` dims of both, and
+w[t, j] = (x_t W_w)_j * (H_I * d_I)^-1/2. Each query then attends only to its
+top-k keys by I (all visible keys when fewer than k are visible); the set is
+shared by all heads of the query.
+
+Training has two stages (`warmup_steps`):
+  * dense warm-up: the main attention stays dense and the indexer learns to
+    imitate it, minimising KL(p_t || softmax(I_t)), where p_t is the main
+    attention distribution summed over heads and L1-normalised (stop-gradient);
+    `warmup_mode='frozen'` trains only the indexer (retrofit), 'joint' trains the
+    LM at the same time (from scratch);
+  * sparse: attention over the top-k set only; the KL is taken over that set.
+The indexer reads a detached copy of the hidden state, so the KL trains only
+the indexer, and the LM loss (through the discrete top-k) never reaches it. The
+indexer has its own optimizer (`lc_jax.train.make_optimizer`, optax.multi_transform).
+
+Memory. Nothing T x S is ever built: index scores are computed per (query
+block, key block) with a streaming top-k that keeps [block_q, k] candidates,
+the dense KL accumulates per key block, and the sparse attention gathers only
+the selected rows (pallas_kernels/sparse_attention.py). Peak memory is
+O(T * k); compute of the indexer stays O(T^2 * H_I * d_I), as in DSA, while the
+main attention drops to O(T * k * H * D).
+
+Diagnostics (`diagnostics=True`, evaluation): the share of the dense attention
+mass inside the selected set ("attention-mass recall"), against the oracle
+top-k, the last-k window and a random k keys, and the fraction of selected
+keys older than a sliding window of k tokens.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from lc_jax import ops
+from lc_jax.attention.base import AttentionVariant
+from lc_jax.positions.rope import apply_rope, rope_inv_freq
+from pallas_kernels.flash_attention.masks import block_visible, pad_axis, pad_positions, visible
+from pallas_kernels.sparse_attention import gather_rows, query_blocks, sparse_attention
+
+WARMUP_MODES = ("joint", "frozen")
+METRICS = ("kl", "recall", "recall_oracle", "recall_window", "recall_random", "older_than_window")
+sg = lax.stop_gradient
+
+
+# ----------------------------------------------------------------------------- the indexer
+
+
+class Indexer(nnx.Module):
+    """q_I (H_I x d_I), one normalised k_I (d_I) and H_I weights per token, from the (detached) hidden state."""
+
+    def __init__(self, *, d_model: int, index_heads: int, index_dim: int, index_rope_dim: int, param_dtype,
+                 rngs: nnx.Rngs):
+        init = jax.nn.initializers.normal(stddev=d_model**-0.5)
+        self.heads, self.dim = index_heads, index_dim
+        self.wq = nnx.Param(init(rngs.params(), (d_model, index_heads, index_dim), param_dtype),
+                            out_sharding=("embed", "index_heads", "index_dim"))
+        self.wk = nnx.Param(init(rngs.params(), (d_model, index_dim), param_dtype), out_sharding=("embed", "index_dim"))
+        self.k_scale = nnx.Param(jnp.ones((index_dim,), param_dtype), out_sharding=("index_dim",))
+        self.ww = nnx.Param(init(rngs.params(), (d_model, index_heads), param_dtype),
+                            out_sharding=("embed", "index_heads"))
+        self.rope_dim = index_rope_dim
+
+    def __call__(self, x_BTE, pos_BT):
+        """(q_I [B, T, H_I, d_I], w [B, T, H_I], k_I [B, T, d_I]) in f32."""
+        x = x_BTE.astype(jnp.float32)
+        q_BTJd = jnp.einsum("bte,ejd->btjd", x, self.wq[...])
+        k_BTd = x @ self.wk[...]
+        k_BTd = k_BTd * lax.rsqrt(jnp.mean(k_BTd * k_BTd, -1, keepdims=True) + 1e-6) * self.k_scale[...]
+        if self.rope_dim:
+            inv_freq = rope_inv_freq(self.rope_dim, 10000.0)
+            q_BTJd = apply_rope(q_BTJd, pos_BT, inv_freq)
+            k_BTd = apply_rope(k_BTd[:, :, None], pos_BT, inv_freq)[:, :, 0]
+        w_BTJ = (x @ self.ww[...]) * (self.heads * self.dim) ** -0.5
+        return q_BTJd, w_BTJ, k_BTd
+
+
+def index_scores(q_BQJd, w_BQJ, k_BKd):
+    """I[b, t, s] = sum_j w[b, t, j] * ReLU(q[b, t, j] . k[b, s]) for one block pair: [B, bq, bk] f32."""
+    dots = jnp.einsum("bqjd,bkd->bqjk", q_BQJd, k_BKd, preferred_element_type=jnp.float32)
+    return jnp.einsum("bqj,bqjk->bqk", w_BQJ, jax.nn.relu(dots))
+
+
+# ----------------------------------------------------------------------------- blocking helpers
+
+
+class _Blocks:
+    """Queries and keys cut into blocks, with padded positions/segments (padding is never visible)."""
+
+    def __init__(self, q_pos, kv_pos, q_seg, kv_seg, block_q, block_k, causal=True):
+        B, T = q_pos.shape
+        S = kv_pos.shape[1]
+        self.B, self.T, self.S = B, T, S
+        self.bq, self.bk = min(block_q, T), min(block_k, S)
+        self.qp, self.kp, self.qs, self.ks, self.pad_t, self.pad_s = pad_positions(
+            q_pos, kv_pos, q_seg, kv_seg, self.bq, self.bk, always_segments=True)
+        self.nq, self.nk = self.qp.shape[1] // self.bq, self.kp.shape[1] // self.bk
+        self.causal = causal
+        self.qpb, self.qsb = (x.reshape(B, self.nq, self.bq).swapaxes(0, 1) for x in (self.qp, self.qs))
+        self.kpb, self.ksb = (x.reshape(B, self.nk, self.bk).swapaxes(0, 1) for x in (self.kp, self.ks))
+        self.vis_NM = block_visible(self.qpb.swapaxes(0, 1), self.kpb.swapaxes(0, 1), self.qsb.swapaxes(0, 1),
+                                    self.ksb.swapaxes(0, 1), causal=causal)
+
+    def q_blocks(self, x):  # [B, T, ...] -> [nq, B, bq, ...]
+        x = pad_axis(x, 1, self.pad_t, 0)
+        return x.reshape(self.B, self.nq, self.bq, *x.shape[2:]).swapaxes(0, 1)
+
+    def k_blocks(self, x):  # [B, S, ...] -> [nk, B, bk, ...]
+        x = pad_axis(x, 1, self.pad_s, 0)
+        return x.reshape(self.B, self.nk, self.bk, *x.shape[2:]).swapaxes(0, 1)
+
+    def unblock(self, x):  # [nq, B, bq, ...] -> [B, T, ...]
+        return x.swapaxes(0, 1).reshape(self.B, self.nq * self.bq, *x.shape[3:])[:, : self.T]
+
+    def mask(self, i, j):  # [B, bq, bk] visibility of block pair (i, j)
+        return visible(self.qpb[i], self.kpb[j], self.qsb[i], self.ksb[j], causal=self.causal)
+
+
+def _head_mean_probs(q_bQHD, k_bKKD, lse_bQH, qp, kp, slopes_KG, scale, mask):
+    """p[t, s] = mean_h softmax_h(t, s) (the main attention summed over heads, L1-normalised): [B, bq, bk]."""
+    B, bq, H, D = q_bQHD.shape
+    K = k_bKKD.shape[2]
+    s = jnp.einsum("bqkgd,bskd->bqkgs", q_bQHD.reshape(B, bq, K, H // K, D), k_bKKD,
+                   preferred_element_type=jnp.float32) * scale
+    if slopes_KG is not None:
+        dist = jnp.abs(qp[:, :, None] - kp[:, None, :]).astype(jnp.float32)
+        s = s - slopes_KG[None, None, :, :, None] * dist[:, :, None, None, :]
+    lse = jnp.where(jnp.isfinite(lse_bQH), lse_bQH, 0.0).reshape(B, bq, K, H // K)
+    p = jnp.exp(s - lse[..., None]).mean((2, 3))
+    return jnp.where(mask, p, 0.0)
+
+
+def _plogp(p):
+    return jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)
+
+
+# ----------------------------------------------------------------------------- selection: streaming top-k
+
+
+def streaming_topk(q_BTJd, w_BTJ, k_BSd, *, q_pos_BT, kv_pos_BS, q_seg_BT=None, kv_seg_BS=None, topk: int,
+                   block_q: int = 128, block_k: int = 512):
+    """Each query's top-k visible keys by index score, one key block at a time; (idx [B, T, k'], valid).
+
+    k' = min(topk, S). Per query block the running candidates [bq, k'] are
+    merged with the next key block's scores by `lax.top_k`, so memory is
+    O(T * k) however long S is. Key blocks that no query of the block can see
+    (causal triangle, other documents) are skipped. Invalid slots (fewer than
+    k visible keys) have valid=False.
+    """
+    bl = _Blocks(q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, block_q, block_k)
+    kk = min(topk, bl.S)
+    qb, wb, kb = bl.q_blocks(q_BTJd), bl.q_blocks(w_BTJ), bl.k_blocks(k_BSd)
+    any_N = bl.vis_NM.any(1)
+    lo_N = jnp.where(any_N, jnp.argmax(bl.vis_NM, 1), 0)
+    hi_N = jnp.where(any_N, bl.nk - jnp.argmax(bl.vis_NM[:, ::-1], 1), 0)
+
+    def q_block(i):
+        def step(j, carry):
+            vals, idx = carry
+            scores = jnp.where(bl.mask(i, j), index_scores(qb[i], wb[i], kb[j]), -jnp.inf)
+            cand = jnp.concatenate([vals, scores], -1)
+            cand_idx = jnp.concatenate([idx, jnp.broadcast_to(j * bl.bk + jnp.arange(bl.bk, dtype=jnp.int32),
+                                                              scores.shape)], -1)
+            vals, pick = lax.top_k(cand, kk)
+            return vals, jnp.take_along_axis(cand_idx, pick, -1)
+
+        init = (jnp.full((bl.B, bl.bq, kk), -jnp.inf, jnp.float32), jnp.zeros((bl.B, bl.bq, kk), jnp.int32))
+        return lax.fori_loop(lo_N[i], hi_N[i], step, init)
+
+    vals, idx = lax.map(q_block, jnp.arange(bl.nq))
+    vals, idx = bl.unblock(vals), bl.unblock(idx)
+    valid = jnp.isfinite(vals)
+    return jnp.where(valid, jnp.minimum(idx, bl.S - 1), 0), valid
+
+
+# ----------------------------------------------------------------------------- the KL losses
+
+
+def dense_kl(q_BTHD, k_BSKD, lse_BTH, iq_BTJd, w_BTJ, ik_BSd, *, q_pos_BT, kv_pos_BS, q_seg_BT=None,
+             kv_seg_BS=None, alibi_slopes_H=None, scale=None, block_q=128, block_k=512):
+    """KL(p_t || softmax_s I[t, s]) per query [B, T], over all visible keys, one block pair at a time.
+
+    KL = sum_s p log p - sum_s p I + logsumexp_s I (sum_s p = 1). The main
+    attention enters only through p (stop-gradient); gradients reach the
+    indexer's q_I, w and k_I. Each key-block step is rematerialised in the
+    backward pass, so memory stays O(T * block_k).
+    """
+    B, T, H, D = q_BTHD.shape
+    K = k_BSKD.shape[2]
+    bl = _Blocks(q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, block_q, block_k)
+    scale = D**-0.5 if scale is None else scale
+    slopes_KG = None if alibi_slopes_H is None else alibi_slopes_H.astype(jnp.float32).reshape(K, H // K)
+    qb, lseb, kb, qpb, kpb = bl.q_blocks(sg(q_BTHD)), bl.q_blocks(sg(lse_BTH)), bl.k_blocks(sg(k_BSKD)), bl.qpb, bl.kpb
+    iqb, wb, ikb = bl.q_blocks(iq_BTJd), bl.q_blocks(w_BTJ), bl.k_blocks(ik_BSd)
+
+    def q_block(i):
+        @jax.checkpoint
+        def step(carry, j):
+            def compute(carry):
+                plogp, pI, m, l = carry
+                mask = bl.mask(i, j)
+                p = sg(_head_mean_probs(qb[i], kb[j], lseb[i], qpb[i], kpb[j], slopes_KG, scale, mask))
+                score = index_scores(iqb[i], wb[i], ikb[j])
+                s_m = jnp.where(mask, score, -jnp.inf)
+                m_new = jnp.maximum(m, s_m.max(-1))
+                m_use = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+                l = l * jnp.exp(m - m_use) + jnp.exp(s_m - m_use[..., None]).sum(-1)
+                return (plogp + _plogp(p).sum(-1), pI + (p * jnp.where(mask, score, 0.0)).sum(-1), m_new, l)
+
+            return lax.cond(bl.vis_NM[i, j], compute, lambda c: c, carry), None
+
+        zeros = jnp.zeros((B, bl.bq), jnp.float32)
+        init = (zeros, zeros, jnp.full((B, bl.bq), -jnp.inf), zeros)
+        (plogp, pI, m, l), _ = lax.scan(step, init, jnp.arange(bl.nk))
+        lse_I = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), 0.0)
+        return jnp.where(l > 0, plogp - pI + lse_I, 0.0)
+
+    return bl.unblock(lax.map(q_block, jnp.arange(bl.nq)))
+
+
+def sparse_kl(q_BTHD, k_BSKD, lse_BTH, iq_BTJd, w_BTJ, ik_BSd, idx_BTk, valid_BTk, *, q_pos_BT, kv_pos_BS,
+              alibi_slopes_H=None, scale=None, block_q=128):
+    """KL(p_t || softmax I[t, selected]) per query [B, T], over the selected set only (sparse stage).
+
+    p_t is the sparse main attention (its own lse), summed over heads and
+    L1-normalised; only the indexer receives gradients.
+    """
+    B, T, H, D = q_BTHD.shape
+    K = k_BSKD.shape[2]
+    scale = D**-0.5 if scale is None else scale
+    slopes_KG = None if alibi_slopes_H is None else alibi_slopes_H.astype(jnp.float32).reshape(K, H // K)
+    blocks, unblock = query_blocks(T, block_q)
+
+    @jax.checkpoint
+    def block(q_b, lse_b, qp_b, iq_b, w_b, idx_b, valid_b):
+        kp_sel = gather_rows(kv_pos_BS, idx_b)
+        p = _sel_probs(q_b, gather_rows(sg(k_BSKD), idx_b), lse_b, qp_b, kp_sel, slopes_KG, scale)
+        p = sg(jnp.where(valid_b, p, 0.0))  # [B, bq, k]
+        ik_sel = gather_rows(ik_BSd, idx_b)  # [B, bq, k, d_I]
+        score = jnp.einsum("bqj,bqjk->bqk", w_b, jax.nn.relu(jnp.einsum("bqjd,bqkd->bqjk", iq_b, ik_sel)))
+        logq = jax.nn.log_softmax(jnp.where(valid_b, score, -jnp.inf), -1)
+        kl = (_plogp(p) - p * jnp.where(valid_b, logq, 0.0)).sum(-1)
+        return jnp.where(valid_b.any(-1), kl, 0.0)
+
+    kl = lax.map(lambda a: block(*a), (blocks(sg(q_BTHD)), blocks(sg(lse_BTH)), blocks(q_pos_BT), blocks(iq_BTJd),
+                                       blocks(w_BTJ), blocks(idx_BTk), blocks(valid_BTk)))
+    return unblock(kl)
+
+
+# ----------------------------------------------------------------------------- diagnostics
+
+
+def mass_diagnostics(q_BTHD, k_BSKD, lse_BTH, idx_BTk, valid_BTk, *, q_pos_BT, kv_pos_BS, q_seg_BT=None,
+                     kv_seg_BS=None, alibi_slopes_H=None, scale=None, topk: int, window: int, block_q=128,
+                     block_k=512):
+    """Per-query attention-mass recall of the selection and of three baselines, all [B, T] f32.
+
+    Returns a dict: `recall` (dense mass inside the selected set), `recall_oracle`
+    (the k largest dense probabilities), `recall_window` (the last k positions),
+    `recall_random` (expected mass of k random visible keys: k / visible),
+    `older_than_window` (share of selected keys at distance >= `window`) and
+    `long` (1 where more than k keys are visible: elsewhere every method scores 1).
+    `lse_BTH` is the *dense* attention's log-sum-exp. No gradients.
+    """
+    q, k, lse = sg(q_BTHD), sg(k_BSKD), sg(lse_BTH)
+    B, T, H, D = q.shape
+    K = k.shape[2]
+    bl = _Blocks(q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, block_q, block_k)
+    kk = min(topk, bl.S)
+    scale = D**-0.5 if scale is None else scale
+    slopes_KG = None if alibi_slopes_H is None else alibi_slopes_H.astype(jnp.float32).reshape(K, H // K)
+    qb, lseb, kb, qpb, kpb = bl.q_blocks(q), bl.q_blocks(lse), bl.k_blocks(k), bl.qpb, bl.kpb
+
+    def q_block(i):
+        def step(carry, j):
+            top, win, n = carry
+            mask = bl.mask(i, j)
+            p = _head_mean_probs(qb[i], kb[j], lseb[i], qpb[i], kpb[j], slopes_KG, scale, mask)
+            near = (qpb[i][:, :, None] - kpb[j][:, None, :]) < topk
+            top = lax.top_k(jnp.concatenate([top, jnp.where(mask, p, -1.0)], -1), kk)[0]
+            return (top, win + jnp.where(near, p, 0.0).sum(-1), n + mask.sum(-1)), None
+
+        zeros = jnp.zeros((B, bl.bq), jnp.float32)
+        init = (jnp.full((B, bl.bq, kk), -1.0), zeros, zeros)
+        (top, win, n), _ = lax.scan(step, init, jnp.arange(bl.nk))
+        return jnp.maximum(top, 0.0).sum(-1), win, n
+
+    oracle, win, n = (bl.unblock(x) for x in lax.map(q_block, jnp.arange(bl.nq)))
+    # The selection's mass: the dense probabilities at the selected keys, [bq, k] gathered rows at a time.
+    blocks, unblock = query_blocks(T, block_q)
+
+    def sel_block(q_b, lse_b, qp_b, idx_b, valid_b):
+        p = _sel_probs(q_b, gather_rows(k, idx_b), lse_b, qp_b, gather_rows(kv_pos_BS, idx_b), slopes_KG, scale)
+        return jnp.where(valid_b, p, 0.0).sum(-1)
+
+    sel = unblock(lax.map(lambda a: sel_block(*a), tuple(blocks(x) for x in (q, lse, q_pos_BT, idx_BTk, valid_BTk))))
+    dist = q_pos_BT[:, :, None] - gather_rows(kv_pos_BS, idx_BTk)
+    older = jnp.where(valid_BTk & (dist >= window), 1.0, 0.0).sum(-1) / jnp.maximum(valid_BTk.sum(-1), 1)
+    return {"recall": sel, "recall_oracle": oracle, "recall_window": win,
+            "recall_random": jnp.where(n > 0, jnp.minimum(1.0, kk / jnp.maximum(n, 1.0)), 1.0),
+            "older_than_window": older, "long": (n > kk).astype(jnp.float32)}
+
+
+def _sel_probs(q_bQHD, k_sel, lse_bQH, qp, kp_sel, slopes_KG, scale):
+    B, bq, H, D = q_bQHD.shape
+    K = k_sel.shape[3]
+    s = jnp.einsum("bqkgd,bqjkd->bqkgj", q_bQHD.reshape(B, bq, K, H // K, D), k_sel,
+                   preferred_element_type=jnp.float32) * scale
+    if slopes_KG is not None:
+        dist = jnp.abs(qp[:, :, None] - kp_sel).astype(jnp.float32)
+        s = s - slopes_KG[None, None, :, :, None] * dist[:, :, None, None, :]
+    lse = jnp.where(jnp.isfinite(lse_bQH), lse_bQH, 0.0).reshape(B, bq, K, H // K)
+    return jnp.exp(s - lse[..., None]).mean((2, 3))
+
+
+# ----------------------------------------------------------------------------- the variant
+
+
+class DSA(AttentionVariant):
+    """Dense attention plus an indexer KL during warm-up; top-k sparse attention after it."""
+
+    def __init__(self, *, d_model: int, param_dtype, rngs: nnx.Rngs, dsa, **kwargs):
+        super().__init__(**kwargs)
+        self.topk, self.block_q, self.block_k = int(dsa["topk"]), int(dsa["index_block_q"]), int(dsa["index_block_k"])
+        self.indexer = Indexer(d_model=d_model, index_heads=dsa["index_heads"], index_dim=dsa["index_dim"],
+                               index_rope_dim=dsa["index_rope_dim"], param_dtype=param_dtype, rngs=rngs)
+        self.sparse = False  # set per step by `configure` (the stage follows the training step)
+        self.diagnostics = False
+
+    def __call__(self, q_BTHD, k_BSKD, v_BSKD, *, q_pos_BT, kv_pos_BS, q_seg_BT=None, kv_seg_BS=None,
+                 alibi_slopes_H=None, x_BTE=None):
+        if x_BTE is None:
+            raise ValueError("DSA scores keys from the hidden state: pass x_BTE")
+        if k_BSKD.shape[1] != x_BTE.shape[1]:
+            raise ValueError("DSA needs the hidden state of every key (T == S); cached decoding is not supported yet")
+        iq, w, ik = self.indexer(sg(x_BTE), q_pos_BT)
+        pos = dict(q_pos_BT=q_pos_BT, kv_pos_BS=kv_pos_BS)
+        segs = dict(q_seg_BT=q_seg_BT, kv_seg_BS=kv_seg_BS)
+        blocks = dict(block_q=self.block_q)
+        if self.sparse:
+            idx, valid = streaming_topk(sg(iq), sg(w), sg(ik), **pos, **segs, topk=self.topk, **blocks,
+                                        block_k=self.block_k)
+            out, lse = sparse_attention(q_BTHD, k_BSKD, v_BSKD, idx, valid, **pos, alibi_slopes_H=alibi_slopes_H,
+                                        **blocks)
+            kl = sparse_kl(q_BTHD, k_BSKD, lse, iq, w, ik, idx, valid, **pos, alibi_slopes_H=alibi_slopes_H, **blocks)
+        else:
+            out, lse = ops.attention(q_BTHD, k_BSKD, v_BSKD, **pos, **segs, alibi_slopes_H=alibi_slopes_H,
+                                     impl=self.impl, block_sizes=self.block_sizes, return_lse=True)
+            kl = dense_kl(q_BTHD, k_BSKD, lse, iq, w, ik, **pos, **segs, alibi_slopes_H=alibi_slopes_H, **blocks,
+                          block_k=self.block_k)
+        rows = jnp.ones(kl.shape, jnp.float32) if q_seg_BT is None else (q_seg_BT > 0).astype(jnp.float32)
+        self.sow(nnx.Intermediate, "dsa_kl", jnp.stack([(kl * rows).sum(), rows.sum()]))
+        if self.diagnostics:
+            self._diagnose(q_BTHD, k_BSKD, iq, w, ik, pos, segs, alibi_slopes_H, rows, lse if not self.sparse else None)
+        return out
+
+    def _diagnose(self, q, k, iq, w, ik, pos, segs, slopes, rows, dense_lse):
+        if dense_lse is None:  # sparse stage: the dense attention is needed only to measure against it
+            _, dense_lse = ops.attention(q, k, k, **pos, **segs, alibi_slopes_H=slopes, impl=self.impl,
+                                         block_sizes=self.block_sizes, return_lse=True)
+        idx, valid = streaming_topk(iq, w, ik, **pos, **segs, topk=self.topk, block_q=self.block_q,
+                                    block_k=self.block_k)
+        d = mass_diagnostics(q, k, dense_lse, idx, valid, **pos, **segs, alibi_slopes_H=slopes, topk=self.topk,
+                             window=self.topk, block_q=self.block_q, block_k=self.block_k)
+        long = d.pop("long") * rows
+        for name, v in d.items():
+            self.sow(nnx.Intermediate, f"dsa_{name}", jnp.stack([(v * long).sum(), long.sum()]))
+
+
+# ----------------------------------------------------------------------------- model-level helpers
+
+
+def configure(model: nnx.Module, *, sparse: bool | None = None, diagnostics: bool | None = None) -> int:
+    """Set the stage (and diagnostics) of every DSA layer of `model`; returns how many there are."""
+    n = 0
+    for _, m in nnx.iter_modules(model):
+        if isinstance(m, DSA):
+            n += 1
+            if sparse is not None:
+                m.sparse = bool(sparse)
+            if diagnostics is not None:
+                m.diagnostics = bool(diagnostics)
+    return n
+
+
+def collect(intermediates) -> dict[str, jax.Array]:
+    """Sum the (value sum, count) pairs that DSA layers sowed, per metric: {name: [sum, count]}."""
+    out: dict[str, jax.Array] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(intermediates)[0]:
+        names = [str(getattr(p, "key", getattr(p, "name", ""))) for p in path]
+        name = next((n for n in reversed(names) if n.startswith("dsa_")), None)
+        if name is not None:
+            out[name[4:]] = out.get(name[4:], 0.0) + leaf
+    return out
+
+
+def is_dsa(model_cfg) -> bool:
+    return model_cfg.attention.name == "dsa"
+
+
+def label_params(params) -> object:
+    """'indexer' for the DSA indexer's parameters, 'main' for everything else (optax.multi_transform labels)."""
+    def label(path, _):
+        return "indexer" if any(getattr(p, "key", getattr(p, "name", None)) == "indexer" for p in path) else "main"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+

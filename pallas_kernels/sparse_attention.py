@@ -1,0 +1,102 @@
+"""Attention over gathered top-k keys: the sparse stage of DSA (lc_jax/attention/dsa.py).
+
+Each query t attends only to its own k selected keys idx[t, :] (shared by all
+heads of the query; under GQA every query head reads the selected rows of its
+kv head). Nothing of size T x S exists: queries are processed in blocks of
+`block_q`, and each block gathers its [block_q, k] key/value rows, so memory is
+O(T * k) and compute O(T * k * H * D).
+
+This is the XLA gather path (every backend; the CPU path). The block function
+is rematerialised in the backward pass (`jax.checkpoint`), so the gathered rows
+are never stored for all blocks at once; gradients reach K and V through the
+transpose of the gather (a scatter-add into [S, K, D]).
+
+Layout as the flash kernels: block size, block body, wrapper with shape
+validation. A Pallas kernel for TPU/GPU that DMAs only the selected rows is
+future work and will sit beside this path with the same signature.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.flash_attention.masks import check_qkv, pad_axis
+
+DEFAULT_BLOCK_Q = 128
+
+
+def gather_rows(x_BSX, idx_BTk):
+    """x[b, idx[b, t, j]] for every (b, t, j): [B, T, k, ...]. The one gather the sparse path makes."""
+    return jax.vmap(lambda x, i: x[i])(x_BSX, idx_BTk)
+
+
+def query_blocks(T: int, block_q: int):
+    """(to_blocks, from_blocks): [B, T, ...] <-> [n, B, bq, ...] with zero padding to whole blocks."""
+    bq = min(block_q, T)
+    pad = -T % bq
+    n = (T + pad) // bq
+
+    def to_blocks(x):
+        x = pad_axis(x, 1, pad, 0)
+        return x.reshape(x.shape[0], n, bq, *x.shape[2:]).swapaxes(0, 1)
+
+    def from_blocks(x):
+        return x.swapaxes(0, 1).reshape(x.shape[1], n * bq, *x.shape[3:])[:, :T]
+
+    return to_blocks, from_blocks
+
+
+def _block(q_b, idx_b, valid_b, qp_b, *, k, v, kv_pos, slopes_KG, scale):
+    """out [B, bq, H, Dv] and lse [B, bq, H] of one query block over its gathered keys."""
+    B, bq, H, D = q_b.shape
+    K = k.shape[2]
+    G = H // K
+    k_sel = gather_rows(k, idx_b)  # [B, bq, k, K, D]
+    v_sel = gather_rows(v, idx_b)
+    s = jnp.einsum("bqkgd,bqjkd->bqkgj", q_b.reshape(B, bq, K, G, D), k_sel,
+                   preferred_element_type=jnp.float32) * scale
+    if slopes_KG is not None:
+        kp_sel = gather_rows(kv_pos, idx_b)  # [B, bq, k]
+        dist = jnp.abs(qp_b[:, :, None] - kp_sel).astype(jnp.float32)
+        s = s - slopes_KG[None, None, :, :, None] * dist[:, :, None, None, :]
+    s = jnp.where(valid_b[:, :, None, None, :], s, -jnp.inf)
+    m = s.max(-1)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m_safe[..., None])
+    l = p.sum(-1)
+    l_safe = jnp.where(l == 0, 1.0, l)
+    out = jnp.einsum("bqkgj,bqjkd->bqkgd", p.astype(v.dtype), v_sel, preferred_element_type=jnp.float32)
+    out = (out / l_safe[..., None]).reshape(B, bq, H, v.shape[-1])
+    lse = jnp.where(l == 0, -jnp.inf, m_safe + jnp.log(l_safe)).reshape(B, bq, H)
+    return out.astype(q_b.dtype), lse
+
+
+def sparse_attention(q_BTHD, k_BSKD, v_BSKD, idx_BTk, valid_BTk, *, q_pos_BT, kv_pos_BS, alibi_slopes_H=None,
+                     scale=None, block_q: int = DEFAULT_BLOCK_Q):
+    """Attention of each query to its selected keys; returns (out_BTHD, lse_BTH), lse -inf where nothing is valid.
+
+    `idx_BTk` (int) indexes the key axis; `valid_BTk` (bool) marks real
+    selections (a query with fewer than k visible keys has fewer valid ones).
+    Visibility is the selector's job: every valid index is attended to.
+    """
+    B, T, S, H, K, D = check_qkv(q_BTHD, k_BSKD, v_BSKD, alibi_slopes_H)
+    if idx_BTk.shape != valid_BTk.shape or idx_BTk.shape[:2] != (B, T):
+        raise ValueError(f"idx {idx_BTk.shape} / valid {valid_BTk.shape} must both be ({B}, {T}, k)")
+    if q_pos_BT.shape != (B, T) or kv_pos_BS.shape != (B, S):
+        raise ValueError(f"q_pos {q_pos_BT.shape} / kv_pos {kv_pos_BS.shape} must be ({B}, {T}) / ({B}, {S})")
+    if not isinstance(block_q, int) or block_q <= 0:
+        raise ValueError(f"block_q must be a positive int, got {block_q!r}")
+    scale = float(D**-0.5 if scale is None else scale)
+    slopes_KG = None if alibi_slopes_H is None else jnp.asarray(alibi_slopes_H, jnp.float32).reshape(K, H // K)
+    idx = jnp.clip(idx_BTk.astype(jnp.int32), 0, S - 1)
+
+    blocks, unblock = query_blocks(T, block_q)
+    body = jax.checkpoint(functools.partial(_block, k=k_BSKD, v=v_BSKD, kv_pos=kv_pos_BS.astype(jnp.int32),
+                                            slopes_KG=slopes_KG, scale=scale))
+    out, lse = lax.map(lambda a: body(*a), (blocks(q_BTHD), blocks(idx), blocks(valid_BTk),
+                                            blocks(q_pos_BT.astype(jnp.int32))))
+    return unblock(out), unblock(lse)

@@ -1,0 +1,203 @@
+"""DSA (lc_jax/attention/dsa.py, pallas_kernels/sparse_attention.py): selection, sparse attention, losses, stages.
+
+Tolerances: f32 values 1e-5 and gradients 1e-4 (blockwise sums in another order);
+gradient isolation is exact (== 0).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from lc_jax import train
+from lc_jax.attention import dsa
+from lc_jax.config import ConfigError, validate
+from lc_jax.data import make_dataset
+from pallas_kernels.flash_attention import reference
+from pallas_kernels.flash_attention.masks import visible
+from pallas_kernels.sparse_attention import sparse_attention
+
+B, T, H, K, D, J, DI = 2, 50, 4, 2, 8, 3, 6
+
+
+def _tensors(seed=0):
+    ks = jax.random.split(jax.random.key(seed), 6)
+    q, k, v = (jax.random.normal(ks[0], (B, T, H, D)), jax.random.normal(ks[1], (B, T, K, D)),
+               jax.random.normal(ks[2], (B, T, K, D)))
+    iq, w, ik = (jax.random.normal(ks[3], (B, T, J, DI)), jax.random.normal(ks[4], (B, T, J)),
+                 jax.random.normal(ks[5], (B, T, DI)))
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    seg = jnp.broadcast_to((jnp.arange(T) >= 20).astype(jnp.int32), (B, T))
+    pos = jnp.where(seg == 1, pos - 20, pos)  # packed: the second document restarts its positions
+    return q, k, v, iq, w, ik, dict(q_pos_BT=pos, kv_pos_BS=pos, q_seg_BT=seg, kv_seg_BS=seg)
+
+
+def _brute_scores(iq, w, ik, m):
+    scores = jnp.einsum("btj,btjs->bts", w, jax.nn.relu(jnp.einsum("btjd,bsd->btjs", iq, ik)))
+    return jnp.where(visible(m["q_pos_BT"], m["kv_pos_BS"], m["q_seg_BT"], m["kv_seg_BS"]), scores, -jnp.inf)
+
+
+@pytest.mark.parametrize("topk", [1, 5, 16, 64])
+def test_streaming_topk_equals_brute_force(topk):
+    _, _, _, iq, w, ik, m = _tensors()
+    idx, valid = dsa.streaming_topk(iq, w, ik, **m, topk=topk, block_q=16, block_k=16)
+    vals, ref_idx = jax.lax.top_k(_brute_scores(iq, w, ik, m), min(topk, T))
+    ref_valid = jnp.isfinite(vals)
+    np.testing.assert_array_equal(valid, ref_valid)  # fewer than k visible keys: only those are valid
+    np.testing.assert_array_equal(np.sort(np.where(valid, idx, -1), -1), np.sort(np.where(ref_valid, ref_idx, -1), -1))
+
+
+def test_sparse_attention_with_k_at_least_T_equals_full_attention():
+    q, k, v, iq, w, ik, m = _tensors()
+    slopes = jnp.asarray([0.5, 0.25, 0.125, 0.0625], jnp.float32)
+    idx, valid = dsa.streaming_topk(iq, w, ik, **m, topk=T, block_q=16, block_k=16)
+
+    def sparse(q, k, v):
+        return sparse_attention(q, k, v, idx, valid, q_pos_BT=m["q_pos_BT"], kv_pos_BS=m["kv_pos_BS"],
+                                alibi_slopes_H=slopes, block_q=16)
+
+    (out, lse), vjp = jax.vjp(sparse, q, k, v)
+    (out_r, lse_r), vjp_r = jax.vjp(lambda q, k, v: reference.attention(q, k, v, **m, alibi_slopes_H=slopes), q, k, v)
+    np.testing.assert_allclose(out, out_r, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(lse, lse_r, atol=1e-5, rtol=1e-5)
+    ct = (jnp.cos(out), jnp.sin(lse))
+    for g, g_r in zip(vjp(ct), vjp_r(ct)):
+        np.testing.assert_allclose(g, g_r, atol=1e-4, rtol=1e-4)
+
+
+def test_dense_and_sparse_kl_match_brute_force():
+    q, k, v, iq, w, ik, m = _tensors()
+    _, lse = reference.attention(q, k, v, **m)
+    mask = visible(m["q_pos_BT"], m["kv_pos_BS"], m["q_seg_BT"], m["kv_seg_BS"])
+    s = jnp.einsum("bthd,bshd->bhts", q, jnp.repeat(k, H // K, 2)) * D**-0.5
+    p = jnp.where(mask[:, None], jax.nn.softmax(jnp.where(mask[:, None], s, -jnp.inf), -1), 0).mean(1)
+
+    def brute(iq):
+        logq = jax.nn.log_softmax(_brute_scores(iq, w, ik, m), -1)
+        return jnp.where(mask, p * (jnp.log(jnp.where(p > 0, p, 1)) - jnp.where(mask, logq, 0)), 0).sum(-1)
+
+    kl = lambda iq: dsa.dense_kl(q, k, lse, iq, w, ik, **m, block_q=16, block_k=16)  # noqa: E731
+    np.testing.assert_allclose(kl(iq), brute(iq), atol=1e-5)
+    np.testing.assert_allclose(jax.grad(lambda a: kl(a).sum())(iq), jax.grad(lambda a: brute(a).sum())(iq),
+                               atol=1e-4)
+    idx, valid = dsa.streaming_topk(iq, w, ik, **m, topk=T, block_q=16, block_k=16)
+    sparse = dsa.sparse_kl(q, k, lse, iq, w, ik, idx, valid, q_pos_BT=m["q_pos_BT"], kv_pos_BS=m["kv_pos_BS"],
+                           block_q=16)
+    np.testing.assert_allclose(sparse, brute(iq), atol=1e-5)
+
+
+def _dsa_config(tiny_config, **dsa_fields):
+    c = tiny_config("attention=dsa")
+    c.model.attention.dsa.update(dict(topk=8, index_heads=2, index_dim=8, index_rope_dim=4, warmup_steps=2,
+                                      index_block_q=16, index_block_k=16) | dsa_fields)
+    return c
+
+
+def _grads(c, *, sparse, which):
+    model = train.build_model(c)
+    graphdef, params = nnx.split(model, nnx.Param)
+    batch = next(iter(make_dataset(c.data, split="train", batch_size=2, seed=0)))
+
+    def f(p):
+        objective, (_, aux) = train.loss_fn(p, graphdef, batch, sparse=sparse, kl_weight=0.0)
+        return objective if which == "lm" else aux["kl"][0]
+
+    grads = jax.jit(jax.grad(f))(params)
+    labels = dsa.label_params(grads)
+    return {lab: [np.abs(np.asarray(g)).max() for g, lab2 in zip(jax.tree.leaves(grads), jax.tree.leaves(labels))
+                  if lab2 == lab] for lab in ("main", "indexer")}
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_lm_loss_never_trains_the_indexer_and_kl_only_trains_it(tiny_config, sparse):
+    c = _dsa_config(tiny_config)
+    lm = _grads(c, sparse=sparse, which="lm")
+    assert max(lm["indexer"]) == 0.0 and max(lm["main"]) > 0
+    kl = _grads(c, sparse=sparse, which="kl")
+    assert max(kl["main"]) == 0.0 and max(kl["indexer"]) > 0
+
+
+def test_dense_warmup_teaches_the_indexer_where_attention_looks():
+    """Train only an indexer on the dense KL against a fixed, peaky (non-local) attention."""
+    Bx, Tx, E, Hx, Dx, k = 4, 64, 32, 2, 16, 8
+    ks = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(ks[0], (Bx, Tx, E))
+    q = jnp.einsum("bte,ehd->bthd", x, jax.random.normal(ks[1], (E, Hx, Dx)) * E**-0.5 * 2.5)
+    kk = jnp.einsum("bte,ehd->bthd", x, jax.random.normal(ks[2], (E, 1, Dx)) * E**-0.5 * 2.5)
+    pos = jnp.broadcast_to(jnp.arange(Tx), (Bx, Tx))
+    m = dict(q_pos_BT=pos, kv_pos_BS=pos)
+    _, lse = reference.attention(q, kk, kk, **m)
+    with nnx.use_eager_sharding(False):
+        indexer = dsa.Indexer(d_model=E, index_heads=4, index_dim=16, index_rope_dim=0, param_dtype=jnp.float32,
+                              rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(indexer, nnx.Param)
+
+    def kl(p):
+        iq, w, ik = nnx.merge(graphdef, p)(x, pos)
+        return dsa.dense_kl(q, kk, lse, iq, w, ik, **m, block_q=16, block_k=16).mean()
+
+    def recall(p):
+        iq, w, ik = nnx.merge(graphdef, p)(x, pos)
+        idx, valid = dsa.streaming_topk(iq, w, ik, **m, topk=k, block_q=16, block_k=16)
+        d = dsa.mass_diagnostics(q, kk, lse, idx, valid, **m, topk=k, window=k, block_q=16, block_k=16)
+        long = d.pop("long")
+        return {n: float((v * long).sum() / long.sum()) for n, v in d.items()}
+
+    tx = optax.adam(1e-2)
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(p, opt):
+        loss, g = jax.value_and_grad(kl)(p)
+        upd, opt = tx.update(g, opt, p)
+        return optax.apply_updates(p, upd), opt, loss
+
+    kl0, r0 = float(kl(params)), recall(params)
+    for _ in range(150):
+        params, opt, _ = step(params, opt)
+    kl1, r1 = float(kl(params)), recall(params)
+    assert kl1 < 0.3 * kl0
+    assert r1["recall"] > r0["recall"] + 0.3
+    assert r1["recall"] > r1["recall_window"] + 0.3 and r1["recall"] > r1["recall_random"] + 0.3
+    assert r1["recall"] <= r1["recall_oracle"] + 1e-6
+
+
+def test_frozen_warmup_trains_only_the_indexer_then_both(tiny_config):
+    c = _dsa_config(tiny_config, warmup_mode="frozen")
+    c.train.warmup_steps = 0
+    tx, schedule = train.make_optimizer(c.train, c.model)
+    graphdef, params = nnx.split(train.build_model(c), nnx.Param)
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+             "phase_start": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(0))}
+    batches = iter(make_dataset(c.data, split="train", batch_size=2, seed=0))
+    steps = {s: train.make_train_step(graphdef, tx, schedule, sparse=s) for s in (False, True)}
+    labels = jax.tree.leaves(dsa.label_params(params))
+
+    def changed(before, after):
+        out = {"main": False, "indexer": False}
+        for a, b, lab in zip(jax.tree.leaves(before), jax.tree.leaves(after), labels):
+            out[lab] |= bool(np.any(np.asarray(a) != np.asarray(b)))
+        return out
+
+    for i in range(3):
+        before = jax.tree.map(np.asarray, state["params"])
+        state, metrics = steps[i >= 2](state, next(batches))
+        assert np.isfinite(float(metrics["dsa_kl"]))
+        assert changed(before, state["params"]) == {"main": i >= 2, "indexer": True}
+
+
+def test_dsa_config_errors(tiny_config):
+    c = _dsa_config(tiny_config, warmup_mode="thawed", index_rope_dim=5)
+    with pytest.raises(ConfigError) as e:
+        validate(c)
+    msg = str(e.value)
+    assert "model.attention.dsa.warmup_mode='thawed': allowed values are ['joint', 'frozen']" in msg
+    assert "model.attention.dsa.index_rope_dim=5: must be even" in msg
+    c = _dsa_config(tiny_config)
+    c.mesh.update(data=4, context=2)
+    with pytest.raises(ConfigError, match="does not run under context parallelism"):
+        validate(c, num_devices=8)
