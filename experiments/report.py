@@ -5,6 +5,8 @@
 Reads `<workdir>/*/eval/extrapolation.json`, writes `results.md` (a markdown
 table of validation loss per evaluation length; '-' where a scheme cannot run
 at that length, with the reason below the table), `results.json` and `loss_vs_length.png`.
+Sweeps whose members wrote `eval/summary.json` (the attention ablation) get a
+table of their validation metrics and step times instead.
 """
 
 from __future__ import annotations
@@ -50,14 +52,46 @@ def table(results: list[dict], field: str = "loss") -> tuple[str, list[str]]:
     return "\n".join(lines), notes
 
 
+SUMMARY_COLUMNS = (  # (field of the final validation metrics, header, format)
+    ("text_loss", "val loss (text)", "{:.3f}"),
+    ("retrieval_acc", "passkey acc", "{:.1%}"),
+    ("dsa_recall", "mass recall: DSA", "{:.3f}"),
+    ("dsa_recall_oracle", "oracle top-k", "{:.3f}"),
+    ("dsa_recall_window", "last-k window", "{:.3f}"),
+    ("dsa_recall_random", "random k", "{:.3f}"),
+    ("dsa_older_than_window", "selected beyond window", "{:.1%}"),
+    ("dsa_kl", "indexer KL", "{:.3f}"),
+)
+
+
+def summary_table(workdir: Path, out: Path) -> str:
+    """Markdown table of each member's final validation metrics and median step time (eval/summary.json)."""
+    results = [json.loads(p.read_text()) | {"name": p.parent.parent.name}
+               for p in sorted(workdir.glob("*/eval/summary.json"))]
+    lines = ["| run | step | " + " | ".join(h for _, h, _ in SUMMARY_COLUMNS) + " | step time (s) |",
+             "|---|---:|" + "---:|" * (len(SUMMARY_COLUMNS) + 1)]
+    for r in results:
+        v = r["validation"]
+        cells = [fmt.format(v[f]) if f in v else "-" for f, _, fmt in SUMMARY_COLUMNS]
+        lines.append(f"| {r['name']} | {r['step']} | " + " | ".join(cells) + f" | {r['median_step_s']:.2f} |")
+    md = "\n".join([f"# {workdir.name}", "", "\n".join(lines), ""])
+    (out / "results.md").write_text(md)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return md
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
-    results = load(Path(a.workdir))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if list(Path(a.workdir).glob("*/eval/summary.json")):
+        print(summary_table(Path(a.workdir), out))
+        print(f"wrote {out}/results.md, results.json")
+        return
+    results = load(Path(a.workdir))
     all_tab, notes = table(results, "loss")
     beyond_tab, _ = table(results, "beyond_loss")
     train_len = results[0]["train_len"]

@@ -2,7 +2,9 @@
 
     python -m experiments.sweep --config configs/ablations/positions.py --workdir runs/ablate_positions [--only rope]
 
-Each member gets `<workdir>/<name>/`; a finished member is skipped (training
+A config module may define `evaluate(workdir) -> dict` (written to
+`<member>/eval/summary.json`); otherwise each member gets the extrapolation
+sweep (`eval/extrapolation.json`). Each member gets `<workdir>/<name>/`; a finished member is skipped (training
 resumes from its checkpoints), so an interrupted sweep continues where it stopped.
 """
 
@@ -37,9 +39,13 @@ def main():
         workdir = Path(a.workdir) / name
         print(f"=== {name} ({arg})", flush=True)
         train.train(cfg, workdir)
-        res = evaluate.extrapolation_sweep(workdir)
+        if hasattr(module, "evaluate"):  # the config module says what its ablation measures
+            res, out = module.evaluate(workdir), workdir / "eval" / "summary.json"
+        else:  # default: loss at 1x..8x the training length under each RoPE scaling
+            res, out = evaluate.extrapolation_sweep(workdir), workdir / "eval" / "extrapolation.json"
         res["name"] = name
-        (workdir / "eval" / "extrapolation.json").write_text(json.dumps(res, indent=2))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=2))
 
 
 if __name__ == "__main__":

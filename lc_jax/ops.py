@@ -215,10 +215,11 @@ def _on_mesh(mesh, impl, q, k, v, block_sizes, kwargs):
                   kv_seg_BS=(segs or (None, None))[1], alibi_slopes_H=(slopes or (None,))[0])
         if n_ctx == 1:
             return _local(impl, q, k, v, block_sizes, kw)
-        pallas = impl == "pallas" and jax.default_backend() != "gpu"  # the GPU kernels have no ring backward yet
-        bs = (_tpu.BlockSizes() if block_sizes is None else block_sizes) if pallas else block_sizes
-        return _ring_attention(q, k, v, **kw, axis_name=spec("seq")[0], kernel="pallas" if pallas else "xla",
-                               block_sizes=bs, interpret=pallas and jax.default_backend() == "cpu")
+        backend = jax.default_backend()
+        kernel = "xla" if impl != "pallas" else "pallas_gpu" if backend == "gpu" else "pallas"
+        defaults = {"xla": None, "pallas": _tpu.BlockSizes(), "pallas_gpu": _gpu.BlockSizes()}[kernel]
+        return _ring_attention(q, k, v, **kw, axis_name=spec("seq")[0], kernel=kernel,
+                               block_sizes=block_sizes or defaults, interpret=kernel != "xla" and backend == "cpu")
 
     # Absent segments / slopes travel as empty tuples (shard_map specs must match the pytree).
     segs = () if segs[0] is None else segs

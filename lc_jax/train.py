@@ -134,13 +134,14 @@ def loss_fn(params, graphdef, batch, *, sparse: bool = False, diagnostics: bool 
     objective = lm
     if "kl" in aux:
         objective = lm + kl_weight * aux["kl"][0] / jnp.maximum(aux["kl"][1], 1.0)
-    return objective, (ce, aux)
+    hit = jnp.argmax(logits, -1) == batch["targets"]  # unused by the train step (XLA drops it there)
+    return objective, (ce, aux, hit)
 
 
 def make_train_step(graphdef, tx, schedule, *, sparse: bool = False, kl_weight: float = 1.0):
     """The jitted, donated step. `sparse`: the DSA stage this step function trains (one compiled step per stage)."""
     def train_step(state, batch):
-        (objective, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        (objective, (ce, aux, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state["params"], graphdef, batch, sparse=sparse, kl_weight=kl_weight)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
@@ -158,18 +159,29 @@ def make_train_step(graphdef, tx, schedule, *, sparse: bool = False, kl_weight: 
 def make_eval_step(graphdef, num_buckets: int, seq_len: int, *, sparse: bool = False):
     """Sum of losses and token counts, overall and per position bucket (positions = context length).
 
-    DSA models also return (sum, count) of the indexer KL and the attention-mass diagnostics as `dsa_*`.
+    Ratios come back as (sum, count) pairs: DSA models' indexer KL and
+    attention-mass diagnostics (`dsa_*`), and with synthetic tasks mixed in
+    (`answer_mask` in the batch) the retrieval accuracy (every answer token
+    right, teacher-forced) and the loss on the text examples alone.
     """
     width = max(1, math.ceil(seq_len / num_buckets))
 
     def eval_step(params, batch):
-        _, (ce, aux) = loss_fn(params, graphdef, batch, sparse=sparse, diagnostics=True)
+        _, (ce, aux, hit) = loss_fn(params, graphdef, batch, sparse=sparse, diagnostics=True)
         mask = batch["loss_mask"]
         bucket = jnp.clip(batch["positions"] // width, 0, num_buckets - 1).reshape(-1)
         per_sum = jax.ops.segment_sum((ce * mask).reshape(-1), bucket, num_buckets)
         per_cnt = jax.ops.segment_sum(mask.reshape(-1), bucket, num_buckets)
         out = {"sum": (ce * mask).sum(), "count": mask.sum(), "bucket_sum": per_sum, "bucket_count": per_cnt}
-        return out | {f"dsa_{k}": v for k, v in aux.items()}
+        out |= {f"dsa_{k}": v for k, v in aux.items()}
+        if "answer_mask" in batch:
+            answer = batch["answer_mask"] > 0
+            has_answer = answer.any(-1)
+            right = jnp.all(hit | ~answer, -1) & has_answer
+            out["retrieval_acc"] = jnp.stack([right.sum(), has_answer.sum()]).astype(jnp.float32)
+            text = (batch["key_position"][:, 0] < 0)[:, None] * mask
+            out["text_loss"] = jnp.stack([(ce * text).sum(), text.sum()])
+        return out
 
     return jax.jit(eval_step), width
 
@@ -288,7 +300,8 @@ def run_eval(eval_step, params, config, mesh, width) -> dict:
         total = out if total is None else jax.tree.map(jnp.add, total, out)
     total = jax.device_get(total)
     loss = float(total["sum"] / max(total["count"], 1.0))
-    extra = {k: float(v[0] / max(v[1], 1.0)) for k, v in total.items() if k.startswith("dsa_")}
+    extra = {k: float(v[0] / max(v[1], 1.0)) for k, v in total.items()
+             if k.startswith("dsa_") or k in ("retrieval_acc", "text_loss")}
     per_pos = evaluate.PerPositionLoss.from_sums(total["bucket_sum"], total["bucket_count"], width)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": float(total["count"]), **extra}, per_pos
 

@@ -46,12 +46,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from pallas_kernels.flash_attention import gpu as _gpu
 from pallas_kernels.flash_attention import masks
 from pallas_kernels.flash_attention import tpu as _tpu
 from pallas_kernels.flash_attention import xla as _xla
 
 LAYOUTS = ("zigzag", "contiguous")
-KERNELS = ("xla", "pallas")
+# Per-step kernels: each module has attention(...) -> (out, lse) and attention_bwd(...) -> (dq, dk, dv).
+KERNELS = {"xla": _xla, "pallas": _tpu, "pallas_gpu": _gpu}
 
 # ----------------------------------------------------------------------------- layouts
 
@@ -99,19 +101,17 @@ def _kernel_kwargs(st: _Static, q_pos, kv_pos, q_seg, kv_seg, slopes):
     kw = dict(q_pos_BT=q_pos, kv_pos_BS=kv_pos, q_seg_BT=q_seg, kv_seg_BS=kv_seg, causal=st.causal,
               window=st.window, alibi_slopes_H=slopes, scale=st.scale, logits_soft_cap=st.soft_cap,
               block_sizes=st.block_sizes)
-    if st.kernel == "pallas":
+    if st.kernel != "xla":
         kw["interpret"] = st.interpret
     return kw
 
 
 def _shard_fwd(st: _Static, q, k, v, *masks_args):
-    mod = _tpu if st.kernel == "pallas" else _xla
-    return mod.attention(q, k, v, **_kernel_kwargs(st, *masks_args))
+    return KERNELS[st.kernel].attention(q, k, v, **_kernel_kwargs(st, *masks_args))
 
 
 def _shard_bwd(st: _Static, q, k, v, out, lse, do, dlse, *masks_args):
-    mod = _tpu if st.kernel == "pallas" else _xla
-    return mod.attention_bwd(q, k, v, out, lse, do, dlse, **_kernel_kwargs(st, *masks_args))
+    return KERNELS[st.kernel].attention_bwd(q, k, v, out, lse, do, dlse, **_kernel_kwargs(st, *masks_args))
 
 
 # ----------------------------------------------------------------------------- which steps can see anything
@@ -249,11 +249,11 @@ def ring_attention(
 
     All arguments are local shards: q/positions/segments of this device's
     queries, k/v/positions/segments of its keys. Positions must be global.
-    `kernel`: 'xla' (blockwise, any backend) or 'pallas' (the TPU kernel;
-    `interpret=True` runs it on CPU).
+    `kernel`: 'xla' (blockwise, any backend), 'pallas' (the TPU kernel) or
+    'pallas_gpu' (the Triton GPU kernel); `interpret=True` runs a Pallas kernel on CPU.
     """
     if kernel not in KERNELS:
-        raise ValueError(f"ring attention kernel={kernel!r} is not one of {KERNELS}")
+        raise ValueError(f"ring attention kernel={kernel!r} is not one of {sorted(KERNELS)}")
     B, T, S, H, K, D = masks.check_qkv(q_BTHD, k_BSKD, v_BSKD, alibi_slopes_H)
     if T != S:
         raise ValueError(f"ring attention shards queries and keys alike: local q length {T} != k length {S}")

@@ -103,7 +103,7 @@ def _grads(c, *, sparse, which):
     batch = next(iter(make_dataset(c.data, split="train", batch_size=2, seed=0)))
 
     def f(p):
-        objective, (_, aux) = train.loss_fn(p, graphdef, batch, sparse=sparse, kl_weight=0.0)
+        objective, (_, aux, _) = train.loss_fn(p, graphdef, batch, sparse=sparse, kl_weight=0.0)
         return objective if which == "lm" else aux["kl"][0]
 
     grads = jax.jit(jax.grad(f))(params)

@@ -177,3 +177,32 @@ def test_layout_order_and_errors():
         layout_order(20, 4, "zigzag")
     with pytest.raises(ValueError, match="not one of"):
         layout_order(16, 2, "striped")
+
+
+def test_ring_pallas_gpu_kernel_interpret():
+    """The ring with the Triton GPU kernel per step, in the generic Pallas interpreter: 2 shards, GQA, window."""
+    from pallas_kernels.flash_attention import gpu as flash_gpu
+
+    n, B, T, H, K, D, W = 2, 1, 64, 4, 2, 16, 20
+    q, k, v = _inputs(B, T, H, K, D)
+    order = layout_order(T, n, "zigzag")
+    q, k, v = q[:, order], k[:, order], v[:, order]
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))[:, order]
+    spec = P(None, "context")
+
+    def local(q, k, v, pos):
+        return ring_attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, window=W, kernel="pallas_gpu", interpret=True,
+                              block_sizes=flash_gpu.BlockSizes(block_q=16, block_k=16))
+
+    # check_vma=False: jax 0.10's generic Pallas interpreter slices with unvarying indices inside shard_map
+    # ("dynamic_slice requires varying manual axes to match"); the compiled GPU path does not interpret.
+    ring = jax.jit(jax.shard_map(local, mesh=_mesh(n), in_specs=(spec,) * 4, out_specs=(spec, spec),
+                                 check_vma=False))
+    (out, lse), vjp = jax.vjp(ring, q, k, v, pos)
+    ref = lambda q, k, v: reference.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, window=W)  # noqa: E731
+    (out_r, lse_r), vjp_r = jax.vjp(ref, q, k, v)
+    np.testing.assert_allclose(out, out_r, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(lse, lse_r, atol=1e-5, rtol=1e-5)
+    ct = (jnp.cos(out), jnp.sin(lse))
+    for g, g_r in zip(vjp(ct)[:3], vjp_r(ct)):
+        np.testing.assert_allclose(g, g_r, atol=1e-4, rtol=1e-4)

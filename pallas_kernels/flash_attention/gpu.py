@@ -64,7 +64,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flash_attention.masks import block_visible, check_qkv, pad_axis, pad_positions
+from pallas_kernels.flash_attention.masks import block_visible, check_qkv, out_struct, pad_axis, pad_positions
 
 _MIN_BLOCK = 16  # tl.dot needs M, N, K >= 16
 
@@ -331,7 +331,7 @@ def _fwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes, ranges, st: _Static
             pl.BlockSpec((None, bq, None, Dv), lambda b, h, i: (b, i, h, 0)),
             pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i)),
         ],
-        out_shape=[jax.ShapeDtypeStruct((B, T, H, Dv), q.dtype), jax.ShapeDtypeStruct((B, H, T), jnp.float32)],
+        out_shape=[out_struct((B, T, H, Dv), q.dtype, q), out_struct((B, H, T), jnp.float32, q)],
         compiler_params=_compiler_params(st, D),
         interpret=st.interpret,
         name="flash_attention_gpu_fwd",
@@ -372,7 +372,7 @@ def _dq_call(q, k, v, do, lse, di, q_pos, kv_pos, q_seg, kv_seg, slopes, ranges,
         grid=(B, H, nq),
         in_specs=in_specs,
         out_specs=pl.BlockSpec((None, bq, None, D), lambda b, h, i: (b, i, h, 0)),
-        out_shape=jax.ShapeDtypeStruct((B, T, H, D), q.dtype),
+        out_shape=out_struct((B, T, H, D), q.dtype, q),
         compiler_params=_compiler_params(st, D),
         interpret=st.interpret,
         name="flash_attention_gpu_dq",
@@ -416,7 +416,7 @@ def _dkv_call(q, k, v, do, lse, di, q_pos, kv_pos, q_seg, kv_seg, slopes, ranges
             pl.BlockSpec((None, bk, None, D), lambda b, kh, j: (b, j, kh, 0)),
             pl.BlockSpec((None, bk, None, Dv), lambda b, kh, j: (b, j, kh, 0)),
         ],
-        out_shape=[jax.ShapeDtypeStruct((B, S, K, D), k.dtype), jax.ShapeDtypeStruct((B, S, K, Dv), v.dtype)],
+        out_shape=[out_struct((B, S, K, D), k.dtype, q), out_struct((B, S, K, Dv), v.dtype, q)],
         compiler_params=_compiler_params(st, D),
         interpret=st.interpret,
         name="flash_attention_gpu_dkv",
@@ -516,6 +516,25 @@ def attention(
     slopes = None if alibi_slopes_H is None else jnp.asarray(alibi_slopes_H, jnp.float32)
     out, lse = _flash(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes, ranges, st)
     return out[:, :T], lse.transpose(0, 2, 1)[:, :T]
+
+
+def attention_bwd(q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BTH, do_BTHD, dlse_BTH, *, q_pos_BT, kv_pos_BS,
+                  q_seg_BT=None, kv_seg_BS=None, causal=True, window=None, alibi_slopes_H=None, scale=None,
+                  logits_soft_cap=None, block_sizes: BlockSizes | None = None, interpret: bool = False):
+    """(dq, dk, dv) of one key shard given the rows' final out and lse (ring attention; see xla.attention_bwd)."""
+    bs = _as_block_sizes(block_sizes)
+    B, T, S, H, K, D = check_qkv(q_BTHD, k_BSKD, v_BSKD, alibi_slopes_H)
+    q_pos, kv_pos, q_seg, kv_seg, pad_t, pad_s = pad_positions(
+        q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, bs.block_q, bs.block_k, always_segments=True, shape_BTS=(B, T, S))
+    st = _static(D, causal, window, scale, logits_soft_cap, alibi_slopes_H is not None, bs, interpret)
+    ranges = _block_ranges(q_pos, kv_pos, q_seg, kv_seg, st)
+    rows = lambda x: pad_axis(x, 1, pad_t, 0)  # noqa: E731
+    cols = lambda x: pad_axis(x, 1, pad_s, 0)  # noqa: E731
+    slopes = None if alibi_slopes_H is None else jnp.asarray(alibi_slopes_H, jnp.float32)
+    res = (rows(q_BTHD), cols(k_BSKD), cols(v_BSKD), rows(out_BTHD), rows(lse_BTH).transpose(0, 2, 1), q_pos, kv_pos,
+           q_seg, kv_seg, slopes, ranges)
+    dq, dk, dv = _flash_bwd(st, res, (rows(do_BTHD), rows(dlse_BTH).transpose(0, 2, 1)))[:3]
+    return dq[:, :T], dk[:, :S], dv[:, :S]
 
 
 def visited_blocks(q_pos_BT, kv_pos_BS, q_seg_BT=None, kv_seg_BS=None, *, causal=True, window=None,
