@@ -126,6 +126,28 @@ def eval_config(config, seq_len: int, scaling: str | None, factor: float = 0.0):
     return c
 
 
+def eval_mesh(config, seq_len: int):
+    """One sequence at a time: a ring over the run's `mesh.context` devices when that splits `seq_len`, else None.
+
+    A long-context run trained with context parallelism is evaluated the same
+    way, so sequences that never fit one device still evaluate.
+    """
+    import jax
+
+    from lc_jax import sharding
+    from pallas_kernels.ring_attention import check_layout
+
+    ctx = config.mesh.get("context", 1)
+    if ctx <= 1 or ctx > jax.device_count():
+        return None
+    try:
+        check_layout(seq_len, ctx, config.mesh.context_layout)
+    except ValueError:
+        return None
+    mesh_cfg = {"data": 1, "fsdp": 1, "tensor": 1, "context": ctx}
+    return sharding.make_mesh(mesh_cfg, jax.devices()[:ctx])
+
+
 def loss_at_length(graphdef, params, config, seq_len: int, train_len: int, max_tokens: int, num_buckets: int,
                    min_doc_len: int = 0, sparse: bool = False):
     """Mean loss, loss beyond the training length, and the per-position curve at one length.
@@ -135,7 +157,7 @@ def loss_at_length(graphdef, params, config, seq_len: int, train_len: int, max_t
     """
     import jax
 
-    from lc_jax import train
+    from lc_jax import sharding, train
     from lc_jax.data import corpus, packing
 
     docs = corpus.load_documents(source=config.data.source, split="validation", val_fraction=config.data.val_fraction,
@@ -144,10 +166,18 @@ def loss_at_length(graphdef, params, config, seq_len: int, train_len: int, max_t
     src = packing.PackedSequences(long_docs, seq_len=seq_len, packing="concat", seed=0)
     n = max(1, min(len(src), max_tokens // seq_len))
     eval_step, width = train.make_eval_step(graphdef, num_buckets, seq_len, sparse=sparse)
+    mesh = eval_mesh(config, seq_len)
+    if mesh is not None:
+        params = jax.device_put(params, sharding.replicated(mesh))
     total = None
     for i in range(n):
         ex = {k: v[None] for k, v in src[i].items()}
-        out = jax.device_get(eval_step(params, ex))
+        if mesh is None:
+            out = eval_step(params, ex)
+        else:
+            with jax.set_mesh(mesh):
+                out = eval_step(params, sharding.shard_batch(ex, mesh, layout=config.mesh.context_layout))
+        out = jax.device_get(out)
         total = out if total is None else {k: total[k] + out[k] for k in total}
     curve = PerPositionLoss.from_sums(total["bucket_sum"], total["bucket_count"], width)
     beyond = [(s, c) for s, c, start in zip(total["bucket_sum"], total["bucket_count"], curve.bucket_start)

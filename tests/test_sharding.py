@@ -143,3 +143,17 @@ def test_distributed_starts_where_asked(monkeypatch, env, cfg, expect):
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
     started = sharding.maybe_initialize_distributed(cfg)
     assert started == (expect is not None) and calls == ([] if expect is None else [expect])
+
+
+def test_evaluation_rings_over_the_runs_context_devices(tiny_config, tmp_path):
+    """A run trained with mesh.context=4 is evaluated on a 4-device ring: same losses as one device."""
+    from lc_jax import evaluate
+
+    c = tiny_config(**{"train.steps": 2, "train.eval_every": 2, "checkpoint.every": 2})
+    c.mesh.update(data=2, context=4)
+    train.train(c, tmp_path)
+    ring = evaluate.extrapolation_sweep(tmp_path, lengths=[64, 128], scalings=[None], max_tokens=256)
+    assert evaluate.eval_mesh(c, 128) is not None and evaluate.eval_mesh(c, 100) is None
+    c.mesh.update(data=8, context=1)
+    single = evaluate.extrapolation_sweep(tmp_path, c, lengths=[64, 128], scalings=[None], max_tokens=256)
+    np.testing.assert_allclose([r["loss"] for r in ring["rows"]], [r["loss"] for r in single["rows"]], rtol=1e-5)
