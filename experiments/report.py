@@ -55,6 +55,7 @@ def table(results: list[dict], field: str = "loss") -> tuple[str, list[str]]:
 SUMMARY_COLUMNS = (  # (field of the final validation metrics, header, format)
     ("text_loss", "val loss (text)", "{:.3f}"),
     ("retrieval_acc", "passkey acc", "{:.1%}"),
+    ("retrieval_token_acc", "passkey digits", "{:.1%}"),
     ("dsa_recall", "mass recall: DSA", "{:.3f}"),
     ("dsa_recall_oracle", "oracle top-k", "{:.3f}"),
     ("dsa_recall_window", "last-k window", "{:.3f}"),

@@ -162,7 +162,8 @@ def make_eval_step(graphdef, num_buckets: int, seq_len: int, *, sparse: bool = F
     Ratios come back as (sum, count) pairs: DSA models' indexer KL and
     attention-mass diagnostics (`dsa_*`), and with synthetic tasks mixed in
     (`answer_mask` in the batch) the retrieval accuracy (every answer token
-    right, teacher-forced) and the loss on the text examples alone.
+    right, teacher-forced), the share of answer tokens right, and the loss on
+    the text examples alone.
     """
     width = max(1, math.ceil(seq_len / num_buckets))
 
@@ -179,6 +180,7 @@ def make_eval_step(graphdef, num_buckets: int, seq_len: int, *, sparse: bool = F
             has_answer = answer.any(-1)
             right = jnp.all(hit | ~answer, -1) & has_answer
             out["retrieval_acc"] = jnp.stack([right.sum(), has_answer.sum()]).astype(jnp.float32)
+            out["retrieval_token_acc"] = jnp.stack([(hit & answer).sum(), answer.sum()]).astype(jnp.float32)
             text = (batch["key_position"][:, 0] < 0)[:, None] * mask
             out["text_loss"] = jnp.stack([(ce * text).sum(), text.sum()])
         return out
@@ -301,7 +303,7 @@ def run_eval(eval_step, params, config, mesh, width) -> dict:
     total = jax.device_get(total)
     loss = float(total["sum"] / max(total["count"], 1.0))
     extra = {k: float(v[0] / max(v[1], 1.0)) for k, v in total.items()
-             if k.startswith("dsa_") or k in ("retrieval_acc", "text_loss")}
+             if k.startswith("dsa_") or k in ("retrieval_acc", "retrieval_token_acc", "text_loss")}
     per_pos = evaluate.PerPositionLoss.from_sums(total["bucket_sum"], total["bucket_count"], width)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": float(total["count"]), **extra}, per_pos
 

@@ -51,21 +51,39 @@ def get_sweep() -> list[tuple[str, str]]:
 
 
 def evaluate(workdir) -> dict:
-    """The ablation's numbers for one finished run: its final validation metrics and step times.
+    """The ablation's numbers for one finished run: validation metrics of its last checkpoint, and step times.
 
-    Step time is the median over the logged windows after the DSA warm-up
-    (the same steps for every member), from `tokens_per_s` in metrics.jsonl.
+    The metrics are recomputed from the checkpoint (so a report always uses the
+    current evaluation code); step time is the median over the logged windows
+    after the DSA warm-up (the same steps for every member), from
+    `tokens_per_s` in metrics.jsonl.
     """
     import json
     import statistics
     from pathlib import Path
 
-    rows = [json.loads(line) for line in open(Path(workdir) / "metrics.jsonl")]
-    config = json.loads((Path(workdir) / "config.json").read_text())
-    tokens = config["data"]["seq_len"] * config["data"]["batch_size"]
-    warm = config["model"]["attention"]["dsa"]["warmup_steps"]
-    train_rows = [r for r in rows if r["split"] == "train" and r["step"] > warm + config["train"]["log_every"]]
-    train_rows = train_rows or [r for r in rows if r["split"] == "train"][1:] or [r for r in rows if "tokens_per_s" in r]
-    val = [r for r in rows if r["split"] == "validation"][-1]
-    return {"step": val["step"], "validation": val,
-            "median_step_s": statistics.median(tokens / r["tokens_per_s"] for r in train_rows)}
+    import jax
+    from flax import nnx
+
+    from lc_jax import evaluate as ev
+    from lc_jax import sharding, train
+
+    workdir = Path(workdir)
+    config = ev.load_config(workdir)
+    step, params = ev.load_params(workdir, config)
+    with nnx.use_eager_sharding(False):
+        graphdef = nnx.split(nnx.eval_shape(lambda: train.build_model(config)), nnx.Param)[0]
+    eval_step, width = train.make_eval_step(graphdef, config.eval.position_buckets, config.data.seq_len,
+                                            sparse=train.dsa_sparse_at(config, step))
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "context": 1}, jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        val, _ = train.run_eval(jax.jit(eval_step), jax.device_put(params, sharding.replicated(mesh)), config, mesh,
+                                width)
+
+    rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    tokens = config.data.seq_len * config.data.batch_size
+    after = config.model.attention.dsa.warmup_steps + config.train.log_every
+    timed = [r for r in rows if r["split"] == "train" and r["step"] > after]
+    timed = timed or [r for r in rows if r["split"] == "train"][1:] or [r for r in rows if "tokens_per_s" in r]
+    step_s = statistics.median(tokens / r["tokens_per_s"] for r in timed)
+    return {"step": step, "validation": val, "median_step_s": step_s}
