@@ -12,8 +12,9 @@ are never stored for all blocks at once; gradients reach K and V through the
 transpose of the gather (a scatter-add into [S, K, D]).
 
 Layout as the flash kernels: block size, block body, wrapper with shape
-validation. A Pallas kernel for TPU/GPU that DMAs only the selected rows is
-future work and will sit beside this path with the same signature.
+validation. `sparse_attention_tpu.py` beside it is the Pallas TPU kernel that
+DMAs only the selected rows (DSA uses it on TPU); there is no GPU kernel yet,
+so GPUs run this path.
 """
 
 from __future__ import annotations

@@ -9,11 +9,11 @@ is (out_BTHD, lse_BTH) with an f32 lse that is -inf (and a zero output) where a
 query has no valid selection; the `custom_vjp` backward also accepts a
 cotangent for lse (ds = p * (dp - delta + dlse)).
 
-Why a kernel. The XLA path materialises the gathered [block_q, k, K, D] rows
-in HBM for every query block (and again in the backward), so it moves each
-selected row twice through HBM. Here each program DMAs the selected rows
-straight from HBM into VMEM and consumes them there; nothing T x S and nothing
-[T, k, D] is built in the forward.
+Why a kernel. The XLA path gathers [block_q, k, K, D] rows per query block
+into a fresh array (written to HBM, read back by the matmuls; again in the
+backward). Here each program DMAs the selected rows straight from HBM into
+VMEM and consumes them there: nothing T x S and nothing [T, k, D] is built in
+the forward.
 
 How. Batch and time are flattened into N = B * T query tokens and K / V into
 [B * S, K * D] row tables, so one selected key of one query is one contiguous
@@ -22,10 +22,12 @@ turns (idx, valid) into global row numbers b * S + idx, -1 where invalid,
 flattened int32, which reach the kernel by scalar prefetch (SMEM); the
 selected keys' positions and validity also travel as a small int32 VMEM block
 [tokens, chunks, 2, chunk] (vectors are needed for masks and ALiBi, scalars for
-DMA addresses). Each program owns `block_q` tokens; for each token it walks
-the k selections in chunks of `block_k` rows through a two-slot VMEM buffer:
-while chunk n is computed, the row copies of chunk n + 1 (the next chunk of
-the same token or the first of the next token) are in flight. Invalid slots
+DMA addresses). bf16 tables are [rows, 1, K * D] (`_table_shape`: Mosaic
+cannot DMA one packed row to an odd row offset). Each program owns `block_q`
+tokens; for each token it walks the k selections in chunks of `block_k` rows
+through a two-slot VMEM buffer: while chunk n is computed, the row copies of
+chunk n + 1 (the next chunk of the same token or the first of the next token)
+are in flight. Invalid slots
 are not copied; their buffer rows are zeroed instead, so stale or uninitialised
 VMEM (NaN in interpret mode) never meets a zero probability. Per chunk and kv
 head the scores of the G = H // K query heads of the group are one [G, D] x
@@ -38,12 +40,20 @@ programs); the wrapper scatter-adds them (`.at[].add`, f32) into dk / dv.
 
 Limits that shape the wrapper. Scalar prefetch lives in SMEM (1 MiB on v4+),
 so one `pallas_call` takes at most `tokens_per_call` tokens (auto: an SMEM
-budget of `SMEM_BUDGET_WORDS` int32 indices); longer inputs are cut into
+budget of SMEM_FRACTION of SMEM in int32 indices); longer inputs are cut into
 segments, `lax.map` in the forward and a `lax.scan` in the backward that
 scatter-adds each segment's dk_sel / dv_sel into an f32 accumulator, which
 also bounds the [tokens, k, K * D] intermediates of the backward.
 `block_q` (auto: the largest of 8, 4, 2, 1 whose VMEM estimate fits
-`VMEM_BUDGET_BYTES`) bounds the per-program dk_sel / dv_sel output blocks.
+VMEM_AUTO_FRACTION of VMEM) bounds the per-program dk_sel / dv_sel output blocks.
+
+Checked (tests/test_sparse_pallas.py): values and gradients against the XLA
+path in interpret mode, DMA races with the interpreter's detector, the Pallas
+-> Mosaic lowering for TPU, and, where libtpu is installed, Mosaic's full
+compiler for a v5e topology without a TPU (deviceless AOT). Not measured: speed
+on a TPU. Every selected row costs one DMA descriptor for K and one for V,
+issued by the scalar core; at DSA's k = 2048 that issue rate, rather than HBM
+bandwidth, may bound the kernel.
 
 Layout as the flash kernels: block sizes -> kernel bodies -> pallas_call
 wrappers with shape validation -> custom_vjp -> public wrapper.
@@ -60,13 +70,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.flash_attention.masks import check_qkv, out_struct, pad_axis
+from pallas_kernels.flash_attention.masks import check_qkv, like_vma, out_struct, pad_axis
 
 _LANES = 128  # lane width: per-(token, head) statistics are broadcast along it
 _SUBLANES = 8
-SMEM_BUDGET_WORDS = 96 * 1024  # int32 indices per pallas_call held in SMEM by scalar prefetch (of 1 MiB)
-VMEM_BUDGET_BYTES = 12 * 1024 * 1024  # auto block_q: largest whose VMEM estimate fits (default scoped limit 16 MiB)
-VMEM_MAX_BYTES = 48 * 1024 * 1024  # an explicit block_q above this estimate is refused
+# Budgets, as fractions of the traced-for chip's memories (pltpu.get_tpu_info; 64 MiB VMEM / 1 MiB SMEM if unknown).
+SMEM_FRACTION = 3 / 8  # of SMEM for one call's scalar-prefetched indices (96 Ki int32 on v4+)
+VMEM_AUTO_FRACTION = 1 / 8  # auto block_q: the largest whose VMEM estimate fits this share
+VMEM_MAX_FRACTION = 3 / 4  # an estimate above this share is refused; also the kernels' scoped VMEM limit
 AUTO_BLOCK_Q = (8, 4, 2, 1)
 
 # ----------------------------------------------------------------------------- block sizes
@@ -78,23 +89,24 @@ class BlockSizes:
 
     block_q: query tokens per program (grid step); None picks the largest of
       8, 4, 2, 1 whose VMEM estimate (dominated by the backward's
-      [block_q, k, K * D] dk_sel / dv_sel output blocks) fits VMEM_BUDGET_BYTES.
-    block_k: selected rows per DMA chunk (the double-buffered unit). A query's k
-      selections are padded up to a multiple of block_k; when k <= block_k the
-      chunk is k itself (one chunk, any k). On a real TPU block_k must be a
-      multiple of 128 (it is the lane dimension of the chunk's score tile);
-      `allow_unaligned=True` relaxes that to multiples of 8 for interpret-mode tests.
+      [block_q, k, K * D] dk_sel / dv_sel output blocks) fits VMEM_AUTO_FRACTION of VMEM.
+    block_k: selected rows per DMA chunk, the double-buffered unit; a multiple
+      of 8 (whole sublane tiles). A query's k selections are padded (with
+      invalid slots, which move no data) to a multiple of the chunk, which is
+      min(block_k, k rounded up to 8). 128 or 256 fill the MXU; the chunk is
+      the lane dim of the [G, chunk] score tile and the row dim of dk_sel.
     tokens_per_call: query tokens per pallas_call (a multiple of block_q); None
-      takes as many as SMEM_BUDGET_WORDS scalar-prefetched indices allow.
+      takes as many as SMEM_FRACTION of SMEM in scalar-prefetched indices allows.
+
+    Every layout the kernels use is TPU-legal at any of these sizes (no
+    interpret-only sizes, unlike the flash kernels' BlockSizes).
     """
 
     block_q: int | None = None
     block_k: int = 128
     tokens_per_call: int | None = None
-    allow_unaligned: bool = False
 
     def __post_init__(self):
-        align = _SUBLANES if self.allow_unaligned else _LANES
         for name in ("block_q", "block_k", "tokens_per_call"):
             v = getattr(self, name)
             if v is None and name != "block_k":
@@ -102,9 +114,8 @@ class BlockSizes:
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 allowed = "a positive int" + ("" if name == "block_k" else " or None")
                 raise ValueError(f"BlockSizes.{name} must be {allowed}, got {v!r}")
-        if self.block_k % align:
-            hint = "" if self.allow_unaligned else " (pass allow_unaligned=True for interpret-mode tests)"
-            raise ValueError(f"BlockSizes.block_k={self.block_k} must be a multiple of {align}{hint}")
+        if self.block_k % _SUBLANES:
+            raise ValueError(f"BlockSizes.block_k={self.block_k} must be a multiple of {_SUBLANES}")
         if self.block_q is not None and self.tokens_per_call is not None and self.tokens_per_call % self.block_q:
             raise ValueError(f"BlockSizes.tokens_per_call={self.tokens_per_call} must be a multiple of "
                              f"block_q={self.block_q}")
@@ -122,7 +133,7 @@ class _Static:
     chunk: int  # C: rows per DMA chunk
     n_chunks: int  # k padded = n_chunks * chunk
     tokens_per_call: int
-    vmem_limit: int | None = None
+    vmem_limit: int | None = None  # scoped VMEM limit (bytes) for Mosaic
     interpret: bool = False  # Pallas TPU interpret mode (CPU): fixed at trace time, so the VJP's calls match
 
     @property
@@ -476,7 +487,7 @@ def _sparse_bwd(st, res, g):
         dv_acc = dv_acc.at[rows].add(dv_sel.reshape(rows.shape[0], *v.shape[1:]).astype(jnp.float32), mode="drop")
         return (dk_acc, dv_acc), dq_s
 
-    init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    init = like_vma((jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)), q, k, v)  # shard_map-safe
     xs = tuple(_segments(x, st) for x in (q, do, lse_safe, di, idx, sel, q_pos))
     if xs[0].shape[0] == 1:
         (dk, dv), dq = step(init, tuple(x[0] for x in xs))
@@ -494,66 +505,82 @@ _sparse.defvjp(_sparse_fwd, _sparse_bwd)
 # ----------------------------------------------------------------------------- public wrapper
 
 
+def _budgets() -> tuple[int, int]:
+    """(VMEM bytes, SMEM bytes) of the TPU the kernels are traced for; 64 MiB / 1 MiB where unknown (interpret)."""
+    try:
+        info = pltpu.get_tpu_info()
+        return int(info.vmem_capacity_bytes), int(info.smem_capacity_bytes)
+    except Exception:  # noqa: BLE001  (no TPU backend: interpret mode on CPU)
+        return 64 << 20, 1 << 20
+
+
 def _vmem_estimate(bq, H, D, Dv, K, kp, C, itemsize) -> int:
-    """Bytes of VMEM the backward (the larger kernel) needs per program, blocks double-buffered, (8, 128)-padded."""
+    """Bytes of VMEM the backward (the larger kernel) needs per program: blocks double-buffered, tile-padded.
+
+    Packed row buffers [2, C, 1, W] take 4 bytes per element (a bf16 row is
+    padded to a pair of rows); one f32-sized copy of the chunk's rows is
+    counted for Mosaic's internal values.
+    """
     rup = lambda x, m: -(-x // m) * m  # noqa: E731
-    h, lanes = rup(H, _SUBLANES), lambda w: rup(w, _LANES)
+    h, lanes = rup(H, 16), lambda w: rup(w, _LANES)
+    rows = lanes(K * D) + lanes(K * Dv)
     blocks = (bq * h * (2 * lanes(D) + lanes(Dv)) * itemsize  # q, dq, do
               + 2 * bq * h * _LANES * 4  # lse, di rows
               + bq * (kp // C) * _SUBLANES * lanes(C) * 4  # sel
-              + bq * kp * (lanes(K * D) + lanes(K * Dv)) * itemsize)  # dk_sel, dv_sel
-    scratch = 2 * rup(C, 16) * (lanes(K * D) + lanes(K * Dv)) * itemsize
+              + bq * kp * rows * itemsize)  # dk_sel, dv_sel
+    scratch = 2 * C * rows * max(itemsize, 4) + C * rows * 4
     return 2 * blocks + scratch
 
 
 def _static(B, T, S, H, K, D, Dv, k_sel, dtype, scale, has_alibi, bs: BlockSizes, interpret: bool) -> _Static:
+    """Validate sizes against the chunk, SMEM (scalar prefetch) and VMEM budgets; pick the automatic sizes."""
     if k_sel < 1:
         raise ValueError(f"idx/valid must select k >= 1 keys per query, got k={k_sel}")
     if S < 1:
         raise ValueError("k/v must hold at least one key (S >= 1)")
-    if K > 1 and not bs.allow_unaligned and (D % _LANES or Dv % _LANES):
-        raise ValueError(f"head_dim {D} / v head_dim {Dv} must be multiples of {_LANES} when kv heads K={K} > 1 "
-                         "(each kv head is a lane-aligned slice of the gathered rows); use K=1 (MQA) or "
-                         "allow_unaligned=True for interpret-mode tests")
+    if D < 1 or Dv < 1:
+        raise ValueError(f"head_dim {D} and v head_dim {Dv} must be >= 1")
     if B * S >= 2**31:
         raise ValueError(f"B*S = {B * S} rows do not fit int32 row numbers")
-    C = k_sel if k_sel <= bs.block_k else bs.block_k
+    vmem, smem = _budgets()
+    words = int(smem * SMEM_FRACTION) // 4  # int32 indices one call may scalar-prefetch
+    vmem_auto, vmem_max = int(vmem * VMEM_AUTO_FRACTION), int(vmem * VMEM_MAX_FRACTION)
+    C = min(bs.block_k, -(-k_sel // _SUBLANES) * _SUBLANES)  # >= 8 rows: a 1-row chunk trips Mosaic's matmul
     nc = -(-k_sel // C)
     kp = nc * C
-    if kp > SMEM_BUDGET_WORDS:
+    if kp > words:
         raise ValueError(f"k={k_sel} selections per query (padded to {kp}) exceed the scalar-prefetch budget of "
-                         f"{SMEM_BUDGET_WORDS} indices per call")
+                         f"{words} indices per call")
     itemsize = jnp.dtype(dtype).itemsize
     est = functools.partial(_vmem_estimate, H=H, D=D, Dv=Dv, K=K, kp=kp, C=C, itemsize=itemsize)
     if bs.block_q is None:
-        bq = next((b for b in AUTO_BLOCK_Q if est(b) <= VMEM_BUDGET_BYTES), 1)
-        if est(bq) > VMEM_MAX_BYTES:
+        bq = next((b for b in AUTO_BLOCK_Q if est(b) <= vmem_auto), 1)
+        if est(bq) > vmem_max:
             raise ValueError(f"one query token's backward blocks need ~{est(1) >> 20} MiB of VMEM (k={k_sel}, "
-                             f"K*D={K * D}); at most {VMEM_MAX_BYTES >> 20} MiB is allowed")
+                             f"K*D={K * D}); at most {vmem_max >> 20} MiB is allowed")
         bq = min(bq, B * T)
     else:
         bq = bs.block_q
-        if est(bq) > VMEM_MAX_BYTES:
+        if est(bq) > vmem_max:
             raise ValueError(f"BlockSizes.block_q={bq} needs ~{est(bq) >> 20} MiB of VMEM (k={k_sel}, "
-                             f"K*D={K * D}); at most {VMEM_MAX_BYTES >> 20} MiB is allowed: lower block_q")
-    if bq * kp > SMEM_BUDGET_WORDS:
+                             f"K*D={K * D}); at most {vmem_max >> 20} MiB is allowed: lower block_q")
+    if bq * kp > words:
         raise ValueError(f"BlockSizes.block_q={bq} x k={kp} indices exceed the scalar-prefetch budget of "
-                         f"{SMEM_BUDGET_WORDS} per call: lower block_q")
+                         f"{words} per call: lower block_q")
     n_tok = -(-(B * T) // bq) * bq
     if bs.tokens_per_call is None:
-        tc = min(n_tok, (SMEM_BUDGET_WORDS // kp) // bq * bq)
+        tc = min(n_tok, (words // kp) // bq * bq)
     else:
         tc = bs.tokens_per_call
         if tc % bq:
             raise ValueError(f"BlockSizes.tokens_per_call={tc} must be a multiple of block_q={bq}")
-        if tc * kp > SMEM_BUDGET_WORDS:
+        if tc * kp > words:
             raise ValueError(f"BlockSizes.tokens_per_call={tc} x k={kp} indices exceed the scalar-prefetch budget "
-                             f"of {SMEM_BUDGET_WORDS} per call; at most {SMEM_BUDGET_WORDS // kp} tokens")
-    e = est(bq)
+                             f"of {words} per call; at most {words // kp} tokens")
+        tc = min(tc, n_tok)
     return _Static(heads=H, kv_heads=K, head_dim=D, v_head_dim=Dv, scale=float(D**-0.5 if scale is None else scale),
                    has_alibi=has_alibi, block_q=bq, chunk=C, n_chunks=nc, tokens_per_call=tc,
-                   vmem_limit=None if e <= VMEM_BUDGET_BYTES else min(int(e * 1.25) + (4 << 20), 64 << 20),
-                   interpret=interpret)
+                   vmem_limit=max(16 << 20, vmem_max), interpret=interpret)
 
 
 def sparse_attention(q_BTHD, k_BSKD, v_BSKD, idx_BTk, valid_BTk, *, q_pos_BT, kv_pos_BS, alibi_slopes_H=None,

@@ -44,6 +44,7 @@ from jax import lax
 from lc_jax import ops
 from lc_jax.attention.base import AttentionVariant
 from lc_jax.positions.rope import apply_rope, rope_inv_freq
+from pallas_kernels import sparse_attention_tpu
 from pallas_kernels.flash_attention.masks import block_visible, pad_axis, pad_positions, visible
 from pallas_kernels.sparse_attention import gather_rows, query_blocks, sparse_attention
 
@@ -349,8 +350,7 @@ class DSA(AttentionVariant):
         if self.sparse:
             idx, valid = streaming_topk(sg(iq), sg(w), sg(ik), **pos, **segs, topk=self.topk, **blocks,
                                         block_k=self.block_k)
-            out, lse = sparse_attention(q_BTHD, k_BSKD, v_BSKD, idx, valid, **pos, alibi_slopes_H=alibi_slopes_H,
-                                        **blocks)
+            out, lse = self._sparse_attention(q_BTHD, k_BSKD, v_BSKD, idx, valid, **pos, alibi_slopes_H=alibi_slopes_H)
             kl = sparse_kl(q_BTHD, k_BSKD, lse, iq, w, ik, idx, valid, **pos, alibi_slopes_H=alibi_slopes_H, **blocks)
         else:
             out, lse = ops.attention(q_BTHD, k_BSKD, v_BSKD, **pos, **segs, alibi_slopes_H=alibi_slopes_H,
@@ -362,6 +362,12 @@ class DSA(AttentionVariant):
         if self.diagnostics:
             self._diagnose(q_BTHD, k_BSKD, iq, w, ik, pos, segs, alibi_slopes_H, rows, lse if not self.sparse else None)
         return out
+
+    def _sparse_attention(self, q, k, v, idx, valid, **kw):
+        """The Pallas kernel on TPU (impl auto|pallas), the XLA gather path elsewhere."""
+        if jax.default_backend() == "tpu" and ops.resolve_impl(self.impl) == "pallas":
+            return sparse_attention_tpu.sparse_attention(q, k, v, idx, valid, **kw)
+        return sparse_attention(q, k, v, idx, valid, **kw, block_q=self.block_q)
 
     def _diagnose(self, q, k, iq, w, ik, pos, segs, slopes, rows, dense_lse):
         if dense_lse is None:  # sparse stage: the dense attention is needed only to measure against it
