@@ -4,10 +4,17 @@ Embed -> N x Block(RMSNorm, Attention, RMSNorm, SwiGLU) -> RMSNorm -> head.
 Parameters are f32 (`param_dtype`) and carry logical axis names
 (`out_sharding`) that `lc_jax.sharding` maps onto mesh axes; compute runs in
 `dtype` (bf16 on accelerators), with norms, softmax statistics and logits in f32.
+
+Cached decoding (`Transformer.decode`, driven by `lc_jax.generate`) runs the same
+blocks against a `KVCache`: new keys are attended together with the cached ones
+through the same variant (masks from positions and segment ids), then written
+into the cache at slot = position mod S_cache (a ring buffer when S_cache is a
+sliding window).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -16,6 +23,7 @@ from flax import nnx
 
 from lc_jax import attention as attention_variants
 from lc_jax import positions
+from lc_jax.positions.rope import RoPE, apply_rope
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = {
@@ -28,6 +36,79 @@ REMAT_POLICIES = {
 def _param(rngs: nnx.Rngs, shape, axes, dtype, stddev: float) -> nnx.Param:
     init = jax.nn.initializers.normal(stddev=stddev)
     return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes)
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerKV:
+    """One layer's cached keys and values: only the K kv heads (GQA: never repeated to H).
+
+    Float caches hold k/v in the compute dtype and no scales. int8 caches hold
+    k/v as int8 plus one f32 scale per (batch, slot, kv head), i.e. per token and
+    kv head over the D dims: x ~= q * scale, scale = max|x| / 127.
+    """
+
+    k_BSKD: jax.Array
+    v_BSKD: jax.Array
+    k_scale_BSK: jax.Array | None = None
+    v_scale_BSK: jax.Array | None = None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Per-layer K/V plus the position and segment of every slot (shared by all layers).
+
+    seg_BS is 0 for a filled slot and -1 for an empty one; queries carry segment 0,
+    so empty slots are never visible. Slot of position p: p mod S (S = slots).
+    `pre_rotation`: keys are cached before RoPE and rotated at read time with the
+    current frequencies (dynamic NTK, whose frequencies depend on the length).
+    """
+
+    layers: tuple[LayerKV, ...]
+    pos_BS: jax.Array
+    seg_BS: jax.Array
+    pre_rotation: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+    @property
+    def slots(self) -> int:
+        return self.pos_BS.shape[1]
+
+    @property
+    def int8(self) -> bool:
+        return self.layers[0].k_scale_BSK is not None
+
+
+EMPTY_SEGMENT = -1
+
+
+def quantize_int8(x_BSKD: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Symmetric int8 with one f32 scale per (token, kv head): (q int8 [B,S,K,D], scale f32 [B,S,K])."""
+    x = x_BSKD.astype(jnp.float32)
+    scale_BSK = jnp.max(jnp.abs(x), axis=-1) / 127.0
+    safe = jnp.where(scale_BSK > 0, scale_BSK, 1.0)[..., None]
+    return jnp.clip(jnp.round(x / safe), -127, 127).astype(jnp.int8), scale_BSK
+
+
+def dequantize_int8(q_BSKD: jax.Array, scale_BSK: jax.Array, dtype) -> jax.Array:
+    return (q_BSKD.astype(jnp.float32) * scale_BSK[..., None]).astype(dtype)
+
+
+def rotation_depends_on_length(position: positions.PositionScheme) -> bool:
+    """True for dynamic NTK RoPE: its frequencies follow the current length, so keys are cached unrotated."""
+    return isinstance(position, RoPE) and position.scaling.get("name") == "dynamic_ntk"
+
+
+def _write_slots(cache_BS, new_BT, slots_BT):
+    """Scatter new entries (per batch row) into their slots; slots must be distinct within a row."""
+    rows_B1 = jnp.arange(cache_BS.shape[0])[:, None]
+    return cache_BS.at[rows_B1, slots_BT].set(new_BT.astype(cache_BS.dtype))
+
+
+# ----------------------------------------------------------------------------- layers
 
 
 class RMSNorm(nnx.Module):
@@ -70,6 +151,58 @@ class Attention(nnx.Module):
         )
         return jnp.einsum("bthd,hde->bte", out_BTHD.astype(dt), self.wo[...].astype(dt))
 
+    def decode(self, x_BTE, pos_BT, cache: KVCache, layer: LayerKV, position: positions.PositionScheme,
+               rope_len=None) -> tuple[jax.Array, LayerKV]:
+        """Attend new tokens to [cached keys; themselves], then write them into the cache.
+
+        Attending over the concatenation (rather than writing first) keeps a chunk
+        longer than a ring buffer exact: its early queries still see keys that its
+        later tokens overwrite. `rope_len` overrides the length that dynamic NTK
+        uses (chunked prefill passes the whole prompt's, so chunks match one-shot).
+        """
+        dt = self.dtype
+        B, T = pos_BT.shape
+        q_BTHD = jnp.einsum("bte,ehd->bthd", x_BTE, self.wq[...].astype(dt))
+        k_BTKD = jnp.einsum("bte,ekd->btkd", x_BTE, self.wk[...].astype(dt))
+        v_BTKD = jnp.einsum("bte,ekd->btkd", x_BTE, self.wv[...].astype(dt))
+        if not cache.pre_rotation:
+            q_BTHD, k_BTKD = position.rotate(q_BTHD, k_BTKD, pos_BT, pos_BT)
+        if cache.int8:  # new tokens see their own keys as the cache will hold them: chunking stays exact
+            kq, ks = quantize_int8(k_BTKD)
+            vq, vs = quantize_int8(v_BTKD)
+            k_BTKD, v_BTKD = dequantize_int8(kq, ks, dt), dequantize_int8(vq, vs, dt)
+            old_k, old_v = (dequantize_int8(layer.k_BSKD, layer.k_scale_BSK, dt),
+                            dequantize_int8(layer.v_BSKD, layer.v_scale_BSK, dt))
+        else:
+            old_k, old_v = layer.k_BSKD.astype(dt), layer.v_BSKD.astype(dt)
+        keys_BSKD = jnp.concatenate([old_k, k_BTKD], axis=1)
+        values_BSKD = jnp.concatenate([old_v, v_BTKD], axis=1)
+        kv_pos_BS = jnp.concatenate([cache.pos_BS, pos_BT], axis=1)
+        kv_seg_BS = jnp.concatenate([cache.seg_BS, jnp.zeros((B, T), jnp.int32)], axis=1)
+        if cache.pre_rotation:
+            current_len = jnp.maximum(pos_BT.max(), cache.pos_BS.max()) + 1 if rope_len is None else rope_len
+            inv_freq, mscale = position.frequencies(current_len)
+            q_BTHD = apply_rope(q_BTHD, pos_BT, inv_freq, position.layout, mscale)
+            keys_BSKD = apply_rope(keys_BSKD, kv_pos_BS, inv_freq, position.layout, mscale)
+        out_BTHD = self.variant(
+            q_BTHD, keys_BSKD, values_BSKD, q_pos_BT=pos_BT, kv_pos_BS=kv_pos_BS,
+            q_seg_BT=jnp.zeros((B, T), jnp.int32), kv_seg_BS=kv_seg_BS,
+            alibi_slopes_H=position.alibi_slopes(), x_BTE=x_BTE,
+        )
+        # Only the last S tokens of a chunk can survive in S slots (and their slots are distinct).
+        n = min(T, cache.slots)
+        slots_BN = pos_BT[:, T - n:] % cache.slots
+        if cache.int8:
+            new = LayerKV(_write_slots(layer.k_BSKD, kq[:, T - n:], slots_BN),
+                          _write_slots(layer.v_BSKD, vq[:, T - n:], slots_BN),
+                          _write_slots(layer.k_scale_BSK, ks[:, T - n:], slots_BN),
+                          _write_slots(layer.v_scale_BSK, vs[:, T - n:], slots_BN))
+        else:
+            new = LayerKV(_write_slots(layer.k_BSKD, k_BTKD[:, T - n:], slots_BN),
+                          _write_slots(layer.v_BSKD, v_BTKD[:, T - n:], slots_BN))
+        out_BTE = jnp.einsum("bthd,hde->bte", out_BTHD.astype(dt), self.wo[...].astype(dt))
+        return out_BTE, new
+
 
 class SwiGLU(nnx.Module):
     def __init__(self, *, d_model, mlp_dim, num_layers, dtype, param_dtype, rngs: nnx.Rngs):
@@ -100,6 +233,11 @@ class Block(nnx.Module):
     def __call__(self, x_BTE, pos_BT, seg_BT, position):
         x_BTE = x_BTE + self.attn(self.attn_norm(x_BTE), pos_BT, seg_BT, position)
         return x_BTE + self.mlp(self.mlp_norm(x_BTE))
+
+    def decode(self, x_BTE, pos_BT, cache: KVCache, layer: LayerKV, position, rope_len=None):
+        a_BTE, layer = self.attn.decode(self.attn_norm(x_BTE), pos_BT, cache, layer, position, rope_len)
+        x_BTE = x_BTE + a_BTE
+        return x_BTE + self.mlp(self.mlp_norm(x_BTE)), layer
 
 
 class Transformer(nnx.Module):
@@ -152,12 +290,71 @@ class Transformer(nnx.Module):
             run_block = nnx.remat(run_block, policy=REMAT_POLICIES[self.remat])
         for block in self.blocks:
             x_BTE = run_block(block, x_BTE, positions_BT, segment_ids_BT, self.position)
+        return self._logits(x_BTE)
+
+    def _logits(self, x_BTE):
         h_BTE = self.final_norm(x_BTE)
         if self.tie_embeddings:  # unit-variance embeddings: rescale so initial logits are O(1)
             w_EV = self.embed[...].T * self.embed[...].shape[1] ** -0.5
         else:
             w_EV = self.head[...]
         return jnp.einsum("bte,ev->btv", h_BTE, w_EV.astype(self.dtype), preferred_element_type=jnp.float32)
+
+    # ------------------------------------------------------------------------- cached decoding
+
+    def check_cache_support(self) -> None:
+        """Raise if a variant cannot attend from a KV cache (DSA scores keys from hidden states it would need)."""
+        from lc_jax.attention.dsa import DSA
+
+        if any(isinstance(b.attn.variant, DSA) for b in self.blocks):
+            raise NotImplementedError(
+                "model.attention.name='dsa' is not supported with a KV cache yet (its indexer needs the hidden "
+                "state of every key); generate with model.attention.name='full' or 'sliding'")
+
+    def cache_slots(self, max_len: int) -> int:
+        """Slots a cache needs for `max_len` tokens: min(max_len, window) under a sliding window (ring buffer)."""
+        windows = [b.attn.variant.window for b in self.blocks]
+        if any(w is None for w in windows):
+            return max_len
+        return min(max_len, max(windows))
+
+    def init_cache(self, batch: int, max_len: int, *, int8: bool = False) -> KVCache:
+        """An empty cache for `max_len` tokens per row (memory bounded by the window for sliding attention)."""
+        self.check_cache_support()
+        S = self.cache_slots(max_len)
+        attn = self.blocks[0].attn
+        shape = (batch, S, attn.num_kv_heads, attn.head_dim)
+
+        def layer():
+            if int8:
+                return LayerKV(jnp.zeros(shape, jnp.int8), jnp.zeros(shape, jnp.int8),
+                               jnp.zeros(shape[:3], jnp.float32), jnp.zeros(shape[:3], jnp.float32))
+            return LayerKV(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+
+        return KVCache(layers=tuple(layer() for _ in self.blocks), pos_BS=jnp.zeros((batch, S), jnp.int32),
+                       seg_BS=jnp.full((batch, S), EMPTY_SEGMENT, jnp.int32),
+                       pre_rotation=rotation_depends_on_length(self.position))
+
+    def decode(self, tokens_BT, positions_BT, cache: KVCache, *, rope_len=None) -> tuple[jax.Array, KVCache]:
+        """(logits [B, T, V] f32, updated cache) for T new tokens at `positions_BT` after those in `cache`.
+
+        Positions must be contiguous per row and continue the cached ones. Logits
+        equal `__call__` over the whole sequence (dynamic NTK: over the prefix up to
+        the chunk's end, or `rope_len`; see `Attention.decode`).
+        """
+        self.check_cache_support()
+        x_BTE = self.position.embed(jnp.take(self.embed[...], tokens_BT, axis=0).astype(self.dtype), positions_BT)
+        layers = []
+        for block, layer in zip(self.blocks, cache.layers, strict=True):
+            x_BTE, layer = block.decode(x_BTE, positions_BT, cache, layer, self.position, rope_len)
+            layers.append(layer)
+        T, S = positions_BT.shape[1], cache.slots
+        n = min(T, S)
+        slots_BN = positions_BT[:, T - n:] % S
+        new = KVCache(layers=tuple(layers), pos_BS=_write_slots(cache.pos_BS, positions_BT[:, T - n:], slots_BN),
+                      seg_BS=_write_slots(cache.seg_BS, jnp.zeros_like(slots_BN), slots_BN),
+                      pre_rotation=cache.pre_rotation)
+        return self._logits(x_BTE), new
 
 
 def count_params(model: nnx.Module) -> int:
