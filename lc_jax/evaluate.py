@@ -234,6 +234,106 @@ def extrapolation_sweep(workdir: str | Path, config=None, *, lengths=None, scali
     return result
 
 
+# ----------------------------------------------------------------------------- retrieval heatmaps
+
+RETRIEVAL_TASKS = ("passkey", "kv_recall")
+
+
+def retrieval_grid(workdir: str | Path, config=None, *, task: str = "passkey", lengths=None, depths=None,
+                   samples: int | None = None, out_dir: str | Path | None = None) -> dict:
+    """Accuracy of a planted-fact task on a grid of lengths x depths: `eval/<task>.{json,png}`.
+
+    passkey: the landmark-attention format (filler, "The pass key is N. Remember
+    it.", the question); kv_recall: a key-value sentence planted in validation
+    text (needle in a haystack). Scored teacher-forced: a sample counts only if
+    every answer token is the argmax prediction; the share of answer tokens
+    right is reported beside it. `samples` examples per cell, seeded per cell.
+    """
+    import jax
+    from flax import nnx
+
+    from lc_jax import train
+    from lc_jax.config import ConfigError, resolve, validate
+    from lc_jax.data import corpus, packing, synthetic
+
+    if task not in RETRIEVAL_TASKS:
+        raise ValueError(f"retrieval task {task!r}: allowed values are {list(RETRIEVAL_TASKS)}")
+    workdir = Path(workdir)
+    config = config or load_config(workdir)
+    r = config.eval.get("retrieval", {})
+    train_len = config.data.seq_len
+    lengths = lengths or [int(x * train_len) for x in config.eval.length_multipliers]
+    depths = list(depths if depths is not None else np.linspace(0.0, 1.0, int(r.get("depths", 5))))
+    samples = samples or int(r.get("samples", 8))
+    step, params = load_params(workdir, config)
+    kwargs = {}
+    if task == "kv_recall":
+        d = config.data
+        docs = corpus.load_documents(source=d.source, split="validation", val_fraction=d.val_fraction, files=d.files,
+                                     jsonl_field=d.jsonl_field)
+        kwargs["haystack_tokens"] = packing.PackedSequences(docs, seq_len=max(lengths), packing="concat").tokens
+    cells = []
+    for L in lengths:
+        c = eval_config(config, L, None)
+        try:
+            validate(c)
+        except ConfigError as e:
+            cells += [{"length": L, "depth": float(d), "error": "; ".join(e.problems)} for d in depths]
+            continue
+        c = resolve(c)
+        with nnx.use_eager_sharding(False):
+            graphdef = nnx.split(nnx.eval_shape(lambda c=c: train.build_model(c)), nnx.Param)[0]
+        eval_step, _ = train.make_eval_step(graphdef, 1, L, sparse=train.dsa_sparse_at(config, step))
+        for i, d in enumerate(depths):
+            rng = np.random.default_rng([config.seed, L, i])
+            try:
+                exs = [getattr(synthetic, task)(rng, L, float(d), **kwargs) for _ in range(samples)]
+            except ValueError as e:  # e.g. a length too short for the fact and the question
+                cells.append({"length": L, "depth": float(d), "error": str(e)})
+                continue
+            batch = {k: np.stack([e[k] for e in exs]) for k in exs[0]}
+            out = jax.device_get(eval_step(params, batch))
+            acc, tok = out["retrieval_acc"], out["retrieval_token_acc"]
+            cells.append({"length": L, "depth": float(d), "accuracy": float(acc[0] / max(acc[1], 1)),
+                          "token_accuracy": float(tok[0] / max(tok[1], 1)), "samples": samples})
+        print(f"  {task} L={L:>6}: " + " ".join(f"{x['accuracy']:.2f}" if "accuracy" in x else "-"
+                                                for x in cells if x["length"] == L))
+    result = {"workdir": str(workdir), "step": step, "task": task, "train_len": train_len,
+              "position": config.model.position.name, "lengths": lengths, "depths": [float(d) for d in depths],
+              "protocol": "teacher-forced; a sample is right when every answer token is the argmax", "cells": cells}
+    out_dir = Path(out_dir or workdir / "eval")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{task}.json").write_text(json.dumps(result, indent=2))
+    plot_retrieval(result, out_dir / f"{task}.png")
+    return result
+
+
+def plot_retrieval(result: dict, path: Path):
+    """Heatmap: depth (rows) x length (columns), accuracy in [0, 1]; cells that cannot run are grey."""
+    plt = _pyplot()
+    lengths, depths = result["lengths"], result["depths"]
+    grid = np.full((len(depths), len(lengths)), np.nan)
+    for cell in result["cells"]:
+        if "accuracy" in cell:
+            grid[depths.index(cell["depth"]), lengths.index(cell["length"])] = cell["accuracy"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2, 0.5 * len(depths) + 1.5))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(lengths)), [str(L) for L in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("depth of the key")
+    ax.axvline(x=max([i for i, L in enumerate(lengths) if L <= result["train_len"]], default=-1) + 0.5, color="k",
+               lw=1, ls="--")
+    for (i, j), v in np.ndenumerate(grid):
+        if np.isfinite(v):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
+    fig.colorbar(im, ax=ax, label="accuracy")
+    ax.set_title(f"{result['task']} ({result['position']}, trained at {result['train_len']}, step {result['step']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_extrapolation(results: list[dict], path: Path, title: str = "validation loss vs evaluation length"):
     """One colour per run, one line style per evaluation-time scaling."""
     plt = _pyplot()
@@ -267,8 +367,12 @@ def main(argv):
     from absl import flags, logging
 
     logging.set_verbosity(logging.WARNING)
-    res = extrapolation_sweep(flags.FLAGS.workdir, flags.FLAGS.config)
+    config = flags.FLAGS.config
+    res = extrapolation_sweep(flags.FLAGS.workdir, config)
     print(f"wrote {Path(flags.FLAGS.workdir) / 'eval' / 'extrapolation.json'} ({len(res['rows'])} rows)")
+    for task in config.eval.get("retrieval", {}).get("tasks", ()):
+        retrieval_grid(flags.FLAGS.workdir, config, task=task)
+        print(f"wrote {Path(flags.FLAGS.workdir) / 'eval' / task}.{{json,png}}")
 
 
 def _workdir_from_argv(argv: list[str]) -> str:

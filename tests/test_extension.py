@@ -94,3 +94,21 @@ def test_curriculum_validation(tiny_config):
         validate(tiny_config(**{"data.curriculum": "5:32,3:64"}))
     with pytest.raises(ConfigError, match="expected 'step:seq_len"):
         validate(tiny_config(**{"data.curriculum": "0-32"}))
+
+
+def test_retrieval_heatmaps_are_written(tiny_config, tmp_path):
+    """The passkey and needle grids run on a trained tiny model: every cell scored, JSON and heatmap written."""
+    from lc_jax import evaluate
+
+    c = tiny_config(**{"train.steps": 2, "train.eval_every": 2, "checkpoint.every": 2})
+    train.train(c, tmp_path)
+    for task in ("passkey", "kv_recall"):
+        res = evaluate.retrieval_grid(tmp_path, task=task, lengths=[64, 128, 256], depths=[0.0, 0.5, 1.0], samples=2)
+        cells = {(x["length"], x["depth"]): x for x in res["cells"]}
+        assert sorted(cells) == [(L, d) for L in (64, 128, 256) for d in (0, .5, 1)]
+        assert all("too short" in cells[64, d]["error"] for d in (0, .5, 1))  # 64 tokens cannot hold the task
+        scored = [x for x in res["cells"] if x["length"] > 64]
+        assert all(0 <= x["accuracy"] <= x["token_accuracy"] + 1e-9 <= 1 + 1e-9 for x in scored)
+        assert (tmp_path / "eval" / f"{task}.json").exists() and (tmp_path / "eval" / f"{task}.png").exists()
+    with pytest.raises(ValueError, match="allowed values are"):
+        evaluate.retrieval_grid(tmp_path, task="mqar")
