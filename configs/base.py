@@ -115,8 +115,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         length_multipliers=(1, 2, 4, 8),
         scalings=("none", "linear", "ntk", "dynamic_ntk", "yarn"),
         max_tokens=65536,
-        # Retrieval heatmaps (python -m lc_jax.evaluate): tasks from ('passkey', 'kv_recall') on the lengths
-        # above x `depths` evenly spaced key depths, `samples` examples per cell, teacher-forced.
-        retrieval=dict(tasks=(), depths=5, samples=8),
+        # Retrieval (python -m lc_jax.evaluate): tasks from ('passkey', 'kv_recall', 'mqar') on the lengths
+        # above x `depths` evenly spaced key depths (MQAR: x `mqar_pairs`), `samples` examples per cell.
+        retrieval=dict(tasks=(), depths=5, samples=8, mqar_pairs=(4, 8, 16)),
     )
     return c

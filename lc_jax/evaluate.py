@@ -236,18 +236,21 @@ def extrapolation_sweep(workdir: str | Path, config=None, *, lengths=None, scali
 
 # ----------------------------------------------------------------------------- retrieval heatmaps
 
-RETRIEVAL_TASKS = ("passkey", "kv_recall")
+RETRIEVAL_TASKS = ("passkey", "kv_recall", "mqar")
 
 
 def retrieval_grid(workdir: str | Path, config=None, *, task: str = "passkey", lengths=None, depths=None,
-                   samples: int | None = None, out_dir: str | Path | None = None) -> dict:
-    """Accuracy of a planted-fact task on a grid of lengths x depths: `eval/<task>.{json,png}`.
+                   pairs=None, samples: int | None = None, out_dir: str | Path | None = None) -> dict:
+    """Accuracy of a retrieval task on a grid of lengths x depths (or x pairs): `eval/<task>.{json,png}`.
 
     passkey: the landmark-attention format (filler, "The pass key is N. Remember
     it.", the question); kv_recall: a key-value sentence planted in validation
-    text (needle in a haystack). Scored teacher-forced: a sample counts only if
-    every answer token is the argmax prediction; the share of answer tokens
-    right is reported beside it. `samples` examples per cell, seeded per cell.
+    text (needle in a haystack); mqar: Zoology's multi-query associative recall,
+    `pairs` key-value pairs then all keys queried, spread over the length by a
+    gap. Scored teacher-forced: `accuracy` counts a sample only if every answer
+    token is the argmax prediction, `token_accuracy` is the share of answer
+    tokens right (for MQAR: per-query accuracy, Zoology's measure).
+    `samples` examples per cell, seeded per cell.
     """
     import jax
     from flax import nnx
@@ -264,6 +267,11 @@ def retrieval_grid(workdir: str | Path, config=None, *, task: str = "passkey", l
     train_len = config.data.seq_len
     lengths = lengths or [int(x * train_len) for x in config.eval.length_multipliers]
     depths = list(depths if depths is not None else np.linspace(0.0, 1.0, int(r.get("depths", 5))))
+    axis = "pairs" if task == "mqar" else "depth"
+    if task == "mqar":
+        rows = [int(p) for p in (pairs or r.get("mqar_pairs", (4, 8, 16)))]
+    else:
+        rows = [float(d) for d in depths]
     samples = samples or int(r.get("samples", 8))
     step, params = load_params(workdir, config)
     kwargs = {}
@@ -278,28 +286,32 @@ def retrieval_grid(workdir: str | Path, config=None, *, task: str = "passkey", l
         try:
             validate(c)
         except ConfigError as e:
-            cells += [{"length": L, "depth": float(d), "error": "; ".join(e.problems)} for d in depths]
+            cells += [{"length": L, axis: v, "error": "; ".join(e.problems)} for v in rows]
             continue
         c = resolve(c)
         with nnx.use_eager_sharding(False):
             graphdef = nnx.split(nnx.eval_shape(lambda c=c: train.build_model(c)), nnx.Param)[0]
         eval_step, _ = train.make_eval_step(graphdef, 1, L, sparse=train.dsa_sparse_at(config, step))
-        for i, d in enumerate(depths):
+        for i, v in enumerate(rows):
             rng = np.random.default_rng([config.seed, L, i])
             try:
-                exs = [getattr(synthetic, task)(rng, L, float(d), **kwargs) for _ in range(samples)]
+                if task == "mqar":  # the gap spreads pairs and queries over the whole length
+                    gap = max(0, L + 1 - synthetic.mqar_length(v))
+                    exs = [synthetic.mqar(rng, L, v, gap=gap) for _ in range(samples)]
+                else:
+                    exs = [getattr(synthetic, task)(rng, L, v, **kwargs) for _ in range(samples)]
             except ValueError as e:  # e.g. a length too short for the fact and the question
-                cells.append({"length": L, "depth": float(d), "error": str(e)})
+                cells.append({"length": L, axis: v, "error": str(e)})
                 continue
             batch = {k: np.stack([e[k] for e in exs]) for k in exs[0]}
             out = jax.device_get(eval_step(params, batch))
             acc, tok = out["retrieval_acc"], out["retrieval_token_acc"]
-            cells.append({"length": L, "depth": float(d), "accuracy": float(acc[0] / max(acc[1], 1)),
+            cells.append({"length": L, axis: v, "accuracy": float(acc[0] / max(acc[1], 1)),
                           "token_accuracy": float(tok[0] / max(tok[1], 1)), "samples": samples})
         print(f"  {task} L={L:>6}: " + " ".join(f"{x['accuracy']:.2f}" if "accuracy" in x else "-"
                                                 for x in cells if x["length"] == L))
     result = {"workdir": str(workdir), "step": step, "task": task, "train_len": train_len,
-              "position": config.model.position.name, "lengths": lengths, "depths": [float(d) for d in depths],
+              "position": config.model.position.name, "lengths": lengths, "rows_axis": axis, "rows": rows,
               "protocol": "teacher-forced; a sample is right when every answer token is the argmax", "cells": cells}
     out_dir = Path(out_dir or workdir / "eval")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -308,26 +320,84 @@ def retrieval_grid(workdir: str | Path, config=None, *, task: str = "passkey", l
     return result
 
 
+def run_suite(workdir: str | Path, config=None) -> dict:
+    """The configured evaluation of a run: `eval/results.json`, `eval/summary.md` and the plots it links.
+
+    Parts: the extrapolation sweep (loss by length x RoPE scaling, per-position
+    curves), then each task in `eval.retrieval.tasks` (passkey / kv_recall heatmaps
+    over lengths x depths, MQAR over lengths x pairs).
+    """
+    from tqdm import tqdm
+
+    workdir = Path(workdir)
+    config = config or load_config(workdir)
+    parts = ["extrapolation", *config.eval.get("retrieval", {}).get("tasks", ())]
+    results = {}
+    for part in tqdm(parts, desc="evaluate", disable=len(parts) == 1):
+        results[part] = (extrapolation_sweep(workdir, config) if part == "extrapolation"
+                         else retrieval_grid(workdir, config, task=part))
+    out = workdir / "eval"
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "summary.md").write_text(summary_markdown(results))
+    return results
+
+
+def summary_markdown(results: dict) -> str:
+    """Short tables of every part, each followed by a link to its plot (paths relative to eval/)."""
+    ex = results["extrapolation"]
+    lines = [f"# Evaluation: {ex['workdir']} (step {ex['step']}, trained at {ex['train_len']} tokens, "
+             f"{ex['position']} positions)", "", "## Loss by evaluation length (nats/byte)", "",
+             f"Protocol: {ex['protocol']}", ""]
+    lengths = sorted({r["length"] for r in ex["rows"]})
+    lines += ["| eval scaling | " + " | ".join(str(L) for L in lengths) + " |", "|---|" + "---:|" * len(lengths)]
+    by: dict[str, dict[int, dict]] = {}
+    for r in ex["rows"]:
+        by.setdefault(r["scaling"], {})[r["length"]] = r
+    for scaling, cells in by.items():
+        vals = [f"{cells[L]['loss']:.3f}" if "loss" in cells.get(L, {}) else "-" for L in lengths]
+        lines.append(f"| {scaling} | " + " | ".join(vals) + " |")
+    lines += ["", "![loss vs length](extrapolation.png)", ""]
+    for task, res in results.items():
+        if task == "extrapolation":
+            continue
+        field = "token_accuracy" if task == "mqar" else "accuracy"
+        what = "per-query accuracy" if task == "mqar" else "accuracy (every answer token right)"
+        axis = res["rows_axis"]
+        lines += [f"## {task}: {what}, teacher-forced", "",
+                  f"| {axis} | " + " | ".join(str(L) for L in res["lengths"]) + " |",
+                  "|---|" + "---:|" * len(res["lengths"])]
+        for v in res["rows"]:
+            cells = {c["length"]: c for c in res["cells"] if c[axis] == v}
+            vals = [f"{cells[L][field]:.2f}" if field in cells.get(L, {}) else "-" for L in res["lengths"]]
+            lines.append(f"| {f'{v:.0%}' if axis == 'depth' else v} | " + " | ".join(vals) + " |")
+        lines += ["", f"![{task}]({task}.png)", ""]
+    return "\n".join(lines)
+
+
 def plot_retrieval(result: dict, path: Path):
-    """Heatmap: depth (rows) x length (columns), accuracy in [0, 1]; cells that cannot run are grey."""
+    """Heatmap: depth or pairs (rows) x length (columns), accuracy in [0, 1]; cells that cannot run are blank.
+
+    MQAR shows per-query accuracy (`token_accuracy`), the others whole-answer accuracy.
+    """
     plt = _pyplot()
-    lengths, depths = result["lengths"], result["depths"]
-    grid = np.full((len(depths), len(lengths)), np.nan)
+    lengths, rows, axis = result["lengths"], result["rows"], result["rows_axis"]
+    field = "token_accuracy" if result["task"] == "mqar" else "accuracy"
+    grid = np.full((len(rows), len(lengths)), np.nan)
     for cell in result["cells"]:
-        if "accuracy" in cell:
-            grid[depths.index(cell["depth"]), lengths.index(cell["length"])] = cell["accuracy"]
-    fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2, 0.5 * len(depths) + 1.5))
+        if field in cell:
+            grid[rows.index(cell[axis]), lengths.index(cell["length"])] = cell[field]
+    fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2, 0.5 * len(rows) + 1.5))
     im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
     ax.set_xticks(range(len(lengths)), [str(L) for L in lengths])
-    ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+    ax.set_yticks(range(len(rows)), [f"{d:.0%}" for d in rows] if axis == "depth" else [str(p) for p in rows])
     ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("depth of the key")
+    ax.set_ylabel("depth of the key" if axis == "depth" else "key-value pairs")
     ax.axvline(x=max([i for i, L in enumerate(lengths) if L <= result["train_len"]], default=-1) + 0.5, color="k",
                lw=1, ls="--")
     for (i, j), v in np.ndenumerate(grid):
         if np.isfinite(v):
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
-    fig.colorbar(im, ax=ax, label="accuracy")
+    fig.colorbar(im, ax=ax, label="per-query accuracy" if field == "token_accuracy" else "accuracy")
     ax.set_title(f"{result['task']} ({result['position']}, trained at {result['train_len']}, step {result['step']})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -367,12 +437,9 @@ def main(argv):
     from absl import flags, logging
 
     logging.set_verbosity(logging.WARNING)
-    config = flags.FLAGS.config
-    res = extrapolation_sweep(flags.FLAGS.workdir, config)
-    print(f"wrote {Path(flags.FLAGS.workdir) / 'eval' / 'extrapolation.json'} ({len(res['rows'])} rows)")
-    for task in config.eval.get("retrieval", {}).get("tasks", ()):
-        retrieval_grid(flags.FLAGS.workdir, config, task=task)
-        print(f"wrote {Path(flags.FLAGS.workdir) / 'eval' / task}.{{json,png}}")
+    results = run_suite(flags.FLAGS.workdir, flags.FLAGS.config)
+    out = Path(flags.FLAGS.workdir) / "eval"
+    print(f"wrote {out / 'results.json'}, {out / 'summary.md'} and the plots of: {', '.join(results)}")
 
 
 def _workdir_from_argv(argv: list[str]) -> str:

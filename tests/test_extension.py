@@ -96,11 +96,13 @@ def test_curriculum_validation(tiny_config):
         validate(tiny_config(**{"data.curriculum": "0-32"}))
 
 
-def test_retrieval_heatmaps_are_written(tiny_config, tmp_path):
-    """The passkey and needle grids run on a trained tiny model: every cell scored, JSON and heatmap written."""
+def test_retrieval_heatmaps_and_the_suite_summary(tiny_config, tmp_path):
+    """Passkey, needle and MQAR grids run on a trained tiny model; the suite writes results.json and summary.md."""
     from lc_jax import evaluate
 
     c = tiny_config(**{"train.steps": 2, "train.eval_every": 2, "checkpoint.every": 2})
+    c.eval.update(length_multipliers=(1, 2), scalings=("none",), max_tokens=128)
+    c.eval.retrieval.update(tasks=("passkey", "mqar"), depths=2, samples=2, mqar_pairs=(4,))
     train.train(c, tmp_path)
     for task in ("passkey", "kv_recall"):
         res = evaluate.retrieval_grid(tmp_path, task=task, lengths=[64, 128, 256], depths=[0.0, 0.5, 1.0], samples=2)
@@ -111,4 +113,13 @@ def test_retrieval_heatmaps_are_written(tiny_config, tmp_path):
         assert all(0 <= x["accuracy"] <= x["token_accuracy"] + 1e-9 <= 1 + 1e-9 for x in scored)
         assert (tmp_path / "eval" / f"{task}.json").exists() and (tmp_path / "eval" / f"{task}.png").exists()
     with pytest.raises(ValueError, match="allowed values are"):
-        evaluate.retrieval_grid(tmp_path, task="mqar")
+        evaluate.retrieval_grid(tmp_path, task="niah")
+
+    results = evaluate.run_suite(tmp_path, evaluate.load_config(tmp_path))
+    assert list(results) == ["extrapolation", "passkey", "mqar"]
+    assert [(x["length"], x["pairs"]) for x in results["mqar"]["cells"]] == [(64, 4), (128, 4)]
+    assert all(0 <= x["token_accuracy"] <= 1 for x in results["mqar"]["cells"])
+    summary = (tmp_path / "eval" / "summary.md").read_text()
+    for plot in ("extrapolation.png", "passkey.png", "mqar.png"):
+        assert f"]({plot})" in summary and (tmp_path / "eval" / plot).exists()
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["mqar"]["rows_axis"] == "pairs"
