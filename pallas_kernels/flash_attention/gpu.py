@@ -483,6 +483,25 @@ def _static(D, causal, window, scale, logits_soft_cap, has_alibi, bs: BlockSizes
     )
 
 
+def _prepare(q_BTHD, k_BSKD, v_BSKD, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, causal, window, alibi_slopes_H,
+             scale, logits_soft_cap, block_sizes, interpret):
+    """Shape checks, padding to whole blocks and block ranges, shared by the forward and `attention_bwd`.
+
+    Returns ((T, S), padded (q_pos, kv_pos, q_seg, kv_seg), padding functions (rows: pad the T axis, cols: pad
+    the S axis), slopes, ranges, static).
+    """
+    bs = _as_block_sizes(block_sizes)
+    B, T, S, H, K, D = check_qkv(q_BTHD, k_BSKD, v_BSKD, alibi_slopes_H)
+    q_pos, kv_pos, q_seg, kv_seg, pad_t, pad_s = pad_positions(
+        q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, bs.block_q, bs.block_k, always_segments=True, shape_BTS=(B, T, S))
+    st = _static(D, causal, window, scale, logits_soft_cap, alibi_slopes_H is not None, bs, interpret)
+    ranges = _block_ranges(q_pos, kv_pos, q_seg, kv_seg, st)
+    rows = lambda x: pad_axis(x, 1, pad_t, 0)  # noqa: E731
+    cols = lambda x: pad_axis(x, 1, pad_s, 0)  # noqa: E731
+    slopes = None if alibi_slopes_H is None else jnp.asarray(alibi_slopes_H, jnp.float32)
+    return (T, S), (q_pos, kv_pos, q_seg, kv_seg), (rows, cols), slopes, ranges, st
+
+
 def attention(
     q_BTHD,
     k_BSKD,
@@ -504,17 +523,10 @@ def attention(
 
     `interpret=True` runs every kernel (forward and backward) in the generic Pallas interpreter, on any backend.
     """
-    bs = _as_block_sizes(block_sizes)
-    B, T, S, H, K, D = check_qkv(q_BTHD, k_BSKD, v_BSKD, alibi_slopes_H)
-    q_pos, kv_pos, q_seg, kv_seg, pad_t, pad_s = pad_positions(
-        q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, bs.block_q, bs.block_k, always_segments=True, shape_BTS=(B, T, S))
-    st = _static(D, causal, window, scale, logits_soft_cap, alibi_slopes_H is not None, bs, interpret)
-    ranges = _block_ranges(q_pos, kv_pos, q_seg, kv_seg, st)
-    q = pad_axis(q_BTHD, 1, pad_t, 0)
-    k = pad_axis(k_BSKD, 1, pad_s, 0)
-    v = pad_axis(v_BSKD, 1, pad_s, 0)
-    slopes = None if alibi_slopes_H is None else jnp.asarray(alibi_slopes_H, jnp.float32)
-    out, lse = _flash(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes, ranges, st)
+    (T, _), (q_pos, kv_pos, q_seg, kv_seg), (rows, cols), slopes, ranges, st = _prepare(
+        q_BTHD, k_BSKD, v_BSKD, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, causal, window, alibi_slopes_H, scale,
+        logits_soft_cap, block_sizes, interpret)
+    out, lse = _flash(rows(q_BTHD), cols(k_BSKD), cols(v_BSKD), q_pos, kv_pos, q_seg, kv_seg, slopes, ranges, st)
     return out[:, :T], lse.transpose(0, 2, 1)[:, :T]
 
 
@@ -522,15 +534,9 @@ def attention_bwd(q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BTH, do_BTHD, dlse_BTH, 
                   q_seg_BT=None, kv_seg_BS=None, causal=True, window=None, alibi_slopes_H=None, scale=None,
                   logits_soft_cap=None, block_sizes: BlockSizes | None = None, interpret: bool = False):
     """(dq, dk, dv) of one key shard given the rows' final out and lse (ring attention; see xla.attention_bwd)."""
-    bs = _as_block_sizes(block_sizes)
-    B, T, S, H, K, D = check_qkv(q_BTHD, k_BSKD, v_BSKD, alibi_slopes_H)
-    q_pos, kv_pos, q_seg, kv_seg, pad_t, pad_s = pad_positions(
-        q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, bs.block_q, bs.block_k, always_segments=True, shape_BTS=(B, T, S))
-    st = _static(D, causal, window, scale, logits_soft_cap, alibi_slopes_H is not None, bs, interpret)
-    ranges = _block_ranges(q_pos, kv_pos, q_seg, kv_seg, st)
-    rows = lambda x: pad_axis(x, 1, pad_t, 0)  # noqa: E731
-    cols = lambda x: pad_axis(x, 1, pad_s, 0)  # noqa: E731
-    slopes = None if alibi_slopes_H is None else jnp.asarray(alibi_slopes_H, jnp.float32)
+    (T, S), (q_pos, kv_pos, q_seg, kv_seg), (rows, cols), slopes, ranges, st = _prepare(
+        q_BTHD, k_BSKD, v_BSKD, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, causal, window, alibi_slopes_H, scale,
+        logits_soft_cap, block_sizes, interpret)
     res = (rows(q_BTHD), cols(k_BSKD), cols(v_BSKD), rows(out_BTHD), rows(lse_BTH).transpose(0, 2, 1), q_pos, kv_pos,
            q_seg, kv_seg, slopes, ranges)
     dq, dk, dv = _flash_bwd(st, res, (rows(do_BTHD), rows(dlse_BTH).transpose(0, 2, 1)))[:3]

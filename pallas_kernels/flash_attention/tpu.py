@@ -493,6 +493,26 @@ def _static(D, causal, window, scale, logits_soft_cap, has_alibi, bs: BlockSizes
     )
 
 
+def _prepare(q_BTHD, k_BSKD, v_BSKD, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, causal, window, alibi_slopes_H,
+             scale, logits_soft_cap, block_sizes, interpret):
+    """Shape checks, padding to whole blocks and block tables, shared by the forward and `attention_bwd`.
+
+    Returns ((T, S), padded (q_pos, kv_pos, q_seg, kv_seg), layout functions (rows: [B, T, H, D] -> padded
+    [B, H, T, D], cols: [B, S, K, D] -> [B, K, S, D], stats: [B, T, H] -> [B, H, T]), slopes, tables, static).
+    """
+    bs = _as_block_sizes(block_sizes)
+    B, T, S, H, K, D = check_qkv(q_BTHD, k_BSKD, v_BSKD, alibi_slopes_H)
+    q_pos, kv_pos, q_seg, kv_seg, pad_t, pad_s = pad_positions(
+        q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, bs.block_q, bs.block_k, always_segments=True, shape_BTS=(B, T, S))
+    st = _static(D, causal, window, scale, logits_soft_cap, alibi_slopes_H is not None, bs, interpret)
+    tables = _block_tables(q_pos, kv_pos, q_seg, kv_seg, st)
+    rows = lambda x: pad_axis(x, 1, pad_t, 0).transpose(0, 2, 1, 3)  # noqa: E731
+    cols = lambda x: pad_axis(x, 1, pad_s, 0).transpose(0, 2, 1, 3)  # noqa: E731
+    stats = lambda x: pad_axis(x, 1, pad_t, 0).transpose(0, 2, 1)  # noqa: E731
+    slopes = None if alibi_slopes_H is None else jnp.asarray(alibi_slopes_H, jnp.float32)
+    return (T, S), (q_pos, kv_pos, q_seg, kv_seg), (rows, cols, stats), slopes, tables, st
+
+
 def attention(
     q_BTHD,
     k_BSKD,
@@ -514,17 +534,10 @@ def attention(
 
     `interpret=True` runs every kernel (forward and backward) in Pallas TPU interpret mode, on any backend.
     """
-    bs = _as_block_sizes(block_sizes)
-    B, T, S, H, K, D = check_qkv(q_BTHD, k_BSKD, v_BSKD, alibi_slopes_H)
-    q_pos, kv_pos, q_seg, kv_seg, pad_t, pad_s = pad_positions(
-        q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, bs.block_q, bs.block_k, always_segments=True, shape_BTS=(B, T, S))
-    st = _static(D, causal, window, scale, logits_soft_cap, alibi_slopes_H is not None, bs, interpret)
-    tables = _block_tables(q_pos, kv_pos, q_seg, kv_seg, st)
-    q = pad_axis(q_BTHD, 1, pad_t, 0).transpose(0, 2, 1, 3)  # [B, H, T, D]
-    k = pad_axis(k_BSKD, 1, pad_s, 0).transpose(0, 2, 1, 3)  # [B, K, S, D]
-    v = pad_axis(v_BSKD, 1, pad_s, 0).transpose(0, 2, 1, 3)
-    slopes = None if alibi_slopes_H is None else jnp.asarray(alibi_slopes_H, jnp.float32)
-    out, lse = _flash(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes, tables, st)
+    (T, _), (q_pos, kv_pos, q_seg, kv_seg), (rows, cols, _), slopes, tables, st = _prepare(
+        q_BTHD, k_BSKD, v_BSKD, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, causal, window, alibi_slopes_H, scale,
+        logits_soft_cap, block_sizes, interpret)
+    out, lse = _flash(rows(q_BTHD), cols(k_BSKD), cols(v_BSKD), q_pos, kv_pos, q_seg, kv_seg, slopes, tables, st)
     return out.transpose(0, 2, 1, 3)[:, :T], lse.transpose(0, 2, 1)[:, :T]
 
 
@@ -532,16 +545,9 @@ def attention_bwd(q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BTH, do_BTHD, dlse_BTH, 
                   q_seg_BT=None, kv_seg_BS=None, causal=True, window=None, alibi_slopes_H=None, scale=None,
                   logits_soft_cap=None, block_sizes: BlockSizes | None = None, interpret: bool = False):
     """(dq, dk, dv) of one key shard given the rows' final out and lse (ring attention; see xla.attention_bwd)."""
-    bs = _as_block_sizes(block_sizes)
-    B, T, S, H, K, D = check_qkv(q_BTHD, k_BSKD, v_BSKD, alibi_slopes_H)
-    q_pos, kv_pos, q_seg, kv_seg, pad_t, pad_s = pad_positions(
-        q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, bs.block_q, bs.block_k, always_segments=True, shape_BTS=(B, T, S))
-    st = _static(D, causal, window, scale, logits_soft_cap, alibi_slopes_H is not None, bs, interpret)
-    tables = _block_tables(q_pos, kv_pos, q_seg, kv_seg, st)
-    rows = lambda x: pad_axis(x, 1, pad_t, 0).transpose(0, 2, 1, 3)  # noqa: E731  [B, H, T, D]
-    cols = lambda x: pad_axis(x, 1, pad_s, 0).transpose(0, 2, 1, 3)  # noqa: E731  [B, K, S, D]
-    stats = lambda x: pad_axis(x, 1, pad_t, 0).transpose(0, 2, 1)  # noqa: E731  [B, H, T]
-    slopes = None if alibi_slopes_H is None else jnp.asarray(alibi_slopes_H, jnp.float32)
+    (T, S), (q_pos, kv_pos, q_seg, kv_seg), (rows, cols, stats), slopes, tables, st = _prepare(
+        q_BTHD, k_BSKD, v_BSKD, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, causal, window, alibi_slopes_H, scale,
+        logits_soft_cap, block_sizes, interpret)
     res = (rows(q_BTHD), cols(k_BSKD), cols(v_BSKD), rows(out_BTHD), stats(lse_BTH), q_pos, kv_pos, q_seg, kv_seg,
            slopes, tables)
     dq, dk, dv = _flash_bwd(st, res, (rows(do_BTHD), stats(dlse_BTH)))[:3]
