@@ -12,9 +12,11 @@ are never stored for all blocks at once; gradients reach K and V through the
 transpose of the gather (a scatter-add into [S, K, D]).
 
 Layout as the flash kernels: block size, block body, wrapper with shape
-validation. `sparse_attention_tpu.py` beside it is the Pallas TPU kernel that
-DMAs only the selected rows (DSA uses it on TPU); there is no GPU kernel yet,
-so GPUs run this path.
+validation. Beside it are the Pallas kernels that read only the selected rows:
+`sparse_attention_tpu.py` (Mosaic TPU, row DMAs; DSA uses it on TPU) and
+`sparse_attention_gpu.py` (Triton, gather loads and atomic dK/dV; DSA uses it
+on GPU with attention.impl='pallas'; never yet run on a GPU). Everything else,
+GPUs with impl auto|xla included, runs this path.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ from jax import lax
 from lc_jax import ops
 from lc_jax.attention.base import AttentionVariant
 from lc_jax.positions.rope import apply_rope, rope_inv_freq
-from pallas_kernels import sparse_attention_tpu
+from pallas_kernels import sparse_attention_gpu, sparse_attention_tpu
 from pallas_kernels.flash_attention.masks import block_visible, pad_axis, pad_positions, visible
 from pallas_kernels.sparse_attention import gather_rows, query_blocks, sparse_attention
 
@@ -364,9 +364,12 @@ class DSA(AttentionVariant):
         return out
 
     def _sparse_attention(self, q, k, v, idx, valid, **kw):
-        """The Pallas kernel on TPU (impl auto|pallas), the XLA gather path elsewhere."""
-        if jax.default_backend() == "tpu" and ops.resolve_impl(self.impl) == "pallas":
+        """The Pallas kernel on TPU (impl auto|pallas) and on GPU (impl pallas), the XLA gather path elsewhere."""
+        backend, impl = jax.default_backend(), ops.resolve_impl(self.impl)
+        if backend == "tpu" and impl == "pallas":
             return sparse_attention_tpu.sparse_attention(q, k, v, idx, valid, **kw)
+        if backend == "gpu" and impl == "pallas":  # Triton; like ops' GPU flash kernels, not chosen by 'auto'
+            return sparse_attention_gpu.sparse_attention(q, k, v, idx, valid, **kw)
         return sparse_attention(q, k, v, idx, valid, **kw, block_q=self.block_q)
 
     def _diagnose(self, q, k, iq, w, ik, pos, segs, slopes, rows, dense_lse):

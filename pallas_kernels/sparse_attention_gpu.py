@@ -1,0 +1,591 @@
+"""DSA's sparse attention as Pallas kernels for NVIDIA GPUs (Triton lowering): only the selected K/V rows are read.
+
+Same contract as `pallas_kernels/sparse_attention.py` (the XLA gather path) and
+`sparse_attention_tpu.py`: query t attends to its own k selected keys
+idx[t, :], shared by all heads of the query; under GQA query head h reads kv
+head h // (H // K) of those rows (K/V are never repeated in memory); ALiBi is
+computed in-kernel from q_pos and the selected keys' kv_pos; selections with
+valid=False are masked; the output is (out_BTHD, lse_BTH) with an f32 lse that
+is -inf (and a zero output) where a query has no valid selection; the
+`custom_vjp` backward also accepts a cotangent for lse
+(ds = p * (dp - delta + dlse)).
+
+Why a kernel. The XLA path gathers [block_q, k, K, D] rows per query block
+into a fresh array (written to HBM, read back by the matmuls; again in the
+backward). Here each program gathers the selected rows straight from the K/V
+tables in HBM into registers / shared memory with a vector (pointer-tensor)
+load and consumes them there: nothing T x S and nothing [T, k, D] is built, in
+the forward or the backward.
+
+Work split: one program per (block of `block_q` query tokens, kv head), grid
+(N / block_q, K) over the N = B * T flattened tokens. Every query token has
+its own selection, so nothing is shared between tokens (unlike flash
+attention, where a q block shares its K/V blocks); what *is* shared is one
+token's selected rows across the G = H // K query heads of a kv head. A
+(token, kv head) program therefore loads each gathered [block_k, D] K/V tile
+once and uses it for a [G, D] x [D, block_k] score matmul of all G heads.
+(A program per (token, query head) would gather the same rows G times; one
+per token over all H heads would make the matmul's M = H but gather K x wider
+rows per chunk and drop the kv-head grid parallelism.) The default block_q = 1
+gives B * T * K programs, plenty to fill a GPU; larger values only lengthen
+each program's loop.
+
+How. Batch and time are flattened into N = B * T tokens and K / V are viewed
+as [B * S, K, D] row tables (a free reshape); the wrapper turns (idx, valid)
+into global row numbers b * S + idx, -1 where invalid, [N, k_pad] int32, with
+k padded to a multiple of the chunk by invalid slots. Per token the kernel
+walks the k selections in chunks of `block_k` rows: it loads the chunk's row
+numbers, gathers those rows of its kv head with one masked load indexed by a
+[block_k, D] pointer tensor (`plgpu.load(ref.at[rows, cols], mask, other=0)`;
+invalid slots are masked, so they read no memory and contribute exact zeros,
+also where the row they point at holds NaN), and runs an online softmax
+(m, l, acc) in f32 over the chunks. Triton needs power-of-two tensor shapes
+and tl.dot needs every dim >= 16, so G, D and Dv are padded *in registers* to
+Gp, Dp, Dvp = max(16, next power of two) with masked loads / stores (nothing
+is padded in HBM; padded query heads load zeros, and their zero do / delta
+make their dk / dv contributions exactly zero); the chunk block_k is a power
+of two >= 16.
+
+Backward. A second kernel makes the same gathers, recomputes p from the saved
+lse, writes dq per token, and adds each chunk's dk / dv rows ([block_k, Dp],
+[block_k, Dvp], f32) into [B * S + 1, K, Dp] / [B * S + 1, K, Dvp] f32
+accumulators with `plgpu.atomic_add` (zero-initialised inputs aliased to the
+outputs); the wrapper slices them to [B * S, K, D] and casts. Invalid slots
+add their (zero) rows to the extra dummy row B * S rather than being masked,
+because the interpreter's discharge rule for atomics supports no mask.
+
+Limits.
+  * Atomic contention: keys selected by many queries (attention sinks, recent
+    tokens) receive one atomic add per selecting query and kv head;
+    Triton's atomics are acq_rel, per element. Not measured.
+  * The accumulators cost 4 bytes x (B * S + 1) x K x (Dp + Dvp) of HBM in the
+    backward (the TPU kernel's f32 scatter target is the same size, unpadded).
+  * D (or Dv, G) that is not a power of two wastes the padded lanes of every
+    gathered tile (e.g. MLA's D = 576 is gathered as 1024 wide tiles, masked).
+  * Interpret mode only: the discharged atomic add is a gather + scatter-set,
+    so two *valid* selections of the same key in the same chunk of one query
+    would lose one dk / dv contribution (a compiled GPU adds both). Top-k
+    selections (DSA's `streaming_topk`) are duplicate-free; invalid slots go
+    to the dummy row, where losses do not matter. Interpreted inside
+    shard_map it needs check_vma=False (jax 0.10's generic interpreter drops
+    the varying mesh axes in the kernel's loops; the flash GPU kernel too).
+  * block_k auto: the largest of 64, 32, 16 whose K + V tile,
+    block_k x (Dp + Dvp) x itemsize, fits 64 KiB; num_warps auto: 4 for
+    Dp <= 128, else 8. Untuned guesses.
+
+Checked (tests/test_sparse_gpu.py), on a CPU host only: values and gradients
+(q, k, v under random out / lse cotangents) against the XLA path in the
+generic Pallas interpreter (`interpret=True`: the same kernels, with the
+gathers discharged to XLA gathers and the atomics to sequential read-modify-
+writes), incl. padded and unpadded heads / head dims, NaN rows that must
+never be read, and shard_map; the Pallas -> Triton IR lowering for platform
+"cuda" (power-of-two shapes, supported primitives, pointer-tensor gathers,
+atomics, the vma typing under shard_map), without Triton's PTX compiler.
+NOT checked: it has never been compiled by Triton's backend or run on a GPU,
+so neither Triton's register / shared-memory limits at the default sizes, nor
+speed, nor the atomics' real behaviour (contention, f32 summation order: dk /
+dv are not bitwise deterministic on a GPU) are verified.
+
+Layout as the flash kernels: block sizes -> kernel bodies -> pallas_call
+wrappers with shape validation -> custom_vjp -> public wrapper.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.flash_attention.masks import check_qkv, like_vma, out_struct, pad_axis
+
+_MIN_DIM = 16  # tl.dot needs M, N, K >= 16
+AUTO_BLOCK_K = (64, 32, 16)
+TILE_BYTES = 64 << 10  # auto block_k: the gathered K + V tile of one chunk fits this
+
+# ----------------------------------------------------------------------------- block sizes
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
+
+
+def _pow2_at_least(n: int, lo: int = _MIN_DIM) -> int:
+    """The smallest power of two >= max(n, lo)."""
+    return max(lo, 1 << (max(n, 1) - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Work split of the sparse GPU kernels and Triton launch knobs.
+
+    block_q: query tokens per program (a loop in the kernel), any positive int;
+      each token has its own selection, so this shares nothing and 1 (most
+      programs) is the default.
+    block_k: selected rows per chunk (the gathered tile), a power of two >= 16;
+      None picks the largest of 64, 32, 16 whose K + V tile fits TILE_BYTES.
+      Never larger than k rounded up to a power of two >= 16; k is padded (with
+      invalid slots, which read no memory) to a multiple of it.
+    num_warps: a power of two; None picks 4 for a padded head_dim <= 128, else 8.
+    num_stages: Triton software-pipelining stages of the chunk loop.
+    """
+
+    block_q: int = 1
+    block_k: int | None = None
+    num_warps: int | None = None
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_q", "block_k", "num_warps", "num_stages"):
+            v = getattr(self, name)
+            if v is None and name in ("block_k", "num_warps"):
+                continue
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                allowed = "a positive int" + (" or None" if name in ("block_k", "num_warps") else "")
+                raise ValueError(f"BlockSizes.{name} must be {allowed}, got {v!r}")
+        if self.block_k is not None and (not _is_pow2(self.block_k) or self.block_k < _MIN_DIM):
+            raise ValueError(
+                f"BlockSizes.block_k={self.block_k} must be a power of two >= {_MIN_DIM} (Triton lowering)"
+            )
+        if self.num_warps is not None and not _is_pow2(self.num_warps):
+            raise ValueError(f"BlockSizes.num_warps={self.num_warps} must be a power of two")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    heads: int  # H
+    kv_heads: int  # K
+    head_dim: int  # D
+    v_head_dim: int  # Dv
+    scale: float
+    has_alibi: bool
+    block_q: int
+    chunk: int  # C: selected rows per gathered tile
+    n_chunks: int  # k padded = n_chunks * chunk
+    num_warps: int
+    num_stages: int
+    interpret: bool = False  # fixed at trace time, so the VJP's calls match
+
+    @property
+    def groups(self) -> int:  # G
+        return self.heads // self.kv_heads
+
+    @property
+    def k_pad(self) -> int:
+        return self.n_chunks * self.chunk
+
+    @property
+    def groups_p(self) -> int:  # Gp: G in registers (matmul M)
+        return _pow2_at_least(self.groups)
+
+    @property
+    def head_dim_p(self) -> int:  # Dp
+        return _pow2_at_least(self.head_dim)
+
+    @property
+    def v_head_dim_p(self) -> int:  # Dvp
+        return _pow2_at_least(self.v_head_dim)
+
+
+# ----------------------------------------------------------------------------- kernel bodies
+
+_NT = (((1,), (1,)), ((), ()))  # a @ b.T
+_NN = (((1,), (0,)), ((), ()))  # a @ b
+_TN = (((0,), (0,)), ((), ()))  # a.T @ b
+_HIGHEST = (lax.Precision.HIGHEST, lax.Precision.HIGHEST)  # IEEE f32 on Triton (bf16 inputs: plain bf16 MMA)
+
+
+def _dot(a, b, dims):
+    return lax.dot_general(a, b, dims, precision=_HIGHEST, preferred_element_type=jnp.float32)
+
+
+def _grid2(n_rows: int, n_cols: int):
+    """Row and column index tensors of an [n_rows, n_cols] tile (Triton: make_range + broadcast)."""
+    return (lax.broadcasted_iota(jnp.int32, (n_rows, n_cols), 0), lax.broadcasted_iota(jnp.int32, (n_rows, n_cols), 1))
+
+
+def _load_tile(ref, t, n_rows: int, n_cols: int, shape):
+    """ref[t, :n_rows, :n_cols] (a [bq, n_rows, n_cols] block), zero-padded in registers to `shape`."""
+    if (n_rows, n_cols) == shape:
+        return ref[t]
+    r, c = _grid2(*shape)
+    return plgpu.load(ref.at[t, r, c], mask=(r < n_rows) & (c < n_cols), other=0)
+
+
+def _store_tile(ref, t, val, n_rows: int, n_cols: int):
+    """ref[t, :n_rows, :n_cols] = val[:n_rows, :n_cols] (masked: the padded lanes are never written)."""
+    if (n_rows, n_cols) == val.shape:
+        ref[t] = val
+        return
+    r, c = _grid2(*val.shape)
+    plgpu.store(ref.at[t, r, c], val, mask=(r < n_rows) & (c < n_cols))
+
+
+def _load_vec(ref, t, n: int, n_p: int):
+    """ref[t, :n] (a [bq, n] block) zero-padded to [n_p]."""
+    if n == n_p:
+        return ref[t]
+    g = lax.broadcasted_iota(jnp.int32, (n_p,), 0)
+    return plgpu.load(ref.at[t, g], mask=g < n, other=0)
+
+
+def _store_vec(ref, t, val, n: int):
+    if n == val.shape[0]:
+        ref[t] = val
+        return
+    g = lax.broadcasted_iota(jnp.int32, val.shape, 0)
+    plgpu.store(ref.at[t, g], val, mask=g < n)
+
+
+def _gather(table_ref, rows, valid, n_cols: int, n_cols_p: int):
+    """Rows `rows` [C] of a [R, n_cols] table as a [C, n_cols_p] tile; invalid rows and padded columns are 0.
+
+    One pointer-tensor load: Triton issues it as a masked gather (masked lanes
+    touch no memory); in interpret mode it is a gather followed by a select.
+    """
+    C = rows.shape[0]
+    r = jnp.broadcast_to(jnp.maximum(rows, 0)[:, None], (C, n_cols_p))
+    _, c = _grid2(C, n_cols_p)
+    mask = jnp.broadcast_to(valid[:, None], (C, n_cols_p))
+    if n_cols != n_cols_p:
+        mask &= c < n_cols
+        c = jnp.minimum(c, n_cols - 1)
+    return plgpu.load(table_ref.at[r, c], mask=mask, other=0)
+
+
+def _chunk(t, c, rows_ref, k_ref, v_ref, kvpos_ref, q, qpos, slope, st: _Static):
+    """One chunk of token t's selections: (valid [C], row numbers [C], K tile, V tile, masked f32 scores [Gp, C])."""
+    C = st.chunk
+    rows = rows_ref[t, pl.ds(pl.multiple_of(c * C, C), C)]
+    valid = rows >= 0
+    kc = _gather(k_ref, rows, valid, st.head_dim, st.head_dim_p)  # [C, Dp]
+    vc = _gather(v_ref, rows, valid, st.v_head_dim, st.v_head_dim_p)  # [C, Dvp]
+    s = _dot(q, kc, _NT) * st.scale  # [Gp, C]
+    if st.has_alibi:
+        kpos = plgpu.load(kvpos_ref.at[jnp.maximum(rows, 0)], mask=valid, other=0)  # [C]
+        s = s - slope[:, None] * jnp.abs(qpos - kpos).astype(jnp.float32)[None, :]
+    return valid, rows, kc, vc, jnp.where(valid[None, :], s, -jnp.inf)
+
+
+def _fwd_kernel(*refs, st: _Static):
+    if st.has_alibi:
+        slopes_ref, qpos_ref, kvpos_ref, *refs = refs
+    else:
+        slopes_ref = qpos_ref = kvpos_ref = None
+    rows_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+    G, Gp = st.groups, st.groups_p
+    slope = slopes_ref[...] if st.has_alibi else None  # [Gp] (0 in the padded heads)
+
+    def token(t, carry):
+        q = _load_tile(q_ref, t, G, st.head_dim, (Gp, st.head_dim_p))  # [Gp, Dp]
+        qpos = qpos_ref[t] if st.has_alibi else None
+
+        def chunk(c, state):
+            m_prev, l_prev, acc = state
+            _, _, _, vc, s = _chunk(t, c, rows_ref, k_ref, v_ref, kvpos_ref, q, qpos, slope, st)
+            m_new = jnp.maximum(m_prev, s.max(axis=1))
+            m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # heads with nothing valid yet
+            p = jnp.exp(s - m_use[:, None])
+            alpha = jnp.exp(m_prev - m_use)
+            return m_new, alpha * l_prev + p.sum(axis=1), alpha[:, None] * acc + _dot(p.astype(vc.dtype), vc, _NN)
+
+        init = (
+            jnp.full((Gp,), -jnp.inf, jnp.float32),
+            jnp.zeros((Gp,), jnp.float32),
+            jnp.zeros((Gp, st.v_head_dim_p), jnp.float32),
+        )
+        m, l, acc = lax.fori_loop(0, st.n_chunks, chunk, init)
+        empty = l == 0.0
+        safe_l = jnp.where(empty, 1.0, l)
+        _store_tile(o_ref, t, (acc / safe_l[:, None]).astype(o_ref.dtype), G, st.v_head_dim)
+        _store_vec(lse_ref, t, jnp.where(empty, -jnp.inf, m + jnp.log(safe_l)), G)
+        return carry
+
+    lax.fori_loop(0, st.block_q, token, 0)
+
+
+def _bwd_kernel(*refs, st: _Static):
+    if st.has_alibi:
+        slopes_ref, qpos_ref, kvpos_ref, *refs = refs
+    else:
+        slopes_ref = qpos_ref = kvpos_ref = None
+    # dk_ref / dv_ref alias the zero-initialised accumulator inputs (the two refs skipped here).
+    rows_ref, q_ref, do_ref, lse_ref, di_ref, k_ref, v_ref, _, _, dq_ref, dk_ref, dv_ref = refs
+    G, Gp, C = st.groups, st.groups_p, st.chunk
+    D, Dp, Dv, Dvp = st.head_dim, st.head_dim_p, st.v_head_dim, st.v_head_dim_p
+    dummy = dk_ref.shape[0] - 1  # accumulator row that takes the invalid slots' (zero) rows
+    slope = slopes_ref[...] if st.has_alibi else None
+    _, cols_k = _grid2(C, Dp)
+    _, cols_v = _grid2(C, Dvp)
+
+    def token(t, carry):
+        q = _load_tile(q_ref, t, G, D, (Gp, Dp))  # [Gp, Dp]
+        do = _load_tile(do_ref, t, G, Dv, (Gp, Dvp))  # [Gp, Dvp], 0 in the padded heads
+        lse = _load_vec(lse_ref, t, G, Gp)  # finite (the wrapper zeroes -inf)
+        di = _load_vec(di_ref, t, G, Gp)  # delta - dlse
+        qpos = qpos_ref[t] if st.has_alibi else None
+
+        def chunk(c, dq):
+            valid, rows, kc, vc, s = _chunk(t, c, rows_ref, k_ref, v_ref, kvpos_ref, q, qpos, slope, st)
+            p = jnp.exp(s - lse[:, None])  # masked s = -inf -> p = 0
+            dp = _dot(do, vc, _NT)  # [Gp, C]
+            ds = p * (dp - di[:, None]) * st.scale
+            dk_rows = _dot(ds.astype(q.dtype), q, _TN)  # [C, Dp]
+            dv_rows = _dot(p.astype(do.dtype), do, _TN)  # [C, Dvp]
+            acc_rows = jnp.where(valid, rows, dummy)
+            plgpu.atomic_add(dk_ref, (jnp.broadcast_to(acc_rows[:, None], (C, Dp)), cols_k), dk_rows)
+            plgpu.atomic_add(dv_ref, (jnp.broadcast_to(acc_rows[:, None], (C, Dvp)), cols_v), dv_rows)
+            return dq + _dot(ds.astype(kc.dtype), kc, _NN)
+
+        dq = lax.fori_loop(0, st.n_chunks, chunk, jnp.zeros((Gp, Dp), jnp.float32))
+        _store_tile(dq_ref, t, dq.astype(dq_ref.dtype), G, D)
+        return carry
+
+    lax.fori_loop(0, st.block_q, token, 0)
+
+
+# ----------------------------------------------------------------------------- pallas_call wrappers
+
+
+def _check_call_shapes(q, k, v, rows, q_pos, kv_pos, slopes, st: _Static):
+    """Validate the operands the kernels see: q [Np, H, D], k/v [R, K, D(v)], rows [Np, kp] int32, ..."""
+    Np, H, D = q.shape
+    K, Dv = st.kv_heads, st.v_head_dim
+    if (H, D) != (st.heads, st.head_dim):
+        raise ValueError(f"q {q.shape} must be (tokens, {st.heads}, {st.head_dim})")
+    if Np % st.block_q:
+        raise ValueError(f"padded tokens {Np} is not a multiple of block_q={st.block_q}")
+    R = k.shape[0]
+    if k.shape != (R, K, D) or v.shape != (R, K, Dv):
+        raise ValueError(f"k rows {k.shape} / v rows {v.shape} must be ({R}, {K}, {D}) / ({R}, {K}, {Dv})")
+    if rows.shape != (Np, st.k_pad) or rows.dtype != jnp.int32:
+        raise ValueError(f"rows {rows.shape} {rows.dtype} must be int32 ({Np}, {st.k_pad})")
+    if st.has_alibi:
+        if q_pos.shape != (Np,) or kv_pos.shape != (R,):
+            raise ValueError(f"q_pos {q_pos.shape} / kv_pos {kv_pos.shape} must be ({Np},) / ({R},)")
+        if slopes.shape != (K, st.groups_p):
+            raise ValueError(f"slopes {slopes.shape} must be ({K}, {st.groups_p})")
+
+
+def _compiler_params(st: _Static):
+    return plgpu.CompilerParams(num_warps=st.num_warps, num_stages=st.num_stages)
+
+
+def _specs(R: int, st: _Static):
+    """BlockSpecs on the grid (token block i, kv head h); R = B * S table rows."""
+    bq, G = st.block_q, st.groups
+    return dict(
+        rows=pl.BlockSpec((bq, st.k_pad), lambda i, h: (i, 0)),
+        heads=lambda width: pl.BlockSpec((bq, G, width), lambda i, h: (i, h, 0)),  # the G query heads of kv head h
+        stats=pl.BlockSpec((bq, G), lambda i, h: (i, h)),
+        table=lambda width: pl.BlockSpec((R, None, width), lambda i, h: (0, h, 0)),  # kv head h of every row
+        acc=lambda width: pl.BlockSpec((R + 1, None, width), lambda i, h: (0, h, 0)),
+        alibi=[
+            pl.BlockSpec((None, st.groups_p), lambda i, h: (h, 0)),
+            pl.BlockSpec((bq,), lambda i, h: (i,)),
+            pl.BlockSpec((R,), lambda i, h: (0,)),
+        ],
+    )
+
+
+def _fwd_call(q, k, v, rows, q_pos, kv_pos, slopes, st: _Static):
+    """out [Np, H, Dv], lse [Np, H] f32."""
+    _check_call_shapes(q, k, v, rows, q_pos, kv_pos, slopes, st)
+    Np, H, D = q.shape
+    Dv = st.v_head_dim
+    sp = _specs(k.shape[0], st)
+    in_specs = [sp["rows"], sp["heads"](D), sp["table"](D), sp["table"](Dv)]
+    args = [rows, q, k, v]
+    if st.has_alibi:
+        in_specs, args = sp["alibi"] + in_specs, [slopes, q_pos, kv_pos] + args
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, st=st),
+        grid=(Np // st.block_q, st.kv_heads),
+        in_specs=in_specs,
+        out_specs=[sp["heads"](Dv), sp["stats"]],
+        out_shape=[out_struct((Np, H, Dv), q.dtype, q), out_struct((Np, H), jnp.float32, q)],
+        compiler_params=_compiler_params(st),
+        interpret=st.interpret,
+        name="sparse_attention_gpu_fwd",
+    )(*args)
+
+
+def _bwd_call(q, k, v, do, lse, di, rows, q_pos, kv_pos, slopes, dk_acc, dv_acc, st: _Static):
+    """dq [Np, H, D] and the f32 accumulators dk [R + 1, K, Dp], dv [R + 1, K, Dvp] (row R: the dummy row)."""
+    _check_call_shapes(q, k, v, rows, q_pos, kv_pos, slopes, st)
+    Np, H, D = q.shape
+    R, K, Dv = k.shape[0], st.kv_heads, st.v_head_dim
+    if do.shape != (Np, H, Dv) or lse.shape != (Np, H) or di.shape != (Np, H):
+        raise ValueError(f"do {do.shape} / lse {lse.shape} / di {di.shape} must be ({Np}, {H}, {Dv}) / ({Np}, {H})")
+    acc_shapes = ((R + 1, K, st.head_dim_p), (R + 1, K, st.v_head_dim_p))
+    if (dk_acc.shape, dv_acc.shape) != acc_shapes or dk_acc.dtype != jnp.float32 or dv_acc.dtype != jnp.float32:
+        raise ValueError(f"accumulators {dk_acc.shape} / {dv_acc.shape} must be f32 {acc_shapes[0]} / {acc_shapes[1]}")
+    sp = _specs(k.shape[0], st)
+    acc_specs = [sp["acc"](st.head_dim_p), sp["acc"](st.v_head_dim_p)]
+    in_specs = [
+        sp["rows"],
+        sp["heads"](D),
+        sp["heads"](Dv),
+        sp["stats"],
+        sp["stats"],
+        sp["table"](D),
+        sp["table"](Dv),
+        *acc_specs,
+    ]
+    args = [rows, q, do, lse, di, k, v, dk_acc, dv_acc]
+    if st.has_alibi:
+        in_specs, args = sp["alibi"] + in_specs, [slopes, q_pos, kv_pos] + args
+    n_in = len(args)
+    return pl.pallas_call(
+        functools.partial(_bwd_kernel, st=st),
+        grid=(Np // st.block_q, K),
+        in_specs=in_specs,
+        out_specs=[sp["heads"](D), *acc_specs],
+        out_shape=[
+            out_struct((Np, H, D), q.dtype, q),
+            out_struct(acc_shapes[0], jnp.float32, q),
+            out_struct(acc_shapes[1], jnp.float32, q),
+        ],
+        input_output_aliases={n_in - 2: 1, n_in - 1: 2},
+        compiler_params=_compiler_params(st),
+        interpret=st.interpret,
+        name="sparse_attention_gpu_bwd",
+    )(*args)
+
+
+# ----------------------------------------------------------------------------- custom_vjp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _sparse(q, k, v, rows, q_pos, kv_pos, slopes, st):
+    return _fwd_call(q, k, v, rows, q_pos, kv_pos, slopes, st)
+
+
+def _sparse_fwd(q, k, v, rows, q_pos, kv_pos, slopes, st):
+    """q [Np, H, D], k/v [R, K, D(v)], rows [Np, kp] int32 (-1 invalid), q_pos [Np], kv_pos [R], slopes [K, Gp]."""
+    out, lse = _fwd_call(q, k, v, rows, q_pos, kv_pos, slopes, st)
+    return (out, lse), (q, k, v, out, lse, rows, q_pos, kv_pos, slopes)
+
+
+def _sparse_bwd(st, res, g):
+    q, k, v, out, lse, rows, q_pos, kv_pos, slopes = res
+    do, dlse = g
+    do = do.astype(q.dtype)
+    delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [Np, H]
+    di = delta - dlse.astype(jnp.float32)
+    lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)  # tokens with nothing valid have p == 0 anyway
+    R, K = k.shape[:2]
+    zeros = tuple(jnp.zeros((R + 1, K, w), jnp.float32) for w in (st.head_dim_p, st.v_head_dim_p))
+    acc = like_vma(zeros, q, k, v)  # shard_map-safe
+    dq, dk, dv = _bwd_call(q, k, v, do, lse_safe, di, rows, q_pos, kv_pos, slopes, *acc, st)
+    dk = dk[:R, :, : st.head_dim].astype(k.dtype)
+    dv = dv[:R, :, : st.v_head_dim].astype(v.dtype)
+    # ALiBi slopes are fixed by the scheme, never trained: zero cotangent (as in the flash kernels).
+    dslopes = None if slopes is None else jnp.zeros_like(slopes)
+    return dq, dk, dv, None, None, None, dslopes
+
+
+_sparse.defvjp(_sparse_fwd, _sparse_bwd)
+
+
+# ----------------------------------------------------------------------------- public wrapper
+
+
+def _static(B, S, H, K, D, Dv, k_sel, dtype, scale, has_alibi, bs: BlockSizes, interpret: bool) -> _Static:
+    """Validate sizes and pick the automatic chunk and warp count."""
+    if k_sel < 1:
+        raise ValueError(f"idx/valid must select k >= 1 keys per query, got k={k_sel}")
+    if S < 1:
+        raise ValueError("k/v must hold at least one key (S >= 1)")
+    if D < 1 or Dv < 1:
+        raise ValueError(f"head_dim {D} and v head_dim {Dv} must be >= 1")
+    if B * S >= 2**31 - 1:
+        raise ValueError(f"B*S = {B * S} rows do not fit int32 row numbers")
+    Dp, Dvp = _pow2_at_least(D), _pow2_at_least(Dv)
+    k_cap = _pow2_at_least(k_sel)  # a chunk never needs more rows than this
+    if bs.block_k is None:
+        itemsize = jnp.dtype(dtype).itemsize
+        C = next((c for c in AUTO_BLOCK_K if c * (Dp + Dvp) * itemsize <= TILE_BYTES), AUTO_BLOCK_K[-1])
+    else:
+        C = bs.block_k
+    C = min(C, k_cap)
+    num_warps = bs.num_warps if bs.num_warps is not None else (4 if Dp <= 128 else 8)
+    return _Static(
+        heads=H,
+        kv_heads=K,
+        head_dim=D,
+        v_head_dim=Dv,
+        scale=float(D**-0.5 if scale is None else scale),
+        has_alibi=has_alibi,
+        block_q=bs.block_q,
+        chunk=C,
+        n_chunks=-(-k_sel // C),
+        num_warps=num_warps,
+        num_stages=bs.num_stages,
+        interpret=bool(interpret),
+    )
+
+
+def sparse_attention(
+    q_BTHD,
+    k_BSKD,
+    v_BSKD,
+    idx_BTk,
+    valid_BTk,
+    *,
+    q_pos_BT,
+    kv_pos_BS,
+    alibi_slopes_H=None,
+    scale=None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool = False,
+):
+    """Pallas GPU attention of each query to its selected keys; returns (out_BTHD, lse_BTH f32, -inf if none valid).
+
+    Same contract as `pallas_kernels.sparse_attention.sparse_attention`:
+    `idx_BTk` (int) indexes the key axis, `valid_BTk` (bool) marks real
+    selections; every valid index is attended to (visibility is the selector's
+    job). Indices are clipped to [0, S). Differentiable in q, k, v (and via
+    lse). `interpret=True` runs both kernels in the generic Pallas interpreter
+    (any backend; how the CPU tests run).
+    """
+    bs = BlockSizes() if block_sizes is None else block_sizes
+    if not isinstance(bs, BlockSizes):
+        raise ValueError(f"block_sizes must be sparse_attention_gpu.BlockSizes or None, got {type(bs).__name__}")
+    B, T, S, H, K, D = check_qkv(q_BTHD, k_BSKD, v_BSKD, alibi_slopes_H)
+    Dv = v_BSKD.shape[3]
+    if idx_BTk.ndim != 3 or idx_BTk.shape != valid_BTk.shape or idx_BTk.shape[:2] != (B, T):
+        raise ValueError(f"idx {idx_BTk.shape} / valid {valid_BTk.shape} must both be ({B}, {T}, k)")
+    if not jnp.issubdtype(idx_BTk.dtype, jnp.integer):
+        raise ValueError(f"idx_BTk must be an integer array, got {idx_BTk.dtype}")
+    if valid_BTk.dtype != jnp.bool_:
+        raise ValueError(f"valid_BTk must be a bool array, got {valid_BTk.dtype}")
+    if q_pos_BT.shape != (B, T) or kv_pos_BS.shape != (B, S):
+        raise ValueError(f"q_pos {q_pos_BT.shape} / kv_pos {kv_pos_BS.shape} must be ({B}, {T}) / ({B}, {S})")
+    if k_BSKD.dtype != q_BTHD.dtype or v_BSKD.dtype != q_BTHD.dtype:
+        raise ValueError(f"q / k / v dtypes must match, got {q_BTHD.dtype} / {k_BSKD.dtype} / {v_BSKD.dtype}")
+    k_sel = idx_BTk.shape[2]
+    st = _static(B, S, H, K, D, Dv, k_sel, q_BTHD.dtype, scale, alibi_slopes_H is not None, bs, interpret)
+    N = B * T
+    Np = -(-N // st.block_q) * st.block_q
+    pad_n, pad_k = Np - N, st.k_pad - k_sel
+
+    # Global row numbers into the [B*S, K, D] tables, -1 for invalid (and padded) slots.
+    idx = jnp.clip(idx_BTk.astype(jnp.int32), 0, S - 1)
+    rows = jnp.where(valid_BTk, idx + (jnp.arange(B, dtype=jnp.int32) * S)[:, None, None], -1)
+    rows = pad_axis(pad_axis(rows.reshape(N, k_sel), 1, pad_k, -1), 0, pad_n, -1)  # [Np, kp]
+    q = pad_axis(q_BTHD.reshape(N, H, D), 0, pad_n, 0)
+    q_pos = kv_pos = slopes = None
+    if alibi_slopes_H is not None:
+        q_pos = pad_axis(q_pos_BT.astype(jnp.int32).reshape(N), 0, pad_n, 0)
+        kv_pos = kv_pos_BS.astype(jnp.int32).reshape(B * S)
+        slopes = jnp.asarray(alibi_slopes_H, jnp.float32).reshape(K, H // K)
+        slopes = pad_axis(slopes, 1, st.groups_p - H // K, 0.0)  # [K, Gp]
+    k = k_BSKD.reshape(B * S, K, D)
+    v = v_BSKD.reshape(B * S, K, Dv)
+    out, lse = _sparse(q, k, v, rows, q_pos, kv_pos, slopes, st)
+    return out[:N].reshape(B, T, H, Dv), lse[:N].reshape(B, T, H)
