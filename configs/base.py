@@ -107,6 +107,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.distributed = dict(coordinator_address="", num_processes=0, process_id=-1, auto=False, cpu_collectives="")
     c.eval = dict(
         position_buckets=32,
+        # How validation text is cut for the loss at each length: 'chunks' (non-overlapping, positions restart
+        # at each chunk) or 'sliding' (windows every `stride` tokens, only the new targets scored, so each has at
+        # least length - stride tokens of context); stride 0 means half the evaluation length.
+        protocol="chunks",
+        stride=0,
         # Evaluate with another RoPE scaling than training used ('' keeps the trained one);
         # factor 0 means eval_len / train_len for static methods and 1 for dynamic_ntk.
         position=dict(scaling="", factor=0.0),

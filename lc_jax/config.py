@@ -21,6 +21,7 @@ from lc_jax.positions.rope import FRACTION_MODES, LAYOUTS, rotary_dim
 from pallas_kernels import ring_attention
 
 MESH_AXES = ("data", "fsdp", "tensor", "context")
+EVAL_PROTOCOLS = ("chunks", "sliding")  # per-position / length evaluation: see lc_jax/evaluate.py
 
 
 class ConfigError(ValueError):
@@ -277,6 +278,15 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     _positive(p, "checkpoint.every", config.checkpoint.every)
     _positive(p, "checkpoint.keep", config.checkpoint.keep)
     _positive(p, "eval.position_buckets", config.eval.position_buckets)
+    ev_cfg = config.eval
+    _allowed(p, "eval.protocol", ev_cfg.get("protocol", "chunks"), EVAL_PROTOCOLS)
+    stride = ev_cfg.get("stride", 0)
+    _positive(p, "eval.stride", stride, zero_ok=True)
+    if isinstance(stride, int) and stride > 0 and isinstance(d.seq_len, int):
+        shortest = min(int(x * d.seq_len) for x in ev_cfg.length_multipliers)
+        if stride > shortest:
+            p.append(f"eval.stride={stride}: allowed 0 (half of each evaluation length) or 1..{shortest} "
+                     f"(the shortest evaluation length, min(eval.length_multipliers) x data.seq_len)")
 
     # --- mesh
     for a in MESH_AXES:

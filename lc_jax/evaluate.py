@@ -25,6 +25,31 @@ from pathlib import Path
 
 import numpy as np
 
+# `eval.protocol='sliding'` states this protocol instead of the module docstring's.
+SLIDING_PROTOCOL = (
+    "validation documents at least as long as the longest evaluation length, packed (`concat`) in a fixed order "
+    "and read by sliding windows of each length L that start every S = {stride} tokens; a window scores only its "
+    "last S targets (the first window all of them), so every target is scored once, with at least L - S tokens "
+    "of context unless its document started later. About `eval.max_tokens` targets are scored, so every length "
+    "reads the same text. Positions restart at each window and each document. Reported per length: mean loss over "
+    "all scored tokens, and over those whose position is at or beyond the training length (\"beyond\"). "
+    "Per-position curves bucket each target by its position with equal-width buckets.")
+
+
+def protocol_text(config, seq_len: int | None = None) -> str:
+    """The stated protocol of the loss evaluation under `config.eval` (S given for one length if `seq_len`)."""
+    if config.eval.get("protocol", "chunks") != "sliding":
+        return " ".join(__doc__.split("Protocol: ")[1].split())
+    stride = config.eval.get("stride", 0)
+    return SLIDING_PROTOCOL.format(stride=stride or (seq_len // 2 if seq_len else "L/2"))
+
+
+def eval_stride(config, seq_len: int) -> int | None:
+    """Window stride for `seq_len` under `eval.protocol` (None: non-overlapping chunks)."""
+    if config.eval.get("protocol", "chunks") != "sliding":
+        return None
+    return config.eval.get("stride", 0) or max(1, seq_len // 2)
+
 
 @dataclasses.dataclass
 class PerPositionLoss:
@@ -43,8 +68,9 @@ class PerPositionLoss:
         """Write `<stem>.json` and `<stem>.png`."""
         path_stem = Path(path_stem)
         path_stem.with_suffix(".json").write_text(json.dumps({
-            "protocol": "non-overlapping validation chunks; position = tokens of the same document before the "
-                        "target within the chunk; equal-width buckets; mean next-token loss (nats) per bucket",
+            "protocol": "validation chunks (non-overlapping, as in training); position = tokens of the same "
+                        "document before the target within the chunk; equal-width buckets; mean next-token loss "
+                        "(nats) per bucket",
             **dataclasses.asdict(self),
         }, indent=2))
         plt = _pyplot()
@@ -163,8 +189,10 @@ def loss_at_length(graphdef, params, config, seq_len: int, train_len: int, max_t
     docs = corpus.load_documents(source=config.data.source, split="validation", val_fraction=config.data.val_fraction,
                                  files=config.data.files, jsonl_field=config.data.jsonl_field)
     long_docs = [d for d in docs if len(d) >= (min_doc_len or seq_len)] or docs
-    src = packing.PackedSequences(long_docs, seq_len=seq_len, packing="concat", seed=0)
-    n = max(1, min(len(src), max_tokens // seq_len))
+    stride = eval_stride(config, seq_len)
+    src = packing.PackedSequences(long_docs, seq_len=seq_len, packing="concat", seed=0, stride=stride)
+    scored = stride or seq_len  # targets per window after the first
+    n = max(1, min(len(src), 1 + max(0, max_tokens - seq_len) // scored))
     eval_step, width = train.make_eval_step(graphdef, num_buckets, seq_len, sparse=sparse)
     mesh = eval_mesh(config, seq_len)
     if mesh is not None:
@@ -226,11 +254,12 @@ def extrapolation_sweep(workdir: str | Path, config=None, *, lengths=None, scali
             print(f"  {label:>22} L={L:>6}: loss {res['loss']:.4f}"
                   + (f", beyond {train_len}: {res['beyond_loss']:.4f}" if res["beyond_loss"] is not None else ""))
     result = {"workdir": str(workdir), "step": step, "train_len": train_len, "position": config.model.position.name,
-              "protocol": __doc__.split("Protocol: ")[1].strip(), "rows": rows, "curves": curves}
+              "protocol": protocol_text(config), "rows": rows, "curves": curves}
     out_dir = Path(out_dir or workdir / "eval")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "extrapolation.json").write_text(json.dumps(result, indent=2))
     plot_extrapolation([result], out_dir / "extrapolation.png")
+    plot_per_position(result, out_dir / "per_position.png")
     return result
 
 
@@ -356,7 +385,8 @@ def summary_markdown(results: dict) -> str:
     for scaling, cells in by.items():
         vals = [f"{cells[L]['loss']:.3f}" if "loss" in cells.get(L, {}) else "-" for L in lengths]
         lines.append(f"| {scaling} | " + " | ".join(vals) + " |")
-    lines += ["", "![loss vs length](extrapolation.png)", ""]
+    lines += ["", "![loss vs length](extrapolation.png)", "", "Loss by token position at each length:", "",
+              "![loss by position](per_position.png)", ""]
     for task, res in results.items():
         if task == "extrapolation":
             continue
@@ -399,6 +429,36 @@ def plot_retrieval(result: dict, path: Path):
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
     fig.colorbar(im, ax=ax, label="per-query accuracy" if field == "token_accuracy" else "accuracy")
     ax.set_title(f"{result['task']} ({result['position']}, trained at {result['train_len']}, step {result['step']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_per_position(result: dict, path: Path):
+    """Loss by position at each evaluation length, one panel per evaluation-time scaling."""
+    plt = _pyplot()
+    by: dict[str, list[tuple[int, dict]]] = {}
+    for key, curve in result["curves"].items():
+        label, _, length = key.rpartition("@")
+        by.setdefault(label, []).append((int(length), curve))
+    if not by:
+        return
+    fig, axes = plt.subplots(1, len(by), figsize=(4 * len(by), 3.5), sharey=True, squeeze=False)
+    colors = plt.get_cmap("viridis")
+    for ax, (label, curves) in zip(axes[0], by.items()):
+        curves.sort(key=lambda lc: lc[0])
+        for i, (length, c) in enumerate(curves):
+            pts = [(s + c["bucket_width"] / 2, v) for s, v in zip(c["bucket_start"], c["loss"]) if v is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=2, color=colors(i / max(len(curves) - 1, 1)), label=f"L={length}")
+        ax.axvline(result["train_len"], color="grey", ls=":", lw=1)
+        ax.set_xscale("log", base=2)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("token position")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("validation loss (nats / byte)")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"loss by position ({result.get('name', result['position'])}; dotted: training length)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

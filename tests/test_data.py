@@ -32,6 +32,29 @@ def test_concat_packing_segments_positions_and_mask():
         np.testing.assert_array_equal(ps[i]["targets"][:-1], inp[1:])
 
 
+@pytest.mark.parametrize("stride", [1, 5, 16])
+def test_sliding_windows_score_every_target_once(stride):
+    """Evaluation windows every `stride` tokens: the scored targets tile the stream, each with >= L - S context."""
+    L, docs = 16, [b"a" * 5, b"bb" * 20, b"c" * 60, b"d" * 9]
+    ps = packing.PackedSequences(docs, seq_len=L, packing="concat", seed=0, stride=stride)
+    chunks = packing.PackedSequences(docs, seq_len=L, packing="concat", seed=0)
+    scored = []
+    for i in range(len(ps)):
+        ex = ps[i]
+        np.testing.assert_array_equal(ex["inputs"], ps.tokens[i * stride: i * stride + L])
+        for t in np.flatnonzero(ex["loss_mask"]):
+            scored.append(i * stride + t)  # stream index of the input whose next token is scored
+            doc_start = ps.doc_starts[np.searchsorted(ps.doc_starts, i * stride + t, side="right") - 1]
+            assert ex["positions"][t] >= min(L - stride, i * stride + t - doc_start) if i else True
+    assert len(scored) == len(set(scored)), "a target was scored twice"
+    # The same targets as the non-overlapping chunks over the covered stream: nothing skipped.
+    end = (len(ps) - 1) * stride + L
+    want = [i * L + t for i in range(len(chunks)) for t in np.flatnonzero(chunks[i]["loss_mask"]) if i * L + t < end]
+    assert sorted(scored)[: len(want)] == want and all(s < end for s in scored)
+    with pytest.raises(ValueError, match="stride"):
+        packing.PackedSequences(docs, seq_len=L, packing="concat", stride=L + 1)
+
+
 def test_pad_packing_keeps_documents_apart():
     docs = [b"x" * 20, b"y" * 3]
     ps = packing.PackedSequences(docs, seq_len=16, packing="pad", seed=0)

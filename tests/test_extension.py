@@ -24,7 +24,23 @@ def test_eval_with_other_scalings_beyond_training_length(tiny_config, tmp_path):
     assert rows[("yarn", 128)]["beyond_loss"] is not None
     # Scaling with factor 1 at the training length is plain RoPE: identical loss.
     assert rows[("linear", 64)]["loss"] == pytest.approx(rows[("trained (none)", 64)]["loss"], abs=1e-6)
-    assert (tmp_path / "eval" / "extrapolation.png").exists()
+    assert (tmp_path / "eval" / "extrapolation.png").exists() and (tmp_path / "eval" / "per_position.png").exists()
+
+    # The sliding-window protocol: as many scored targets, each with at least L - S tokens of context
+    # (the validation documents are longer than L, so only the first window scores shorter contexts).
+    c = evaluate.load_config(tmp_path)
+    c.eval.update(protocol="sliding", stride=32, position_buckets=4)
+    slide = evaluate.extrapolation_sweep(tmp_path, c, lengths=[128], scalings=[None], max_tokens=256)
+    row, curve = slide["rows"][0], slide["curves"]["trained (none)@128"]
+    assert "sliding windows" in slide["protocol"] and "S = 32" in slide["protocol"]
+    # The first window's 128 targets, then 32 per window (less one at each document boundary).
+    assert row["sequences"] == 5 and 128 + 4 * 32 - 4 <= row["tokens"] <= 128 + 4 * 32
+    # Buckets of 32 positions: later windows score only positions 96..127 (or a new document's first ones).
+    assert sum(curve["tokens"][:3]) <= 96 + 8 and curve["tokens"][3] >= 32 + 4 * 32 - 8
+    with pytest.raises(ConfigError, match="eval.stride=200: allowed 0"):
+        validate(tiny_config(**{"eval.protocol": "sliding", "eval.stride": 200}))
+    with pytest.raises(ConfigError, match="eval.protocol='strided': allowed values are"):
+        validate(tiny_config(**{"eval.protocol": "strided"}))
 
 
 def test_learned_positions_refuse_longer_evaluation(tiny_config, tmp_path):
@@ -120,6 +136,6 @@ def test_retrieval_heatmaps_and_the_suite_summary(tiny_config, tmp_path):
     assert [(x["length"], x["pairs"]) for x in results["mqar"]["cells"]] == [(64, 4), (128, 4)]
     assert all(0 <= x["token_accuracy"] <= 1 for x in results["mqar"]["cells"])
     summary = (tmp_path / "eval" / "summary.md").read_text()
-    for plot in ("extrapolation.png", "passkey.png", "mqar.png"):
+    for plot in ("extrapolation.png", "per_position.png", "passkey.png", "mqar.png"):
         assert f"]({plot})" in summary and (tmp_path / "eval" / plot).exists()
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["mqar"]["rows_axis"] == "pairs"
