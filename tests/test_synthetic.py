@@ -71,6 +71,27 @@ def test_passkey_digits_filler_and_short_seq_len():
         synthetic.passkey(np.random.default_rng(0), 300, 1.5)
 
 
+def test_passkey_phase_and_jitter():
+    """The filler may end anywhere in its sentence cycle; jitter draws where, so fact-to-question offsets vary."""
+    unit = synthetic.PASSKEY_FILLER
+    for phase in (0, 1, 17, len(unit) - 1):
+        ex = synthetic.passkey(np.random.default_rng(3), 400, 0.5, phase=phase)
+        check_layout(ex, 400)
+        text = tokenizer.decode(ex["inputs"])
+        before = text[: -len(synthetic.PASSKEY_QUESTION) - 5]  # the document up to the question
+        assert (unit * 8).endswith(before[-40:] + unit[len(unit) - phase:]), phase
+    assert tokenizer.decode(synthetic.passkey(np.random.default_rng(3), 400, 0.5)["inputs"]).count(
+        ". What is the pass key?") == 1
+    with pytest.raises(ValueError, match=f"phase={len(unit)} must be an int in"):
+        synthetic.passkey(np.random.default_rng(0), 400, 0.5, phase=len(unit))
+    gaps = set()
+    for seed in range(20):
+        ex = synthetic.passkey(np.random.default_rng(seed), 400, 0.3, jitter=True)
+        check_layout(ex, 400)
+        gaps.add(400 - int(ex["key_position"][0]))
+    assert len(gaps) >= 10, "jitter should vary the distance from the fact to the question"
+
+
 @pytest.mark.parametrize("depth", [0.0, 0.3, 0.6, 1.0])
 def test_kv_recall_depth_length_and_answer(haystack, depth):
     seq_len = 2048

@@ -160,14 +160,21 @@ def passkey_filler_length(seq_len: int, digits: int = 5) -> int:
 
 
 def passkey(rng: np.random.Generator, seq_len: int, depth: float | None, digits: int = 5,
-            filler: str | bytes | None = None, min_distance: int = 0) -> dict[str, np.ndarray]:
+            filler: str | bytes | None = None, min_distance: int = 0, phase: int = 0,
+            jitter: bool = False) -> dict[str, np.ndarray]:
     """Passkey retrieval in the landmark-attention format (Mohtashami & Jaggi, 2023).
 
     BOS, filler ("The grass is green. ..." repeated and trimmed), with "The pass key is N. Remember it.
     N is the pass key. " inserted at relative `depth` of the filler (snapped to a sentence start),
     then "What is the pass key? The pass key is " N EOS. N has `digits` digits and is the answer.
     `min_distance`: at least this many filler tokens between the fact and the question (to plant
-    the key beyond a sliding window); `depth=None` draws a depth that satisfies it.
+    the key beyond a sliding window); `depth=None` draws a depth that satisfies it. `phase`: the
+    filler ends that many tokens before the end of its sentence cycle (0: the question follows
+    a full stop, the standard format). `jitter=True` draws the phase at random, for training:
+    with phase 0 the distance from the fact to the question is a multiple of the filler's cycle
+    plus one of a few offsets, and a small model memorises those offsets instead of learning to
+    read the key (a 1M-parameter model reached 100% on some depths and 0% on others, and about
+    5% at any other phase).
     """
     _check_common(seq_len, min_distance)
     if not isinstance(digits, (int, np.integer)) or digits < 1:
@@ -180,8 +187,13 @@ def passkey(rng: np.random.Generator, seq_len: int, depth: float | None, digits:
     unit = _bytes(PASSKEY_FILLER if filler is None else filler)
     if len(unit) == 0:
         raise ValueError("passkey: filler is empty")
-    reps = -(-F // len(unit))
-    fill = np.tile(unit, reps)[reps * len(unit) - F:]  # trimmed at the start, so the question follows a full stop
+    if jitter:
+        phase = int(rng.integers(len(unit)))
+    if not isinstance(phase, (int, np.integer)) or not 0 <= phase < len(unit):
+        raise ValueError(f"passkey: phase={phase!r} must be an int in [0, {len(unit)}) (the filler's cycle)")
+    reps = -(-(F + phase) // len(unit))
+    end = reps * len(unit) - phase  # trimmed at the start; phase 0: the question follows a full stop
+    fill = np.tile(unit, reps)[end - F: end]
     fact = _bytes(_passkey_fact(key))
     start = _fact_start(rng, fill, depth, min_distance, _sentence_starts(fill), max_snap=len(fact), task="passkey")
     question, answer = _bytes(PASSKEY_QUESTION), _bytes(key)
@@ -392,7 +404,7 @@ GENERATORS = {"passkey": passkey, "kv_recall": kv_recall, "mqar": mqar}
 def _task_kwargs(s, text_tokens: np.ndarray | None = None) -> dict:
     """The generator arguments that `data.synthetic` (a ConfigDict or dict) implies for its task."""
     if s["task"] == "passkey":
-        return dict(digits=s["digits"], min_distance=s["min_distance"])
+        return dict(digits=s["digits"], min_distance=s["min_distance"], jitter=bool(s.get("jitter", False)))
     if s["task"] == "kv_recall":
         kw = dict(value_digits=s["digits"], min_distance=s["min_distance"])
         return kw if text_tokens is None else {**kw, "haystack_tokens": text_tokens}
@@ -461,6 +473,8 @@ def check_config(d) -> list[str]:
         depths_ok = False
     if not (integer(s["min_distance"]) and s["min_distance"] >= 0):
         p.append(f"{f}.min_distance={s['min_distance']!r}: must be a non-negative int")
+    if not isinstance(s.get("jitter", False), bool):
+        p.append(f"{f}.jitter={s['jitter']!r}: must be True or False")
     if not (integer(s["digits"]) and s["digits"] >= 1):
         p.append(f"{f}.digits={s['digits']!r}: must be an int >= 1")
     if not (integer(s["mqar_pairs"]) and 1 <= s["mqar_pairs"] <= len(MQAR_KEYS)):
