@@ -6,7 +6,10 @@ Reads `<workdir>/*/eval/extrapolation.json`, writes `results.md` (a markdown
 table of validation loss per evaluation length; '-' where a scheme cannot run
 at that length, with the reason below the table), `results.json` and `loss_vs_length.png`.
 Sweeps whose members wrote `eval/summary.json` (the attention ablation) get a
-table of their validation metrics and step times instead.
+table of their validation metrics and step times instead. Members whose
+evaluation suite ran retrieval tasks (`eval/results.json`, e.g. the passkey
+sweep) add a table per task (accuracy by depth or pairs x length, per member)
+and `<task>_heatmaps.png`, one panel per member side by side.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-from lc_jax.evaluate import plot_extrapolation
+from lc_jax.evaluate import _pyplot, draw_retrieval, plot_extrapolation
 
 
 def load(workdir: Path) -> list[dict]:
@@ -81,6 +84,40 @@ def summary_table(workdir: Path, out: Path) -> str:
     return md
 
 
+def retrieval_sections(workdir: Path, out: Path) -> list[str]:
+    """Markdown tables and side-by-side heatmaps of every retrieval task in the members' eval/results.json."""
+    by_task: dict[str, list[tuple[str, dict]]] = {}
+    for path in sorted(workdir.glob("*/eval/results.json")):
+        for task, res in json.loads(path.read_text()).items():
+            if task != "extrapolation":
+                by_task.setdefault(task, []).append((path.parent.parent.name, res))
+    md = []
+    for task, members in by_task.items():
+        first = members[0][1]
+        field = "token_accuracy" if task == "mqar" else "accuracy"
+        axis, lengths = first["rows_axis"], first["lengths"]
+        md += [f"## {task}: {'per-query accuracy' if task == 'mqar' else 'accuracy (every answer token right)'}, "
+               f"{first['protocol'].split(';')[0]}", "",
+               f"| run | {axis} | " + " | ".join(str(L) for L in lengths) + " |", "|---|---|" + "---:|" * len(lengths)]
+        for name, res in members:
+            for v in res["rows"]:
+                cells = {c["length"]: c for c in res["cells"] if c[axis] == v}
+                vals = [f"{cells[L][field]:.2f}" if field in cells.get(L, {}) else "-" for L in lengths]
+                label = f"{v:.0%}" if axis == "depth" else str(v)
+                md.append(f"| {name} | {label} | " + " | ".join(vals) + " |")
+        plt = _pyplot()
+        fig, axes = plt.subplots(1, len(members), figsize=(3.2 * len(members) + 1, 0.45 * len(first["rows"]) + 1.8),
+                                 squeeze=False)
+        for ax, (name, res) in zip(axes[0], members):
+            im = draw_retrieval(ax, res, title=f"{name} (step {res['step']})")
+        fig.colorbar(im, ax=list(axes[0]), label=field.replace("_", " "))
+        fig.suptitle(f"{task}: trained at {first['train_len']} tokens (dashed line)", fontsize=10)
+        fig.savefig(out / f"{task}_heatmaps.png", dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        md += ["", f"![{task}]({task}_heatmaps.png)", ""]
+    return md
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", required=True)
@@ -88,7 +125,7 @@ def main():
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    if list(Path(a.workdir).glob("*/eval/summary.json")):
+    if any("validation" in json.loads(p.read_text()) for p in Path(a.workdir).glob("*/eval/summary.json")):
         print(summary_table(Path(a.workdir), out))
         print(f"wrote {out}/results.md, results.json")
         return
@@ -103,6 +140,7 @@ def main():
           f"## Loss on tokens at positions >= {train_len} (beyond the training length)", "", beyond_tab, ""]
     if notes:
         md += ["## Not evaluated", ""] + [f"- {n}" for n in sorted(set(notes))] + [""]
+    md += retrieval_sections(Path(a.workdir), out)
     (out / "results.md").write_text("\n".join(md))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot_extrapolation(results, out / "loss_vs_length.png",

@@ -279,7 +279,8 @@ def retrieval_grid(workdir: str | Path, config=None, *, task: str = "passkey", l
     gap. Scored teacher-forced: `accuracy` counts a sample only if every answer
     token is the argmax prediction, `token_accuracy` is the share of answer
     tokens right (for MQAR: per-query accuracy, Zoology's measure).
-    `samples` examples per cell, seeded per cell.
+    `samples` examples per cell, seeded per cell. `eval.position.scaling` (and
+    factor) applies a RoPE scaling at evaluation, as in the extrapolation sweep.
     """
     import jax
     from flax import nnx
@@ -310,8 +311,9 @@ def retrieval_grid(workdir: str | Path, config=None, *, task: str = "passkey", l
                                      jsonl_field=d.jsonl_field)
         kwargs["haystack_tokens"] = packing.PackedSequences(docs, seq_len=max(lengths), packing="concat").tokens
     cells = []
+    scaling = config.eval.position.scaling or None
     for L in lengths:
-        c = eval_config(config, L, None)
+        c = eval_config(config, L, scaling, config.eval.position.factor)
         try:
             validate(c)
         except ConfigError as e:
@@ -339,8 +341,9 @@ def retrieval_grid(workdir: str | Path, config=None, *, task: str = "passkey", l
                           "token_accuracy": float(tok[0] / max(tok[1], 1)), "samples": samples})
         print(f"  {task} L={L:>6}: " + " ".join(f"{x['accuracy']:.2f}" if "accuracy" in x else "-"
                                                 for x in cells if x["length"] == L))
+    position = config.model.position.name + (f" + {scaling} at eval" if scaling else "")
     result = {"workdir": str(workdir), "step": step, "task": task, "train_len": train_len,
-              "position": config.model.position.name, "lengths": lengths, "rows_axis": axis, "rows": rows,
+              "position": position, "lengths": lengths, "rows_axis": axis, "rows": rows,
               "protocol": "teacher-forced; a sample is right when every answer token is the argmax", "cells": cells}
     out_dir = Path(out_dir or workdir / "eval")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -410,13 +413,22 @@ def plot_retrieval(result: dict, path: Path):
     MQAR shows per-query accuracy (`token_accuracy`), the others whole-answer accuracy.
     """
     plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.2 * len(result["lengths"]) + 2, 0.5 * len(result["rows"]) + 1.5))
+    im = draw_retrieval(ax, result)
+    fig.colorbar(im, ax=ax, label="per-query accuracy" if result["task"] == "mqar" else "accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def draw_retrieval(ax, result: dict, title: str | None = None):
+    """One retrieval heatmap on `ax` (the dashed line marks the training length); returns the image."""
     lengths, rows, axis = result["lengths"], result["rows"], result["rows_axis"]
     field = "token_accuracy" if result["task"] == "mqar" else "accuracy"
     grid = np.full((len(rows), len(lengths)), np.nan)
     for cell in result["cells"]:
         if field in cell:
             grid[rows.index(cell[axis]), lengths.index(cell["length"])] = cell[field]
-    fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2, 0.5 * len(rows) + 1.5))
     im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
     ax.set_xticks(range(len(lengths)), [str(L) for L in lengths])
     ax.set_yticks(range(len(rows)), [f"{d:.0%}" for d in rows] if axis == "depth" else [str(p) for p in rows])
@@ -427,11 +439,9 @@ def plot_retrieval(result: dict, path: Path):
     for (i, j), v in np.ndenumerate(grid):
         if np.isfinite(v):
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
-    fig.colorbar(im, ax=ax, label="per-query accuracy" if field == "token_accuracy" else "accuracy")
-    ax.set_title(f"{result['task']} ({result['position']}, trained at {result['train_len']}, step {result['step']})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    ax.set_title(title or f"{result['task']} ({result['position']}, trained at {result['train_len']}, "
+                          f"step {result['step']})", fontsize=9)
+    return im
 
 
 def plot_per_position(result: dict, path: Path):

@@ -13,3 +13,24 @@ def test_table_marks_lengths_a_scheme_cannot_run():
     assert notes == ["learned @ 1024: cannot represent"]
     md, _ = table(results, "beyond_loss")
     assert "| rope | yarn | - | 2.700 |" in md
+
+
+def test_retrieval_sections_table_and_heatmaps(tmp_path):
+    import json
+
+    from experiments.report import retrieval_sections
+
+    def grid(acc):
+        cells = [{"length": L, "depth": d, "accuracy": acc(L, d), "token_accuracy": 1.0} for L in (256, 512)
+                 for d in (0.0, 1.0)]
+        return {"task": "passkey", "step": 9, "train_len": 256, "position": "rope", "lengths": [256, 512],
+                "rows_axis": "depth", "rows": [0.0, 1.0], "cells": cells, "protocol": "teacher-forced; x"}
+
+    for name, acc in (("alibi", lambda L, d: 1.0 if d else 0.5), ("rope", lambda L, d: 1.0 if L == 256 else 0.0)):
+        (tmp_path / name / "eval").mkdir(parents=True)
+        (tmp_path / name / "eval" / "results.json").write_text(json.dumps({"extrapolation": {}, "passkey": grid(acc)}))
+    out = tmp_path / "out"
+    out.mkdir()
+    md = "\n".join(retrieval_sections(tmp_path, out))
+    assert "| alibi | 0% | 0.50 | 0.50 |" in md and "| rope | 100% | 1.00 | 0.00 |" in md
+    assert "![passkey](passkey_heatmaps.png)" in md and (out / "passkey_heatmaps.png").stat().st_size > 1000
