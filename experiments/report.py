@@ -108,8 +108,11 @@ def retrieval_sections(workdir: Path, out: Path) -> list[str]:
         plt = _pyplot()
         fig, axes = plt.subplots(1, len(members), figsize=(3.2 * len(members) + 1, 0.45 * len(first["rows"]) + 1.8),
                                  squeeze=False)
-        for ax, (name, res) in zip(axes[0], members):
+        for i, (ax, (name, res)) in enumerate(zip(axes[0], members)):
             im = draw_retrieval(ax, res, title=f"{name} (step {res['step']})")
+            if i:  # one shared row axis, labelled on the first panel
+                ax.set_ylabel("")
+                ax.tick_params(labelleft=False)
         fig.colorbar(im, ax=list(axes[0]), label=field.replace("_", " "))
         fig.suptitle(f"{task}: trained at {first['train_len']} tokens (dashed line)", fontsize=10)
         fig.savefig(out / f"{task}_heatmaps.png", dpi=120, bbox_inches="tight")

@@ -69,11 +69,15 @@ def test_parse_arg_rejects_unknown_keys():
         parse_arg("positon=alibi", position="rope", attention="full")
 
 
-def test_every_sweep_member_is_valid():
+@pytest.mark.parametrize("path", ["configs/ablations/positions.py", "configs/ablations/attention.py",
+                                  "configs/passkey.py"])
+def test_every_sweep_member_is_valid(path):
     from lc_jax.config import load_module
 
-    module = load_module("configs/ablations/positions.py")
+    module = load_module(path)
     names = [name for name, _ in module.get_sweep()]
-    assert {"nope", "learned", "sinusoidal", "rope", "alibi"} <= set(names)
+    assert len(names) == len(set(names)) >= 2
+    if path.endswith("positions.py"):
+        assert {"nope", "learned", "sinusoidal", "rope", "alibi"} <= set(names)
     for _, arg in module.get_sweep():
         validate(module.get_config(arg), num_devices=1)
