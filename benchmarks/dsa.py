@@ -1,12 +1,24 @@
-"""DSA memory vs sequence length at fixed k: the sparse stage must grow about linearly in T.
+"""DSA against full causal attention: time and memory of one layer, and memory of a whole step vs T.
 
-For each length, XLA's memory analysis of the compiled (not run) training step
-of a DSA model in its sparse stage and in its dense warm-up, and, for
-contrast, of the selection alone done the way public implementations do it
-(materialise the T x T index scores, mask, `top_k`) against lc_jax's streaming
-top-k. Memory = arguments + outputs - donated + temporaries.
+`--mode layer` (default; the issue's target): forward + backward of one
+attention layer at T = 4K, 16K, 32K with k = 512. Full: causal attention on
+the CPU path (`ops.attention`, blockwise XLA flash). DSA, everything its sparse
+stage runs: the lightning indexer (projections of the detached hidden state),
+the streaming top-k, sparse attention over the selected rows, and the indexer
+KL over the selected set, with gradients for q, k, v and the indexer. Time:
+the median of `--repeats` runs after a warm-up, the two alternating in one
+process so they share the machine's noise; memory: XLA's analysis of each
+compiled function. Writes results/dsa_layer_cpu.json.
 
-    python benchmarks/dsa.py                          # T = 1K..16K, k = 64; writes results/dsa_cpu.json
+`--mode step`: XLA's memory analysis of the compiled (not run) training step
+of a DSA model in its sparse stage and in its dense warm-up, and, for contrast,
+of the selection alone done the way public implementations do it (materialise
+the T x T index scores, mask, `top_k`) against lc_jax's streaming top-k.
+Memory = arguments + outputs - donated + temporaries. Writes results/dsa_cpu.json.
+
+    python benchmarks/dsa.py                                   # layer: T = 4K, 16K, 32K, k = 512
+    python benchmarks/dsa.py --layer wide --repeats 1 --index-block-k 4096   # a 2048-wide layer
+    python benchmarks/dsa.py --mode step                       # step memory: T = 1K..16K, k = 64
     python benchmarks/dsa.py --lengths 1024,4096 --topk 128
 """
 
@@ -18,18 +30,23 @@ import json
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from configs import quickstart  # noqa: E402
 from lc_jax import config as config_lib  # noqa: E402
-from lc_jax import sharding, train  # noqa: E402
+from lc_jax import ops, sharding, train  # noqa: E402
 from lc_jax.attention import dsa  # noqa: E402
 from pallas_kernels.flash_attention.masks import visible  # noqa: E402
+from pallas_kernels.flash_attention.xla import BlockSizes  # noqa: E402
+from pallas_kernels.sparse_attention import sparse_attention  # noqa: E402
 
 MiB = 2**20
 
@@ -75,13 +92,155 @@ def selection_bytes(T: int, topk: int, streaming: bool, J: int = 4, d: int = 32)
     return _bytes(jax.jit(select).lower(*args).compile())
 
 
+# Layer shapes (--layer). quickstart: one layer of configs/quickstart.py, where the indexer (4 x 32 per pair)
+# costs about as much as the main attention's QK (4 heads x 64). wide: a 2048-wide layer (16 heads of 128, GQA 4)
+# with the same indexer, closer to DeepSeek-V3.2's proportion (an indexer pair ~1/17 the cost of an attention pair).
+LAYERS = {
+    "quickstart": dict(H=4, K=2, D=64, E=256, J=4, d=32, rope=16),
+    "wide": dict(H=16, K=4, D=128, E=2048, J=4, d=32, rope=16),
+}
+LAYER = LAYERS["quickstart"]
+
+
+def layer_fns(T: int, topk: int, index_block_k: int):
+    """Jitted value-and-grad functions of one layer at length T and their inputs.
+
+    {"full": (fn, args), "dsa": (fn, args)}, and DSA's parts alone for the
+    breakdown: "dsa_select" (indexer + streaming top-k, no gradient: the
+    selection is discrete), "dsa_attention" (sparse attention over a fixed
+    selection) and "dsa_kl" (the indexer KL over it, gradient to the indexer).
+    """
+    g = LAYER
+    rng = np.random.default_rng(0)
+    f32 = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32))  # noqa: E731
+    q, k, v, do = f32(1, T, g["H"], g["D"]), f32(1, T, g["K"], g["D"]), f32(1, T, g["K"], g["D"]), \
+        f32(1, T, g["H"], g["D"])
+    x = f32(1, T, g["E"])
+    pos = jnp.arange(T, dtype=jnp.int32)[None]
+    with nnx.use_eager_sharding(False):  # one device: the logical sharding annotations stay metadata
+        indexer = dsa.Indexer(d_model=g["E"], index_heads=g["J"], index_dim=g["d"], index_rope_dim=g["rope"],
+                              param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    graphdef, iparams = nnx.split(indexer)
+    P = dict(q_pos_BT=pos, kv_pos_BS=pos)
+    sg = jax.lax.stop_gradient
+
+    def full(q, k, v):
+        out = ops.attention(q, k, v, **P, causal=True, impl="auto", block_sizes=BlockSizes(256, 512))
+        return (out * do).sum()
+
+    def index(iparams):
+        return nnx.merge(graphdef, iparams)(sg(x), pos)
+
+    def select(iq, w, ik):
+        return dsa.streaming_topk(sg(iq), sg(w), sg(ik), **P, topk=topk, block_q=128, block_k=index_block_k)
+
+    def attend(q, k, v, idx, valid):
+        return sparse_attention(q, k, v, idx, valid, **P, block_q=128)
+
+    def kl(q, k, lse, iq, w, ik, idx, valid):
+        return dsa.sparse_kl(q, k, lse, iq, w, ik, idx, valid, **P, block_q=128).sum()
+
+    def sparse(q, k, v, iparams):
+        iq, w, ik = index(iparams)
+        idx, valid = select(iq, w, ik)
+        out, lse = attend(q, k, v, idx, valid)
+        return (out * do).sum() + kl(q, k, lse, iq, w, ik, idx, valid)
+
+    iq, w, ik = jax.jit(index)(iparams)
+    idx, valid = jax.jit(select)(iq, w, ik)
+    lse = jax.jit(attend)(q, k, v, idx, valid)[1]
+    vg = jax.value_and_grad
+    return {
+        "full": (jax.jit(vg(full, argnums=(0, 1, 2))), (q, k, v)),
+        "dsa": (jax.jit(vg(sparse, argnums=(0, 1, 2, 3))), (q, k, v, iparams)),
+        "dsa_select": (jax.jit(lambda p: select(*index(p))), (iparams,)),
+        "dsa_attention": (jax.jit(vg(lambda q, k, v: (attend(q, k, v, idx, valid)[0] * do).sum(), argnums=(0, 1, 2))),
+                          (q, k, v)),
+        "dsa_kl": (jax.jit(vg(lambda iq, w, ik: kl(q, k, lse, iq, w, ik, idx, valid), argnums=(0, 1, 2))),
+                   (iq, w, ik)),
+    }
+
+
+def _time(fn, args) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - t0
+
+
+def layer_main(a) -> None:
+    global LAYER
+    LAYER = LAYERS[a.layer]
+    rows = []
+    blocks = [int(b) for b in a.index_block_k.split(",")]
+    names = ["full"] + [f"dsa@{b}" for b in blocks]
+    print(f"{'T':>6} {'k':>4} " + " ".join(f"{n + ' s':>11}" for n in names) + " "
+          + " ".join(f"{'full/' + n:>14}" for n in names[1:]) + f" {'full MiB':>9} {'DSA MiB':>8}"
+          + "   DSA parts (s): select / attention / KL")
+    for T in (int(x) for x in a.lengths.split(",")):
+        fns = {b: layer_fns(T, a.topk, b) for b in blocks}
+        runs = {"full": fns[blocks[0]]["full"], **{f"dsa@{b}": fns[b]["dsa"] for b in blocks}}
+        mem = {n: _bytes(fn.lower(*args).compile()) / MiB for n, (fn, args) in runs.items()}
+        for fn, args in runs.values():
+            _time(fn, args)  # compile + warm up
+        times = {n: [] for n in runs}
+        for _ in range(a.repeats):  # alternate, so that all see the same machine
+            for n, (fn, args) in runs.items():
+                times[n].append(_time(fn, args))
+        med = {n: float(np.median(t)) for n, t in times.items()}
+        parts = {}
+        for part in ("dsa_select", "dsa_attention", "dsa_kl"):  # one timed run each, after a warm-up
+            fn, args = fns[blocks[-1]][part]
+            _time(fn, args)
+            parts[part] = _time(fn, args)
+        row = {"T": T, "topk": a.topk, "seconds": med, "runs_s": times, "mib": mem,
+               "full_over_dsa": {n: med["full"] / med[n] for n in names[1:]},
+               "dsa_parts_s": parts, "dsa_parts_index_block_k": blocks[-1]}
+        rows.append(row)
+        print(f"{T:>6} {a.topk:>4} " + " ".join(f"{med[n]:>11.3f}" for n in names) + " "
+              + " ".join(f"{row['full_over_dsa'][n]:>13.2f}x" for n in names[1:])
+              + f" {mem['full']:>9.1f} {mem[names[-1]]:>8.1f}   "
+              + " / ".join(f"{parts[p]:.2f}" for p in ("dsa_select", "dsa_attention", "dsa_kl")), flush=True)
+    _write(a, {
+        "benchmark": "dsa_layer_vs_full",
+        "layer": f"{a.layer}: one attention layer, batch 1, f32: {LAYER['H']} query heads / {LAYER['K']} kv heads "
+                 f"of {LAYER['D']}, d_model {LAYER['E']}; DSA indexer {LAYER['J']} heads x {LAYER['d']} (RoPE on "
+                 f"{LAYER['rope']}); full = ops.attention impl auto (blockwise XLA flash on CPU, blocks "
+                 "256 x 512); DSA = indexer + streaming top-k (query block 128, key block index_block_k) + XLA "
+                 "sparse attention + sparse KL, with gradients for q, k, v and the indexer",
+        "measure": f"forward + backward (value_and_grad), median of {a.repeats} runs after a warm-up, full and DSA "
+                   "alternating in one process; parts: one run each after a warm-up; memory: XLA memory analysis "
+                   "(args + outputs - donated + temps)",
+        "rows": rows,
+    }, "dsa_layer_cpu.json" if a.layer == "quickstart" else f"dsa_layer_{a.layer}_cpu.json")
+
+
+def _write(a, out: dict, default_name: str) -> None:
+    out = {**out, "command": "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]),
+           "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+           "device": f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+           "versions": {"python": platform.python_version(), "jax": jax.__version__}}
+    path = Path(a.out or Path(__file__).parent / "results" / default_name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2))
+    print(f"wrote {path}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lengths", default="1024,2048,4096,8192,16384")
-    ap.add_argument("--topk", type=int, default=64)
+    ap.add_argument("--mode", default="layer", choices=["layer", "step"])
+    ap.add_argument("--lengths", default=None, help="default: 4096,16384,32768 (layer), 1024..16384 (step)")
+    ap.add_argument("--topk", type=int, default=None, help="default: 512 (layer), 64 (step)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per length (layer)")
+    ap.add_argument("--index-block-k", default="512,4096", help="DSA key block(s) of the streaming top-k (layer)")
+    ap.add_argument("--layer", default="quickstart", choices=sorted(LAYERS), help="layer shapes (layer mode)")
     ap.add_argument("--remat", default="full", choices=["none", "full", "dots"])
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "dsa_cpu.json"))
+    ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    layer = a.mode == "layer"
+    a.lengths = a.lengths or ("4096,16384,32768" if layer else "1024,2048,4096,8192,16384")
+    a.topk = a.topk or (512 if layer else 64)
+    if layer:
+        return layer_main(a)
     rows = []
     print(f"{'T':>6} {'sparse step MiB':>16} {'dense warm-up MiB':>18} {'select streaming':>17} "
           f"{'select T x T':>13}")
@@ -97,20 +256,13 @@ def main():
     for key in ("sparse_step_mib", "select_streaming_mib", "select_dense_mib"):
         ratios = [b[key] / a_[key] for a_, b in zip(rows, rows[1:])]
         print(f"{key}: growth per doubling {', '.join(f'{r:.2f}' for r in ratios)}")
-    out = {
+    _write(a, {
         "benchmark": "dsa_memory",
-        "command": "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device": f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "versions": {"python": platform.python_version(), "jax": jax.__version__},
         "model": "configs/quickstart.py:attention=dsa (d_model 256, 4 layers, 4 heads / 2 kv; indexer 4 x 32), "
                  "batch 1, f32",
         "topk": a.topk, "remat": a.remat, "rows": rows,
         "note": "XLA memory analysis of the compiled step (args + outputs - donated + temps), nothing is run",
-    }
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=2))
-    print(f"wrote {a.out}")
+    }, "dsa_cpu.json")
 
 
 if __name__ == "__main__":
