@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from sparse_cases import check_against_xla, inputs, pos, select, value_and_vjp
 
 from pallas_kernels import sparse_attention as xla_sparse
 from pallas_kernels import sparse_attention_gpu as sparse_gpu
@@ -38,59 +39,13 @@ from pallas_kernels import sparse_attention_gpu as sparse_gpu
 BS = sparse_gpu.BlockSizes
 
 
-def _inputs(B, T, S, H, K, D, dtype, seed=0, Dv=None):
-    # numpy, not jax.random: eager jax ops would each compile once, seconds per test on 2 cores
-    rng = np.random.default_rng(seed)
-    return tuple(
-        jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
-        for shape in ((B, T, H, D), (B, S, K, D), (B, S, K, Dv or D))
-    )
-
-
-def _select(q_pos_BT, kv_pos_BS, k: int, seed=1):
-    """Duplicate-free top-k of random scores over causally visible keys: (idx int32, valid bool) [B, T, k]."""
-    q_pos, kv_pos = np.asarray(q_pos_BT), np.asarray(kv_pos_BS)
-    scores = np.random.default_rng(seed).uniform(size=(*q_pos.shape, kv_pos.shape[1]))
-    scores = np.where(kv_pos[:, None, :] <= q_pos[:, :, None], scores, -np.inf)
-    idx = np.argsort(-scores, axis=-1, kind="stable")[..., :k]
-    return jnp.asarray(idx, jnp.int32), jnp.asarray(np.isfinite(np.take_along_axis(scores, idx, -1)))
-
-
-def _pos(B, T, start=0, step=1):
-    return jnp.asarray(np.broadcast_to(start + step * np.arange(T, dtype=np.int32), (B, T)))
-
-
-@jax.jit(static_argnums=0)
-def _value_and_vjp(fn, q, k, v, do, dlse):
-    """(out, lse, (dq, dk, dv)) of fn under the cotangent (do, dlse), as one jitted program (one compile)."""
-    (out, lse), vjp = jax.vjp(fn, q, k, v)
-    return out, lse, vjp((do.astype(out.dtype), dlse))
+_inputs, _select, _pos, _value_and_vjp = inputs, select, pos, value_and_vjp
 
 
 def _check(q, k, v, idx, valid, *, block_sizes, interpret=True, tol=None, **kw):
-    """Compare out, lse and (dq, dk, dv) under a random (do, dlse) cotangent with the XLA path."""
-    bf16 = q.dtype == jnp.bfloat16
-    atol_o, atol_g = tol or ((2e-2, 5e-2) if bf16 else (1e-5, 1e-4))
-    ours = functools.partial(
-        sparse_gpu.sparse_attention, idx_BTk=idx, valid_BTk=valid, block_sizes=block_sizes, interpret=interpret, **kw
-    )
-    ref = functools.partial(xla_sparse.sparse_attention, idx_BTk=idx, valid_BTk=valid, **kw)
-
-    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-    rng = np.random.default_rng(42)
-    do = jnp.asarray(rng.standard_normal(q.shape[:3] + (v.shape[-1],), np.float32))
-    dlse = rng.standard_normal(q.shape[:3], np.float32) * np.asarray(valid).any(-1)[..., None]
-    dlse = jnp.asarray(dlse)  # zero where nothing is valid (lse -inf)
-    out, lse, grads = _value_and_vjp(ours, q, k, v, do, dlse)
-    out_r, lse_r, grads_r = _value_and_vjp(ref, f32(q), f32(k), f32(v), do, dlse)
-    assert out.shape == q.shape[:3] + (v.shape[-1],) and out.dtype == q.dtype
-    assert lse.shape == q.shape[:3] and lse.dtype == jnp.float32
-    np.testing.assert_allclose(f32(out), out_r, atol=atol_o, rtol=atol_o)
-    np.testing.assert_allclose(lse, lse_r, atol=atol_o, rtol=atol_o)  # -inf rows must match exactly
-    for name, g, gr in zip("qkv", grads, grads_r):
-        assert g.dtype == q.dtype, name
-        np.testing.assert_allclose(f32(g), gr, atol=atol_g, rtol=atol_g, err_msg=f"d{name}")
-    return out, lse, grads
+    """The Triton kernel (interpret mode) against the XLA path; see sparse_cases.check_against_xla."""
+    return check_against_xla(sparse_gpu.sparse_attention, q, k, v, idx, valid, tol=tol, block_sizes=block_sizes,
+                             interpret=interpret, **kw)
 
 
 # ----------------------------------------------------------------------------- numerics
