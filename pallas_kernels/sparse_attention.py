@@ -37,6 +37,22 @@ def gather_rows(x_BSX, idx_BTk):
     return jax.vmap(lambda x, i: x[i])(x_BSX, idx_BTk)
 
 
+def check_selection(q_BTHD, k_BSKD, v_BSKD, idx_BTk, valid_BTk, q_pos_BT, kv_pos_BS, alibi_slopes_H):
+    """The Pallas sparse kernels' input contract: (B, T, S, H, K, D), or a ValueError naming the argument."""
+    B, T, S, H, K, D = check_qkv(q_BTHD, k_BSKD, v_BSKD, alibi_slopes_H)
+    if idx_BTk.ndim != 3 or idx_BTk.shape != valid_BTk.shape or idx_BTk.shape[:2] != (B, T):
+        raise ValueError(f"idx {idx_BTk.shape} / valid {valid_BTk.shape} must both be ({B}, {T}, k)")
+    if not jnp.issubdtype(idx_BTk.dtype, jnp.integer):
+        raise ValueError(f"idx_BTk must be an integer array, got {idx_BTk.dtype}")
+    if valid_BTk.dtype != jnp.bool_:
+        raise ValueError(f"valid_BTk must be a bool array, got {valid_BTk.dtype}")
+    if q_pos_BT.shape != (B, T) or kv_pos_BS.shape != (B, S):
+        raise ValueError(f"q_pos {q_pos_BT.shape} / kv_pos {kv_pos_BS.shape} must be ({B}, {T}) / ({B}, {S})")
+    if k_BSKD.dtype != q_BTHD.dtype or v_BSKD.dtype != q_BTHD.dtype:
+        raise ValueError(f"q / k / v dtypes must match, got {q_BTHD.dtype} / {k_BSKD.dtype} / {v_BSKD.dtype}")
+    return B, T, S, H, K, D
+
+
 def query_blocks(T: int, block_q: int):
     """(to_blocks, from_blocks): [B, T, ...] <-> [n, B, bq, ...] with zero padding to whole blocks."""
     bq = min(block_q, T)

@@ -101,7 +101,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flash_attention.masks import check_qkv, like_vma, out_struct, pad_axis
+from pallas_kernels.flash_attention.gpu import _NN, _NT, _TN, _dot  # f32-accumulating dots, as in flash
+from pallas_kernels.flash_attention.masks import like_vma, out_struct, pad_axis
+from pallas_kernels.sparse_attention import check_selection
 
 _MIN_DIM = 16  # tl.dot needs M, N, K >= 16
 AUTO_BLOCK_K = (64, 32, 16)
@@ -192,16 +194,6 @@ class _Static:
 
 
 # ----------------------------------------------------------------------------- kernel bodies
-
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_NN = (((1,), (0,)), ((), ()))  # a @ b
-_TN = (((0,), (0,)), ((), ()))  # a.T @ b
-_HIGHEST = (lax.Precision.HIGHEST, lax.Precision.HIGHEST)  # IEEE f32 on Triton (bf16 inputs: plain bf16 MMA)
-
-
-def _dot(a, b, dims):
-    return lax.dot_general(a, b, dims, precision=_HIGHEST, preferred_element_type=jnp.float32)
-
 
 def _grid2(n_rows: int, n_cols: int):
     """Row and column index tensors of an [n_rows, n_cols] tile (Triton: make_range + broadcast)."""
@@ -556,18 +548,9 @@ def sparse_attention(
     bs = BlockSizes() if block_sizes is None else block_sizes
     if not isinstance(bs, BlockSizes):
         raise ValueError(f"block_sizes must be sparse_attention_gpu.BlockSizes or None, got {type(bs).__name__}")
-    B, T, S, H, K, D = check_qkv(q_BTHD, k_BSKD, v_BSKD, alibi_slopes_H)
+    B, T, S, H, K, D = check_selection(q_BTHD, k_BSKD, v_BSKD, idx_BTk, valid_BTk, q_pos_BT, kv_pos_BS,
+                                       alibi_slopes_H)
     Dv = v_BSKD.shape[3]
-    if idx_BTk.ndim != 3 or idx_BTk.shape != valid_BTk.shape or idx_BTk.shape[:2] != (B, T):
-        raise ValueError(f"idx {idx_BTk.shape} / valid {valid_BTk.shape} must both be ({B}, {T}, k)")
-    if not jnp.issubdtype(idx_BTk.dtype, jnp.integer):
-        raise ValueError(f"idx_BTk must be an integer array, got {idx_BTk.dtype}")
-    if valid_BTk.dtype != jnp.bool_:
-        raise ValueError(f"valid_BTk must be a bool array, got {valid_BTk.dtype}")
-    if q_pos_BT.shape != (B, T) or kv_pos_BS.shape != (B, S):
-        raise ValueError(f"q_pos {q_pos_BT.shape} / kv_pos {kv_pos_BS.shape} must be ({B}, {T}) / ({B}, {S})")
-    if k_BSKD.dtype != q_BTHD.dtype or v_BSKD.dtype != q_BTHD.dtype:
-        raise ValueError(f"q / k / v dtypes must match, got {q_BTHD.dtype} / {k_BSKD.dtype} / {v_BSKD.dtype}")
     k_sel = idx_BTk.shape[2]
     st = _static(B, S, H, K, D, Dv, k_sel, q_BTHD.dtype, scale, alibi_slopes_H is not None, bs, interpret)
     N = B * T
