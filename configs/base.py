@@ -53,10 +53,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 warmup_steps=1000,  # dense warm-up steps (indexer trained by KL); sparse from then on
                 warmup_mode="joint",  # joint: LM trains too (from scratch) | frozen: only the indexer trains
                 kl_weight=1.0,
-                index_block_q=128,  # query block of the blockwise index scores / streaming top-k
-                # Key block of the streaming top-k: each merge runs top_k over k + block_k scores, so long blocks
-                # amortise it (a DSA layer at 32K, k=512, CPU: 1.7x faster than 512; benchmarks/dsa.py).
+                index_block_q=128,  # query block of the blockwise index scores / top-k selection
+                # Key block of the index scores. In the streaming top-k (select=xla) each merge runs top_k over
+                # k + block_k scores, so long blocks amortise it (32K, k=512, CPU: 1.7x faster than 512).
                 index_block_k=4096,
+                # Who picks the top-k: auto (host on a single CPU device, else xla) | xla (streaming lax.top_k) |
+                # host (numpy introselect in a callback: XLA:CPU's top_k is a serial partial sort; 3x faster).
+                select="auto",
                 lr=0.0,  # indexer learning rate (0: train.lr)
                 weight_decay=0.0,
             ),

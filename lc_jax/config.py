@@ -133,6 +133,7 @@ def _check_dsa(p: list[str], ds) -> None:
             p.append(f"model.attention.dsa.index_rope_dim={ds.index_rope_dim}: must be even and "
                      f"<= model.attention.dsa.index_dim={ds.index_dim}")
     _allowed(p, "model.attention.dsa.warmup_mode", ds.warmup_mode, dsa.WARMUP_MODES)
+    _allowed(p, "model.attention.dsa.select", ds.get("select", "auto"), dsa.SELECT_IMPLS)
     for f in ("kl_weight", "lr", "weight_decay"):
         _positive(p, f"model.attention.dsa.{f}", ds[f], zero_ok=True, kind=(float, int))
 

@@ -9,7 +9,10 @@ O(T * k) and compute O(T * k * H * D).
 This is the XLA gather path (every backend; the CPU path). The block function
 is rematerialised in the backward pass (`jax.checkpoint`), so the gathered rows
 are never stored for all blocks at once; gradients reach K and V through the
-transpose of the gather (a scatter-add into [S, K, D]).
+transpose of the gather (a scatter-add into [S, K, D]). Blocks are small (a
+few MiB of gathered rows, `default_block_q`), so that on CPU those rows are
+still in cache when the dots read them. (A hand-written flash-style backward
+with one scatter-add buffer was no faster than autodiff at that block size.)
 
 Layout as the flash kernels: block size, block body, wrapper with shape
 validation. Beside it are the Pallas kernels that read only the selected rows:
@@ -29,7 +32,17 @@ from jax import lax
 
 from pallas_kernels.flash_attention.masks import check_qkv, pad_axis
 
-DEFAULT_BLOCK_Q = 128
+# Query blocks are sized by the bytes of their gathered K|V rows (bq x k x K x 2D): about 4 MiB stays in the CPU's
+# cache between the gather and the dots that read it. At k = 512 that is 8 queries for 2 kv heads of 64 (2.0x
+# faster fwd+bwd than 128) and 2 for 4 kv heads of 128 (2.0x); larger blocks spill to memory.
+BLOCK_BYTES = 4 * 2**20
+MAX_BLOCK_Q = 128
+
+
+def default_block_q(k: int, K: int, D: int, Dv: int, itemsize: int) -> int:
+    """The largest power of two <= MAX_BLOCK_Q whose gathered rows fit BLOCK_BYTES (at least 1)."""
+    rows = max(1, BLOCK_BYTES // max(1, k * K * (D + Dv) * itemsize))
+    return int(min(MAX_BLOCK_Q, 1 << (rows.bit_length() - 1)))
 
 
 def gather_rows(x_BSX, idx_BTk):
@@ -70,7 +83,7 @@ def query_blocks(T: int, block_q: int):
 
 
 def _block(q_b, idx_b, valid_b, qp_b, *, k, v, kv_pos, slopes_KG, scale):
-    """out [B, bq, H, Dv] and lse [B, bq, H] of one query block over its gathered keys."""
+    """out [B, bq, H, Dv], lse [B, bq, H] and head-mean probabilities [B, bq, k] of one query block."""
     B, bq, H, D = q_b.shape
     K = k.shape[2]
     G = H // K
@@ -91,24 +104,31 @@ def _block(q_b, idx_b, valid_b, qp_b, *, k, v, kv_pos, slopes_KG, scale):
     out = jnp.einsum("bqkgj,bqjkd->bqkgd", p.astype(v.dtype), v_sel, preferred_element_type=jnp.float32)
     out = (out / l_safe[..., None]).reshape(B, bq, H, v.shape[-1])
     lse = jnp.where(l == 0, -jnp.inf, m_safe + jnp.log(l_safe)).reshape(B, bq, H)
-    return out.astype(q_b.dtype), lse
+    probs = lax.stop_gradient(p / l_safe[..., None]).mean((2, 3))
+    return out.astype(q_b.dtype), lse, probs
 
 
 def sparse_attention(q_BTHD, k_BSKD, v_BSKD, idx_BTk, valid_BTk, *, q_pos_BT, kv_pos_BS, alibi_slopes_H=None,
-                     scale=None, block_q: int = DEFAULT_BLOCK_Q):
+                     scale=None, block_q: int | None = None, return_probs: bool = False):
     """Attention of each query to its selected keys; returns (out_BTHD, lse_BTH), lse -inf where nothing is valid.
 
     `idx_BTk` (int) indexes the key axis; `valid_BTk` (bool) marks real
     selections (a query with fewer than k visible keys has fewer valid ones).
     Visibility is the selector's job: every valid index is attended to.
+    `block_q` None sizes blocks by `default_block_q`. `return_probs` adds the
+    attention probabilities at the selected keys averaged over heads ([B, T, k],
+    stop-gradient): what DSA's indexer KL needs, so that it does not gather and
+    score the selected keys a second time.
     """
     B, T, S, H, K, D = check_qkv(q_BTHD, k_BSKD, v_BSKD, alibi_slopes_H)
     if idx_BTk.shape != valid_BTk.shape or idx_BTk.shape[:2] != (B, T):
         raise ValueError(f"idx {idx_BTk.shape} / valid {valid_BTk.shape} must both be ({B}, {T}, k)")
     if q_pos_BT.shape != (B, T) or kv_pos_BS.shape != (B, S):
         raise ValueError(f"q_pos {q_pos_BT.shape} / kv_pos {kv_pos_BS.shape} must be ({B}, {T}) / ({B}, {S})")
+    if block_q is None:
+        block_q = default_block_q(idx_BTk.shape[-1], K, D, v_BSKD.shape[-1], jnp.dtype(k_BSKD.dtype).itemsize)
     if not isinstance(block_q, int) or block_q <= 0:
-        raise ValueError(f"block_q must be a positive int, got {block_q!r}")
+        raise ValueError(f"block_q must be a positive int or None, got {block_q!r}")
     scale = float(D**-0.5 if scale is None else scale)
     slopes_KG = None if alibi_slopes_H is None else jnp.asarray(alibi_slopes_H, jnp.float32).reshape(K, H // K)
     idx = jnp.clip(idx_BTk.astype(jnp.int32), 0, S - 1)
@@ -116,6 +136,7 @@ def sparse_attention(q_BTHD, k_BSKD, v_BSKD, idx_BTk, valid_BTk, *, q_pos_BT, kv
     blocks, unblock = query_blocks(T, block_q)
     body = jax.checkpoint(functools.partial(_block, k=k_BSKD, v=v_BSKD, kv_pos=kv_pos_BS.astype(jnp.int32),
                                             slopes_KG=slopes_KG, scale=scale))
-    out, lse = lax.map(lambda a: body(*a), (blocks(q_BTHD), blocks(idx), blocks(valid_BTk),
-                                            blocks(q_pos_BT.astype(jnp.int32))))
-    return unblock(out), unblock(lse)
+    out, lse, probs = lax.map(lambda a: body(*a), (blocks(q_BTHD), blocks(idx), blocks(valid_BTk),
+                                                   blocks(q_pos_BT.astype(jnp.int32))))
+    out, lse = unblock(out), unblock(lse)
+    return (out, lse, unblock(probs)) if return_probs else (out, lse)

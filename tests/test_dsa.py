@@ -41,14 +41,31 @@ def _brute_scores(iq, w, ik, m):
     return jnp.where(visible(m["q_pos_BT"], m["kv_pos_BS"], m["q_seg_BT"], m["kv_seg_BS"]), scores, -jnp.inf)
 
 
+@pytest.mark.parametrize("select", [dsa.streaming_topk, dsa.host_topk], ids=["streaming", "host"])
 @pytest.mark.parametrize("topk", [1, 5, 16, 64])
-def test_streaming_topk_equals_brute_force(topk):
+def test_topk_selection_equals_brute_force(select, topk):
+    """The selected scores are the k largest visible ones (ties, e.g. ReLU zeros, may pick either key)."""
     _, _, _, iq, w, ik, m = _tensors()
-    idx, valid = dsa.streaming_topk(iq, w, ik, **m, topk=topk, block_q=16, block_k=16)
-    vals, ref_idx = jax.lax.top_k(_brute_scores(iq, w, ik, m), min(topk, T))
+    idx, valid = jax.jit(lambda *a: select(*a, **m, topk=topk, block_q=16, block_k=16))(iq, w, ik)
+    scores = _brute_scores(iq, w, ik, m)
+    vals, ref_idx = jax.lax.top_k(scores, min(topk, T))
     ref_valid = jnp.isfinite(vals)
-    np.testing.assert_array_equal(valid, ref_valid)  # fewer than k visible keys: only those are valid
-    np.testing.assert_array_equal(np.sort(np.where(valid, idx, -1), -1), np.sort(np.where(ref_valid, ref_idx, -1), -1))
+    np.testing.assert_array_equal(np.sort(valid, -1), np.sort(ref_valid, -1))  # fewer than k visible: those only
+    picked = np.take_along_axis(np.asarray(scores), np.asarray(idx), -1)
+    np.testing.assert_array_equal(np.sort(np.where(valid, picked, -np.inf), -1),
+                                  np.sort(np.where(ref_valid, vals, -np.inf), -1))
+    assert np.isfinite(picked[np.asarray(valid)]).all()  # every valid pick is visible
+    for row, ok in zip(np.asarray(idx).reshape(-1, idx.shape[-1]), np.asarray(valid).reshape(-1, idx.shape[-1])):
+        assert len(set(row[ok])) == ok.sum()  # no key twice
+    if select is dsa.streaming_topk:  # lax.top_k breaks ties by index, as the brute force does
+        np.testing.assert_array_equal(np.sort(np.where(valid, idx, -1), -1),
+                                      np.sort(np.where(ref_valid, ref_idx, -1), -1))
+
+
+def test_select_impl_names_the_allowed_values():
+    _, _, _, iq, w, ik, m = _tensors()
+    with pytest.raises(ValueError, match="dsa.select='gpu'.*auto"):
+        dsa.select_topk(iq, w, ik, impl="gpu", **m, topk=4)
 
 
 def test_sparse_attention_with_k_at_least_T_equals_full_attention():
@@ -88,6 +105,16 @@ def test_dense_and_sparse_kl_match_brute_force():
     sparse = dsa.sparse_kl(q, k, lse, iq, w, ik, idx, valid, q_pos_BT=m["q_pos_BT"], kv_pos_BS=m["kv_pos_BS"],
                            block_q=16)
     np.testing.assert_allclose(sparse, brute(iq), atol=1e-5)
+    # The probabilities the sparse attention returns are p at the selected keys, and give the same KL and gradient.
+    *_, probs = sparse_attention(q, k, v, idx, valid, q_pos_BT=m["q_pos_BT"], kv_pos_BS=m["kv_pos_BS"],
+                                 return_probs=True)
+    np.testing.assert_allclose(np.where(valid, probs, 0), np.take_along_axis(np.asarray(p), np.asarray(idx), -1)
+                               * np.asarray(valid), atol=1e-6)
+    kl_p = lambda iq: dsa.sparse_kl(q, k, None, iq, w, ik, idx, valid, q_pos_BT=m["q_pos_BT"],  # noqa: E731
+                                    kv_pos_BS=m["kv_pos_BS"], probs_BTk=probs)
+    np.testing.assert_allclose(kl_p(iq), brute(iq), atol=1e-5)
+    np.testing.assert_allclose(jax.grad(lambda a: kl_p(a).sum())(iq), jax.grad(lambda a: brute(a).sum())(iq),
+                               atol=1e-4)
 
 
 def _dsa_config(tiny_config, **dsa_fields):
@@ -112,9 +139,9 @@ def _grads(c, *, sparse, which):
                   if lab2 == lab] for lab in ("main", "indexer")}
 
 
-@pytest.mark.parametrize("sparse", [False, True])
-def test_lm_loss_never_trains_the_indexer_and_kl_only_trains_it(tiny_config, sparse):
-    c = _dsa_config(tiny_config)
+@pytest.mark.parametrize("sparse,select", [(False, "xla"), (True, "xla"), (True, "host")])
+def test_lm_loss_never_trains_the_indexer_and_kl_only_trains_it(tiny_config, sparse, select):
+    c = _dsa_config(tiny_config, select=select)
     lm = _grads(c, sparse=sparse, which="lm")
     assert max(lm["indexer"]) == 0.0 and max(lm["main"]) > 0
     kl = _grads(c, sparse=sparse, which="kl")
@@ -191,10 +218,11 @@ def test_frozen_warmup_trains_only_the_indexer_then_both(tiny_config):
 
 
 def test_dsa_config_errors(tiny_config):
-    c = _dsa_config(tiny_config, warmup_mode="thawed", index_rope_dim=5)
+    c = _dsa_config(tiny_config, warmup_mode="thawed", index_rope_dim=5, select="gpu")
     with pytest.raises(ConfigError) as e:
         validate(c)
     msg = str(e.value)
+    assert "model.attention.dsa.select='gpu': allowed values are ['auto', 'xla', 'host']" in msg
     assert "model.attention.dsa.warmup_mode='thawed': allowed values are ['joint', 'frozen']" in msg
     assert "model.attention.dsa.index_rope_dim=5: must be even" in msg
     c = _dsa_config(tiny_config)

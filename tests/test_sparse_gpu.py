@@ -200,8 +200,8 @@ def test_dsa_picks_the_gpu_kernel(monkeypatch, backend, impl, want):
     calls = []
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
     for name, mod in (("gpu", dsa.sparse_attention_gpu), ("tpu", dsa.sparse_attention_tpu)):
-        monkeypatch.setattr(mod, "sparse_attention", lambda *a, _n=name, **kw: calls.append(_n))
-    monkeypatch.setattr(dsa, "sparse_attention", lambda *a, **kw: calls.append("xla"))
+        monkeypatch.setattr(mod, "sparse_attention", lambda *a, _n=name, **kw: (calls.append(_n), None))
+    monkeypatch.setattr(dsa, "sparse_attention", lambda *a, **kw: (calls.append("xla"), None, None))
     dsa.DSA._sparse_attention(SimpleNamespace(impl=impl, block_q=16), *(None,) * 5, q_pos_BT=None, kv_pos_BS=None)
     assert calls == [want]
 

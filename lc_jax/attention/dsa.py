@@ -22,11 +22,13 @@ the indexer, and the LM loss (through the discrete top-k) never reaches it. The
 indexer has its own optimizer (`lc_jax.train.make_optimizer`, optax.multi_transform).
 
 Memory. Nothing T x S is ever built: index scores are computed per (query
-block, key block) with a streaming top-k that keeps [block_q, k] candidates,
-the dense KL accumulates per key block, and the sparse attention gathers only
-the selected rows (pallas_kernels/sparse_attention.py). Peak memory is
-O(T * k); compute of the indexer stays O(T^2 * H_I * d_I), as in DSA, while the
-main attention drops to O(T * k * H * D).
+block, key block) with a streaming top-k that keeps [block_q, k] candidates
+(on CPU, `host_topk` instead fills one [block_q, S] row buffer and selects with
+numpy's introselect, 3-4x faster than XLA:CPU's top_k), the dense KL
+accumulates per key block, and the sparse attention gathers only the selected
+rows (pallas_kernels/sparse_attention.py) and hands the KL the probabilities
+it needs. Peak memory is O(T * k); compute of the indexer stays
+O(T^2 * H_I * d_I), as in DSA, while the main attention drops to O(T * k * H * D).
 
 Diagnostics (`diagnostics=True`, evaluation): the share of the dense attention
 mass inside the selected set ("attention-mass recall"), against the oracle
@@ -36,8 +38,11 @@ keys older than a sliding window of k tokens.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import lax
 
@@ -46,7 +51,7 @@ from lc_jax.attention.base import AttentionVariant
 from lc_jax.positions.rope import apply_rope, rope_inv_freq
 from pallas_kernels import sparse_attention_gpu, sparse_attention_tpu
 from pallas_kernels.flash_attention.masks import block_visible, pad_axis, pad_positions, visible
-from pallas_kernels.sparse_attention import gather_rows, query_blocks, sparse_attention
+from pallas_kernels.sparse_attention import default_block_q, gather_rows, query_blocks, sparse_attention
 
 WARMUP_MODES = ("joint", "frozen")
 METRICS = ("kl", "recall", "recall_oracle", "recall_window", "recall_random", "older_than_window")
@@ -183,6 +188,74 @@ def streaming_topk(q_BTJd, w_BTJ, k_BSd, *, q_pos_BT, kv_pos_BS, q_seg_BT=None, 
     return jnp.where(valid, jnp.minimum(idx, bl.S - 1), 0), valid
 
 
+def host_topk(q_BTJd, w_BTJ, k_BSd, *, q_pos_BT, kv_pos_BS, q_seg_BT=None, kv_seg_BS=None, topk: int,
+              block_q: int = 128, block_k: int = 512):
+    """`streaming_topk`'s contract and result (as a set, unordered), with the selection made on the host.
+
+    Why: XLA:CPU's `top_k` is a single-threaded partial sort that costs 6-50 ns
+    per score (the shorter the row the more), about 90% of the streaming
+    selection's time on CPU; numpy's introselect (`np.argpartition`) is linear,
+    about 2 ns per score. The scores are still computed by XLA, per (query
+    block, visible key block), into one [B, block_q, S] buffer that every query
+    block reuses (memory O(S * block_q)); a host callback then picks each
+    row's k largest among the visible key blocks. For CPU backends only: on an
+    accelerator the scores would cross to the host.
+    """
+    bl = _Blocks(q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, block_q, block_k)
+    kk = min(topk, bl.S)
+    qb, wb, kb = bl.q_blocks(q_BTJd), bl.q_blocks(w_BTJ), bl.k_blocks(k_BSd)
+    any_N = bl.vis_NM.any(1)
+    lo_N = jnp.where(any_N, jnp.argmax(bl.vis_NM, 1), 0)
+    hi_N = jnp.where(any_N, bl.nk - jnp.argmax(bl.vis_NM[:, ::-1], 1), 0)
+    out_shapes = (jax.ShapeDtypeStruct((bl.B, bl.bq, kk), jnp.int32),
+                  jax.ShapeDtypeStruct((bl.B, bl.bq, kk), jnp.float32))
+
+    def q_block(buf, i):
+        def step(j, buf):
+            scores = jnp.where(bl.mask(i, j), index_scores(qb[i], wb[i], kb[j]), -jnp.inf)
+            return lax.dynamic_update_slice(buf, scores, (0, 0, j * bl.bk))
+
+        buf = lax.fori_loop(lo_N[i], hi_N[i], step, buf)  # columns outside [lo, hi) are stale: never read
+        idx, vals = jax.pure_callback(functools.partial(_host_argtopk, k=kk), out_shapes, buf,
+                                      lo_N[i] * bl.bk, hi_N[i] * bl.bk, vmap_method="sequential")
+        return buf, (vals, idx)
+
+    buf = jnp.full((bl.B, bl.bq, bl.nk * bl.bk), -jnp.inf, jnp.float32)
+    _, (vals, idx) = lax.scan(q_block, buf, jnp.arange(bl.nq))
+    vals, idx = bl.unblock(vals), bl.unblock(idx)
+    valid = jnp.isfinite(vals)
+    return jnp.where(valid, jnp.minimum(idx, bl.S - 1), 0), valid
+
+
+def _host_argtopk(buf, lo, hi, *, k: int):
+    """(idx, vals) of the k largest of buf[..., lo:hi] per row, unordered; -inf pads ranges shorter than k."""
+    lo, hi = int(lo), int(hi)
+    x = np.asarray(buf)[..., lo:hi]
+    n = hi - lo
+    if n > k:
+        pick = np.argpartition(x, n - k, axis=-1)[..., n - k:]
+        return (pick + lo).astype(np.int32), np.take_along_axis(x, pick, -1).astype(np.float32)
+    idx = np.zeros(x.shape[:-1] + (k,), np.int32)
+    vals = np.full(x.shape[:-1] + (k,), -np.inf, np.float32)
+    idx[..., :n], vals[..., :n] = np.arange(lo, hi, dtype=np.int32), x
+    return idx, vals
+
+
+SELECT_IMPLS = ("auto", "xla", "host")
+
+
+def select_topk(q_BTJd, w_BTJ, k_BSd, *, impl: str = "auto", **kwargs):
+    """The DSA selection: `host_topk` (impl host, or auto on a single CPU device), else `streaming_topk`.
+
+    Several devices keep `streaming_topk` under auto: a host callback cannot be
+    partitioned, so SPMD would gather the sharded scores onto one device.
+    """
+    if impl not in SELECT_IMPLS:
+        raise ValueError(f"model.attention.dsa.select={impl!r}: must be one of {SELECT_IMPLS}")
+    host = impl == "host" or (impl == "auto" and jax.default_backend() == "cpu" and jax.device_count() == 1)
+    return (host_topk if host else streaming_topk)(q_BTJd, w_BTJ, k_BSd, **kwargs)
+
+
 # ----------------------------------------------------------------------------- the KL losses
 
 
@@ -229,31 +302,41 @@ def dense_kl(q_BTHD, k_BSKD, lse_BTH, iq_BTJd, w_BTJ, ik_BSd, *, q_pos_BT, kv_po
 
 
 def sparse_kl(q_BTHD, k_BSKD, lse_BTH, iq_BTJd, w_BTJ, ik_BSd, idx_BTk, valid_BTk, *, q_pos_BT, kv_pos_BS,
-              alibi_slopes_H=None, scale=None, block_q=128):
+              alibi_slopes_H=None, scale=None, block_q=None, probs_BTk=None):
     """KL(p_t || softmax I[t, selected]) per query [B, T], over the selected set only (sparse stage).
 
     p_t is the sparse main attention (its own lse), summed over heads and
-    L1-normalised; only the indexer receives gradients.
+    L1-normalised; only the indexer receives gradients. `probs_BTk`, when the
+    sparse attention returned it, is p_t itself: then the main keys are not
+    gathered and scored a second time (q, k and lse are unused).
     """
-    B, T, H, D = q_BTHD.shape
-    K = k_BSKD.shape[2]
-    scale = D**-0.5 if scale is None else scale
-    slopes_KG = None if alibi_slopes_H is None else alibi_slopes_H.astype(jnp.float32).reshape(K, H // K)
-    blocks, unblock = query_blocks(T, block_q)
+    T, kk = idx_BTk.shape[1:]
+    row = ik_BSd.shape[-1]  # floats gathered per selected key
+    slopes_KG = None
+    if probs_BTk is None:
+        _, _, H, D = q_BTHD.shape
+        K = k_BSKD.shape[2]
+        scale = D**-0.5 if scale is None else scale
+        slopes_KG = None if alibi_slopes_H is None else alibi_slopes_H.astype(jnp.float32).reshape(K, H // K)
+        row += K * D
+    blocks, unblock = query_blocks(T, block_q or default_block_q(kk, 1, row, 0, 4))
 
     @jax.checkpoint
-    def block(q_b, lse_b, qp_b, iq_b, w_b, idx_b, valid_b):
-        kp_sel = gather_rows(kv_pos_BS, idx_b)
-        p = _sel_probs(q_b, gather_rows(sg(k_BSKD), idx_b), lse_b, qp_b, kp_sel, slopes_KG, scale)
-        p = sg(jnp.where(valid_b, p, 0.0))  # [B, bq, k]
+    def block(q_b, lse_b, qp_b, iq_b, w_b, idx_b, valid_b, p_b):
+        if p_b is None:
+            kp_sel = gather_rows(kv_pos_BS, idx_b)
+            p_b = _sel_probs(q_b, gather_rows(sg(k_BSKD), idx_b), lse_b, qp_b, kp_sel, slopes_KG, scale)
+        p = sg(jnp.where(valid_b, p_b, 0.0))  # [B, bq, k]
         ik_sel = gather_rows(ik_BSd, idx_b)  # [B, bq, k, d_I]
         score = jnp.einsum("bqj,bqjk->bqk", w_b, jax.nn.relu(jnp.einsum("bqjd,bqkd->bqjk", iq_b, ik_sel)))
         logq = jax.nn.log_softmax(jnp.where(valid_b, score, -jnp.inf), -1)
         kl = (_plogp(p) - p * jnp.where(valid_b, logq, 0.0)).sum(-1)
         return jnp.where(valid_b.any(-1), kl, 0.0)
 
-    kl = lax.map(lambda a: block(*a), (blocks(sg(q_BTHD)), blocks(sg(lse_BTH)), blocks(q_pos_BT), blocks(iq_BTJd),
-                                       blocks(w_BTJ), blocks(idx_BTk), blocks(valid_BTk)))
+    main = (None, None) if probs_BTk is not None else (blocks(sg(q_BTHD)), blocks(sg(lse_BTH)))
+    p_blocks = None if probs_BTk is None else blocks(sg(probs_BTk))
+    kl = lax.map(lambda a: block(*a), (*main, blocks(q_pos_BT), blocks(iq_BTJd), blocks(w_BTJ), blocks(idx_BTk),
+                                       blocks(valid_BTk), p_blocks))
     return unblock(kl)
 
 
@@ -297,7 +380,7 @@ def mass_diagnostics(q_BTHD, k_BSKD, lse_BTH, idx_BTk, valid_BTk, *, q_pos_BT, k
 
     oracle, win, n = (bl.unblock(x) for x in lax.map(q_block, jnp.arange(bl.nq)))
     # The selection's mass: the dense probabilities at the selected keys, [bq, k] gathered rows at a time.
-    blocks, unblock = query_blocks(T, block_q)
+    blocks, unblock = query_blocks(T, default_block_q(idx_BTk.shape[-1], K, D, 0, 4))
 
     def sel_block(q_b, lse_b, qp_b, idx_b, valid_b):
         p = _sel_probs(q_b, gather_rows(k, idx_b), lse_b, qp_b, gather_rows(kv_pos_BS, idx_b), slopes_KG, scale)
@@ -332,6 +415,7 @@ class DSA(AttentionVariant):
     def __init__(self, *, d_model: int, param_dtype, rngs: nnx.Rngs, dsa, **kwargs):
         super().__init__(**kwargs)
         self.topk, self.block_q, self.block_k = int(dsa["topk"]), int(dsa["index_block_q"]), int(dsa["index_block_k"])
+        self.select = str(dsa.get("select", "auto"))
         self.indexer = Indexer(d_model=d_model, index_heads=dsa["index_heads"], index_dim=dsa["index_dim"],
                                index_rope_dim=dsa["index_rope_dim"], param_dtype=param_dtype, rngs=rngs)
         self.sparse = False  # set per step by `configure` (the stage follows the training step)
@@ -348,10 +432,12 @@ class DSA(AttentionVariant):
         segs = dict(q_seg_BT=q_seg_BT, kv_seg_BS=kv_seg_BS)
         blocks = dict(block_q=self.block_q)
         if self.sparse:
-            idx, valid = streaming_topk(sg(iq), sg(w), sg(ik), **pos, **segs, topk=self.topk, **blocks,
-                                        block_k=self.block_k)
-            out, lse = self._sparse_attention(q_BTHD, k_BSKD, v_BSKD, idx, valid, **pos, alibi_slopes_H=alibi_slopes_H)
-            kl = sparse_kl(q_BTHD, k_BSKD, lse, iq, w, ik, idx, valid, **pos, alibi_slopes_H=alibi_slopes_H, **blocks)
+            idx, valid = select_topk(sg(iq), sg(w), sg(ik), impl=self.select, **pos, **segs, topk=self.topk,
+                                     **blocks, block_k=self.block_k)
+            out, lse, probs = self._sparse_attention(q_BTHD, k_BSKD, v_BSKD, idx, valid, **pos,
+                                                     alibi_slopes_H=alibi_slopes_H)
+            kl = sparse_kl(q_BTHD, k_BSKD, lse, iq, w, ik, idx, valid, **pos, alibi_slopes_H=alibi_slopes_H,
+                           probs_BTk=probs)
         else:
             out, lse = ops.attention(q_BTHD, k_BSKD, v_BSKD, **pos, **segs, alibi_slopes_H=alibi_slopes_H,
                                      impl=self.impl, block_sizes=self.block_sizes, return_lse=True)
@@ -364,20 +450,21 @@ class DSA(AttentionVariant):
         return out
 
     def _sparse_attention(self, q, k, v, idx, valid, **kw):
-        """The Pallas kernel on TPU (impl auto|pallas) and on GPU (impl pallas), the XLA gather path elsewhere."""
+        """(out, lse, head-mean probs or None): the Pallas kernel on TPU (impl auto|pallas) and on GPU (impl
+        pallas), the XLA gather path elsewhere (which also returns the probabilities the KL needs)."""
         backend, impl = jax.default_backend(), ops.resolve_impl(self.impl)
         if backend == "tpu" and impl == "pallas":
-            return sparse_attention_tpu.sparse_attention(q, k, v, idx, valid, **kw)
+            return *sparse_attention_tpu.sparse_attention(q, k, v, idx, valid, **kw), None
         if backend == "gpu" and impl == "pallas":  # Triton; like ops' GPU flash kernels, not chosen by 'auto'
-            return sparse_attention_gpu.sparse_attention(q, k, v, idx, valid, **kw)
-        return sparse_attention(q, k, v, idx, valid, **kw, block_q=self.block_q)
+            return *sparse_attention_gpu.sparse_attention(q, k, v, idx, valid, **kw), None
+        return sparse_attention(q, k, v, idx, valid, **kw, return_probs=True)
 
     def _diagnose(self, q, k, iq, w, ik, pos, segs, slopes, rows, dense_lse):
         if dense_lse is None:  # sparse stage: the dense attention is needed only to measure against it
             _, dense_lse = ops.attention(q, k, k, **pos, **segs, alibi_slopes_H=slopes, impl=self.impl,
                                          block_sizes=self.block_sizes, return_lse=True)
-        idx, valid = streaming_topk(iq, w, ik, **pos, **segs, topk=self.topk, block_q=self.block_q,
-                                    block_k=self.block_k)
+        idx, valid = select_topk(iq, w, ik, impl=self.select, **pos, **segs, topk=self.topk, block_q=self.block_q,
+                                 block_k=self.block_k)
         d = mass_diagnostics(q, k, dense_lse, idx, valid, **pos, **segs, alibi_slopes_H=slopes, topk=self.topk,
                              window=self.topk, block_q=self.block_q, block_k=self.block_k)
         long = d.pop("long") * rows
