@@ -4,11 +4,12 @@
 attention layer at T = 4K, 16K, 32K with k = 512. Full: causal attention on
 the CPU path (`ops.attention`, blockwise XLA flash). DSA, everything its sparse
 stage runs: the lightning indexer (projections of the detached hidden state),
-the streaming top-k, sparse attention over the selected rows, and the indexer
-KL over the selected set, with gradients for q, k, v and the indexer. Time:
-the median of `--repeats` runs after a warm-up, the two alternating in one
-process so they share the machine's noise; memory: XLA's analysis of each
-compiled function. Writes results/dsa_layer_cpu.json.
+the top-k selection (`--select`: host = numpy introselect in a callback, the CPU
+default; xla = the streaming lax.top_k), sparse attention over the selected
+rows, and the indexer KL over the selected set, with gradients for q, k, v and
+the indexer. Time: the median of `--repeats` runs after a warm-up, all
+variants alternating in one process so they share the machine's noise; memory:
+XLA's analysis of each compiled function. Writes results/dsa_layer_cpu.json.
 
 `--mode step`: XLA's memory analysis of the compiled (not run) training step
 of a DSA model in its sparse stage and in its dense warm-up, and, for contrast,
@@ -17,7 +18,7 @@ the T x T index scores, mask, `top_k`) against lc_jax's streaming top-k.
 Memory = arguments + outputs - donated + temporaries. Writes results/dsa_cpu.json.
 
     python benchmarks/dsa.py                                   # layer: T = 4K, 16K, 32K, k = 512
-    python benchmarks/dsa.py --layer wide --repeats 1 --index-block-k 4096   # a 2048-wide layer
+    python benchmarks/dsa.py --layer wide --repeats 1           # a 2048-wide layer
     python benchmarks/dsa.py --mode step                       # step memory: T = 1K..16K, k = 64
     python benchmarks/dsa.py --lengths 1024,4096 --topk 128
 """
@@ -102,13 +103,14 @@ LAYERS = {
 LAYER = LAYERS["quickstart"]
 
 
-def layer_fns(T: int, topk: int, index_block_k: int):
+def layer_fns(T: int, topk: int, index_block_k: int, select: str):
     """Jitted value-and-grad functions of one layer at length T and their inputs.
 
     {"full": (fn, args), "dsa": (fn, args)}, and DSA's parts alone for the
-    breakdown: "dsa_select" (indexer + streaming top-k, no gradient: the
-    selection is discrete), "dsa_attention" (sparse attention over a fixed
-    selection) and "dsa_kl" (the indexer KL over it, gradient to the indexer).
+    breakdown: "dsa_select" (indexer + top-k selection by `select`, no
+    gradient: the selection is discrete), "dsa_attention" (sparse attention
+    over a fixed selection, returning the head-mean probabilities the KL uses)
+    and "dsa_kl" (the indexer KL over it, gradient to the indexer).
     """
     g = LAYER
     rng = np.random.default_rng(0)
@@ -131,32 +133,33 @@ def layer_fns(T: int, topk: int, index_block_k: int):
     def index(iparams):
         return nnx.merge(graphdef, iparams)(sg(x), pos)
 
-    def select(iq, w, ik):
-        return dsa.streaming_topk(sg(iq), sg(w), sg(ik), **P, topk=topk, block_q=128, block_k=index_block_k)
+    def select_(iq, w, ik):
+        return dsa.select_topk(sg(iq), sg(w), sg(ik), impl=select, **P, topk=topk, block_q=128,
+                               block_k=index_block_k)
 
-    def attend(q, k, v, idx, valid):
-        return sparse_attention(q, k, v, idx, valid, **P, block_q=128)
+    def attend(q, k, v, idx, valid):  # query blocks sized by sparse_attention.default_block_q
+        return sparse_attention(q, k, v, idx, valid, **P, return_probs=True)
 
-    def kl(q, k, lse, iq, w, ik, idx, valid):
-        return dsa.sparse_kl(q, k, lse, iq, w, ik, idx, valid, **P, block_q=128).sum()
+    def kl(iq, w, ik, idx, valid, probs):
+        return dsa.sparse_kl(None, None, None, iq, w, ik, idx, valid, **P, probs_BTk=probs).sum()
 
     def sparse(q, k, v, iparams):
         iq, w, ik = index(iparams)
-        idx, valid = select(iq, w, ik)
-        out, lse = attend(q, k, v, idx, valid)
-        return (out * do).sum() + kl(q, k, lse, iq, w, ik, idx, valid)
+        idx, valid = select_(iq, w, ik)
+        out, _, probs = attend(q, k, v, idx, valid)
+        return (out * do).sum() + kl(iq, w, ik, idx, valid, probs)
 
     iq, w, ik = jax.jit(index)(iparams)
-    idx, valid = jax.jit(select)(iq, w, ik)
-    lse = jax.jit(attend)(q, k, v, idx, valid)[1]
+    idx, valid = jax.jit(select_)(iq, w, ik)
+    probs = jax.jit(attend)(q, k, v, idx, valid)[2]
     vg = jax.value_and_grad
     return {
         "full": (jax.jit(vg(full, argnums=(0, 1, 2))), (q, k, v)),
         "dsa": (jax.jit(vg(sparse, argnums=(0, 1, 2, 3))), (q, k, v, iparams)),
-        "dsa_select": (jax.jit(lambda p: select(*index(p))), (iparams,)),
+        "dsa_select": (jax.jit(lambda p: select_(*index(p))), (iparams,)),
         "dsa_attention": (jax.jit(vg(lambda q, k, v: (attend(q, k, v, idx, valid)[0] * do).sum(), argnums=(0, 1, 2))),
                           (q, k, v)),
-        "dsa_kl": (jax.jit(vg(lambda iq, w, ik: kl(q, k, lse, iq, w, ik, idx, valid), argnums=(0, 1, 2))),
+        "dsa_kl": (jax.jit(vg(lambda iq, w, ik: kl(iq, w, ik, idx, valid, probs), argnums=(0, 1, 2))),
                    (iq, w, ik)),
     }
 
@@ -171,14 +174,14 @@ def layer_main(a) -> None:
     global LAYER
     LAYER = LAYERS[a.layer]
     rows = []
-    blocks = [int(b) for b in a.index_block_k.split(",")]
-    names = ["full"] + [f"dsa@{b}" for b in blocks]
+    selects = a.select.split(",")
+    names = ["full"] + [f"dsa@{s}" for s in selects]
     print(f"{'T':>6} {'k':>4} " + " ".join(f"{n + ' s':>11}" for n in names) + " "
           + " ".join(f"{'full/' + n:>14}" for n in names[1:]) + f" {'full MiB':>9} {'DSA MiB':>8}"
-          + "   DSA parts (s): select / attention / KL")
+          + f"   dsa@{selects[0]} parts (s): select / attention / KL")
     for T in (int(x) for x in a.lengths.split(",")):
-        fns = {b: layer_fns(T, a.topk, b) for b in blocks}
-        runs = {"full": fns[blocks[0]]["full"], **{f"dsa@{b}": fns[b]["dsa"] for b in blocks}}
+        fns = {s: layer_fns(T, a.topk, a.index_block_k, s) for s in selects}
+        runs = {"full": fns[selects[0]]["full"], **{f"dsa@{s}": fns[s]["dsa"] for s in selects}}
         mem = {n: _bytes(fn.lower(*args).compile()) / MiB for n, (fn, args) in runs.items()}
         for fn, args in runs.values():
             _time(fn, args)  # compile + warm up
@@ -189,27 +192,29 @@ def layer_main(a) -> None:
         med = {n: float(np.median(t)) for n, t in times.items()}
         parts = {}
         for part in ("dsa_select", "dsa_attention", "dsa_kl"):  # one timed run each, after a warm-up
-            fn, args = fns[blocks[-1]][part]
+            fn, args = fns[selects[0]][part]
             _time(fn, args)
             parts[part] = _time(fn, args)
         row = {"T": T, "topk": a.topk, "seconds": med, "runs_s": times, "mib": mem,
                "full_over_dsa": {n: med["full"] / med[n] for n in names[1:]},
-               "dsa_parts_s": parts, "dsa_parts_index_block_k": blocks[-1]}
+               "dsa_parts_s": parts, "dsa_parts_select": selects[0]}
         rows.append(row)
         print(f"{T:>6} {a.topk:>4} " + " ".join(f"{med[n]:>11.3f}" for n in names) + " "
               + " ".join(f"{row['full_over_dsa'][n]:>13.2f}x" for n in names[1:])
-              + f" {mem['full']:>9.1f} {mem[names[-1]]:>8.1f}   "
+              + f" {mem['full']:>9.1f} {mem[names[1]]:>8.1f}   "
               + " / ".join(f"{parts[p]:.2f}" for p in ("dsa_select", "dsa_attention", "dsa_kl")), flush=True)
     _write(a, {
         "benchmark": "dsa_layer_vs_full",
         "layer": f"{a.layer}: one attention layer, batch 1, f32: {LAYER['H']} query heads / {LAYER['K']} kv heads "
                  f"of {LAYER['D']}, d_model {LAYER['E']}; DSA indexer {LAYER['J']} heads x {LAYER['d']} (RoPE on "
                  f"{LAYER['rope']}); full = ops.attention impl auto (blockwise XLA flash on CPU, blocks "
-                 "256 x 512); DSA = indexer + streaming top-k (query block 128, key block index_block_k) + XLA "
-                 "sparse attention + sparse KL, with gradients for q, k, v and the indexer",
+                 f"256 x 512); DSA = indexer + top-k selection (dsa@host: scores by XLA, numpy introselect in a "
+                 f"host callback; dsa@xla: streaming lax.top_k; query block 128, key block {a.index_block_k}) + "
+                 "XLA sparse attention (returning the head-mean probabilities) + sparse KL over them, with "
+                 "gradients for q, k, v and the indexer",
         "measure": f"forward + backward (value_and_grad), median of {a.repeats} runs after a warm-up, full and DSA "
                    "alternating in one process; parts: one run each after a warm-up; memory: XLA memory analysis "
-                   "(args + outputs - donated + temps)",
+                   "(args + outputs - donated + temps; host-callback buffers are not counted)",
         "rows": rows,
     }, "dsa_layer_cpu.json" if a.layer == "quickstart" else f"dsa_layer_{a.layer}_cpu.json")
 
@@ -231,7 +236,8 @@ def main():
     ap.add_argument("--lengths", default=None, help="default: 4096,16384,32768 (layer), 1024..16384 (step)")
     ap.add_argument("--topk", type=int, default=None, help="default: 512 (layer), 64 (step)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per length (layer)")
-    ap.add_argument("--index-block-k", default="512,4096", help="DSA key block(s) of the streaming top-k (layer)")
+    ap.add_argument("--index-block-k", type=int, default=4096, help="DSA key block of the index scores (layer)")
+    ap.add_argument("--select", default="host,xla", help="DSA selection impl(s) to time side by side (layer)")
     ap.add_argument("--layer", default="quickstart", choices=sorted(LAYERS), help="layer shapes (layer mode)")
     ap.add_argument("--remat", default="full", choices=["none", "full", "dots"])
     ap.add_argument("--out", default=None)
