@@ -130,6 +130,16 @@ class _Blocks:
     def mask(self, i, j):  # [B, bq, bk] visibility of block pair (i, j)
         return visible(self.qpb[i], self.kpb[j], self.qsb[i], self.ksb[j], causal=self.causal)
 
+    def key_range(self):  # per query block, the key blocks [lo, hi) that hold every visible key
+        any_N = self.vis_NM.any(1)
+        lo_N = jnp.where(any_N, jnp.argmax(self.vis_NM, 1), 0)
+        return lo_N, jnp.where(any_N, self.nk - jnp.argmax(self.vis_NM[:, ::-1], 1), 0)
+
+    def selection(self, vals, idx):  # per-block top-k (vals, idx) -> (idx [B, T, k], valid): -inf is no key
+        vals, idx = self.unblock(vals), self.unblock(idx)
+        valid = jnp.isfinite(vals)
+        return jnp.where(valid, jnp.minimum(idx, self.S - 1), 0), valid
+
 
 def _head_mean_probs(q_bQHD, k_bKKD, lse_bQH, qp, kp, slopes_KG, scale, mask):
     """p[t, s] = mean_h softmax_h(t, s) (the main attention summed over heads, L1-normalised): [B, bq, bk]."""
@@ -165,9 +175,7 @@ def streaming_topk(q_BTJd, w_BTJ, k_BSd, *, q_pos_BT, kv_pos_BS, q_seg_BT=None, 
     bl = _Blocks(q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, block_q, block_k)
     kk = min(topk, bl.S)
     qb, wb, kb = bl.q_blocks(q_BTJd), bl.q_blocks(w_BTJ), bl.k_blocks(k_BSd)
-    any_N = bl.vis_NM.any(1)
-    lo_N = jnp.where(any_N, jnp.argmax(bl.vis_NM, 1), 0)
-    hi_N = jnp.where(any_N, bl.nk - jnp.argmax(bl.vis_NM[:, ::-1], 1), 0)
+    lo_N, hi_N = bl.key_range()
 
     def q_block(i):
         def step(j, carry):
@@ -183,9 +191,7 @@ def streaming_topk(q_BTJd, w_BTJ, k_BSd, *, q_pos_BT, kv_pos_BS, q_seg_BT=None, 
         return lax.fori_loop(lo_N[i], hi_N[i], step, init)
 
     vals, idx = lax.map(q_block, jnp.arange(bl.nq))
-    vals, idx = bl.unblock(vals), bl.unblock(idx)
-    valid = jnp.isfinite(vals)
-    return jnp.where(valid, jnp.minimum(idx, bl.S - 1), 0), valid
+    return bl.selection(vals, idx)
 
 
 def host_topk(q_BTJd, w_BTJ, k_BSd, *, q_pos_BT, kv_pos_BS, q_seg_BT=None, kv_seg_BS=None, topk: int,
@@ -204,9 +210,7 @@ def host_topk(q_BTJd, w_BTJ, k_BSd, *, q_pos_BT, kv_pos_BS, q_seg_BT=None, kv_se
     bl = _Blocks(q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, block_q, block_k)
     kk = min(topk, bl.S)
     qb, wb, kb = bl.q_blocks(q_BTJd), bl.q_blocks(w_BTJ), bl.k_blocks(k_BSd)
-    any_N = bl.vis_NM.any(1)
-    lo_N = jnp.where(any_N, jnp.argmax(bl.vis_NM, 1), 0)
-    hi_N = jnp.where(any_N, bl.nk - jnp.argmax(bl.vis_NM[:, ::-1], 1), 0)
+    lo_N, hi_N = bl.key_range()
     out_shapes = (jax.ShapeDtypeStruct((bl.B, bl.bq, kk), jnp.int32),
                   jax.ShapeDtypeStruct((bl.B, bl.bq, kk), jnp.float32))
 
@@ -222,9 +226,7 @@ def host_topk(q_BTJd, w_BTJ, k_BSd, *, q_pos_BT, kv_pos_BS, q_seg_BT=None, kv_se
 
     buf = jnp.full((bl.B, bl.bq, bl.nk * bl.bk), -jnp.inf, jnp.float32)
     _, (vals, idx) = lax.scan(q_block, buf, jnp.arange(bl.nq))
-    vals, idx = bl.unblock(vals), bl.unblock(idx)
-    valid = jnp.isfinite(vals)
-    return jnp.where(valid, jnp.minimum(idx, bl.S - 1), 0), valid
+    return bl.selection(vals, idx)
 
 
 def _host_argtopk(buf, lo, hi, *, k: int):
