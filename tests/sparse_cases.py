@@ -11,6 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from kernel_checks import assert_grads_close, assert_outputs_close, tolerances
 
 from pallas_kernels import sparse_attention as xla_sparse
 
@@ -45,11 +46,10 @@ def value_and_vjp(fn, q, k, v, do, dlse):
 def check_against_xla(kernel, q, k, v, idx, valid, *, tol=None, **kw):
     """Compare `kernel`'s out, lse and (dq, dk, dv) under a random (do, dlse) cotangent with the XLA path.
 
-    Tolerances (abs = rel): f32 1e-5 for out / lse and 1e-4 for gradients; bf16 inputs against the XLA
-    path on the same values upcast to f32, 2e-2 and 5e-2 (bf16 rounding of p and ds before the matmuls).
+    Tolerances: `kernel_checks.tolerances` (f32 1e-5 / 1e-4, bf16 against the XLA path upcast to f32
+    2e-2 / 5e-2).
     """
-    bf16 = q.dtype == jnp.bfloat16
-    atol_o, atol_g = tol or ((2e-2, 5e-2) if bf16 else (1e-5, 1e-4))
+    atol_o, atol_g = tolerances(q.dtype, tol)
     ours = functools.partial(kernel, idx_BTk=idx, valid_BTk=valid, **kw)
     ref = functools.partial(xla_sparse.sparse_attention, idx_BTk=idx, valid_BTk=valid,
                             **{n: x for n, x in kw.items() if n not in ("block_sizes", "interpret")})
@@ -60,11 +60,6 @@ def check_against_xla(kernel, q, k, v, idx, valid, *, tol=None, **kw):
     dlse = jnp.asarray(dlse)  # zero where nothing is valid (lse -inf)
     out, lse, grads = value_and_vjp(ours, q, k, v, do, dlse)
     out_r, lse_r, grads_r = value_and_vjp(ref, f32(q), f32(k), f32(v), do, dlse)
-    assert out.shape == q.shape[:3] + (v.shape[-1],) and out.dtype == q.dtype
-    assert lse.shape == q.shape[:3] and lse.dtype == jnp.float32
-    np.testing.assert_allclose(f32(out), out_r, atol=atol_o, rtol=atol_o)
-    np.testing.assert_allclose(lse, lse_r, atol=atol_o, rtol=atol_o)  # -inf rows must match exactly
-    for name, g, gr in zip("qkv", grads, grads_r):
-        assert g.dtype == q.dtype, name
-        np.testing.assert_allclose(f32(g), gr, atol=atol_g, rtol=atol_g, err_msg=f"d{name}")
+    assert_outputs_close(out, lse, out_r, lse_r, q, v, atol_o)
+    assert_grads_close(grads, grads_r, q.dtype, atol_g)
     return out, lse, grads

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kernel_checks import assert_grads_close, assert_outputs_close, tolerances
 
 from pallas_kernels.flash_attention import gpu as flash_gpu
 from pallas_kernels.flash_attention import reference
@@ -36,10 +37,7 @@ def _inputs(B, T, S, H, K, D, dtype, seed=0):
 
 def _check(q, k, v, *, block_sizes, interpret=True, check_zero_dlse=False, tol=None, **kw):
     """Compare out, lse and (dq, dk, dv) under a random (do, dlse) cotangent with the reference."""
-    bf16 = q.dtype == jnp.bfloat16
-    atol_o, atol_g = (2e-2, 5e-2) if bf16 else (1e-5, 1e-4)
-    if tol is not None:
-        atol_o, atol_g = tol
+    atol_o, atol_g = tolerances(q.dtype, tol)
 
     def ours(q, k, v):
         return flash_gpu.attention(q, k, v, block_sizes=block_sizes, interpret=interpret, **kw)
@@ -50,10 +48,7 @@ def _check(q, k, v, *, block_sizes, interpret=True, check_zero_dlse=False, tol=N
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
     (out, lse), vjp = jax.vjp(ours, q, k, v)
     (out_r, lse_r), vjp_r = jax.vjp(ref, f32(q), f32(k), f32(v))
-    assert out.shape == q.shape[:3] + (v.shape[-1],) and out.dtype == q.dtype
-    assert lse.shape == q.shape[:3] and lse.dtype == jnp.float32
-    np.testing.assert_allclose(f32(out), out_r, atol=atol_o, rtol=atol_o)
-    np.testing.assert_allclose(lse, lse_r, atol=atol_o, rtol=atol_o)  # -inf rows must match exactly
+    assert_outputs_close(out, lse, out_r, lse_r, q, v, atol_o)
 
     kd = jax.random.split(jax.random.key(42), 2)
     do = jax.random.normal(kd[0], out.shape, jnp.float32)
@@ -63,9 +58,7 @@ def _check(q, k, v, *, block_sizes, interpret=True, check_zero_dlse=False, tol=N
     for dl in cotangents:
         grads = vjp((do.astype(out.dtype), dl))
         grads_r = vjp_r((do, dl))
-        for name, g, gr in zip("qkv", grads, grads_r):
-            assert g.dtype == q.dtype, name
-            np.testing.assert_allclose(f32(g), gr, atol=atol_g, rtol=atol_g, err_msg=f"d{name}")
+        assert_grads_close(grads, grads_r, q.dtype, atol_g)
     return out, lse
 
 

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kernel_checks import assert_grads_close, assert_outputs_close, tolerances
 
 from pallas_kernels.flash_attention import mosaic_gpu as flash_mgpu
 from pallas_kernels.flash_attention import reference
@@ -62,10 +63,7 @@ def _fwd_bwd(fn, q, k, v, do, dlse):
 
 def _check(q, k, v, *, block_sizes=None, interpret=True, check_zero_dlse=False, tol=None, **kw):
     """Compare out, lse and (dq, dk, dv) under a random (do, dlse) cotangent with the reference (both jitted)."""
-    bf16 = q.dtype == jnp.bfloat16
-    atol_o, atol_g = (2e-2, 5e-2) if bf16 else (1e-5, 1e-4)
-    if tol is not None:
-        atol_o, atol_g = tol
+    atol_o, atol_g = tolerances(q.dtype, tol)
 
     def ours(q, k, v):
         return flash_mgpu.attention(q, k, v, block_sizes=block_sizes, interpret=interpret, **kw)
@@ -82,13 +80,8 @@ def _check(q, k, v, *, block_sizes=None, interpret=True, check_zero_dlse=False, 
         out, lse, grads = run(q, k, v, do, dl)
         with jax.default_matmul_precision("highest"):  # an f32 ground truth on GPUs too (no TF32)
             out_r, lse_r, grads_r = run_ref(f32(q), f32(k), f32(v), do, dl)
-        assert out.shape == q.shape[:3] + (v.shape[-1],) and out.dtype == q.dtype
-        assert lse.shape == q.shape[:3] and lse.dtype == jnp.float32
-        np.testing.assert_allclose(f32(out), out_r, atol=atol_o, rtol=atol_o)
-        np.testing.assert_allclose(lse, lse_r, atol=atol_o, rtol=atol_o)  # -inf rows must match exactly
-        for name, g, gr in zip("qkv", grads, grads_r):
-            assert g.dtype == q.dtype, name
-            np.testing.assert_allclose(f32(g), gr, atol=atol_g, rtol=atol_g, err_msg=f"d{name}")
+        assert_outputs_close(out, lse, out_r, lse_r, q, v, atol_o)
+        assert_grads_close(grads, grads_r, q.dtype, atol_g)
     return out, lse
 
 

@@ -1,0 +1,29 @@
+"""Assertions shared by the kernel tests: a kernel's (out, lse) and (dq, dk, dv) against a reference's."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def tolerances(dtype, tol=None) -> tuple[float, float]:
+    """(atol for out / lse, atol for gradients), abs = rel: f32 1e-5 / 1e-4; bf16 inputs against the
+    reference on the same values upcast to f32, 2e-2 / 5e-2 (bf16 rounding of p and ds before the matmuls)."""
+    if tol is not None:
+        return tol
+    return (2e-2, 5e-2) if dtype == jnp.bfloat16 else (1e-5, 1e-4)
+
+
+def assert_outputs_close(out, lse, out_r, lse_r, q, v, atol: float) -> None:
+    """out is [B, T, H, Dv] in q's dtype, lse f32 [B, T, H]; both match the reference (-inf rows exactly)."""
+    assert out.shape == q.shape[:3] + (v.shape[-1],) and out.dtype == q.dtype
+    assert lse.shape == q.shape[:3] and lse.dtype == jnp.float32
+    np.testing.assert_allclose(out.astype(jnp.float32), out_r, atol=atol, rtol=atol)
+    np.testing.assert_allclose(lse, lse_r, atol=atol, rtol=atol)
+
+
+def assert_grads_close(grads, grads_r, dtype, atol: float) -> None:
+    """(dq, dk, dv) keep the inputs' dtype and match the reference's."""
+    for name, g, gr in zip("qkv", grads, grads_r):
+        assert g.dtype == dtype, name
+        np.testing.assert_allclose(g.astype(jnp.float32), gr, atol=atol, rtol=atol, err_msg=f"d{name}")
