@@ -10,6 +10,7 @@ import importlib.util
 import math
 from pathlib import Path
 
+import jax.numpy as jnp
 import ml_collections
 
 from lc_jax import attention, model, ops, positions
@@ -19,6 +20,7 @@ from lc_jax.data import corpus, packing, tokenizer
 from lc_jax.positions import rope_scaling
 from lc_jax.positions.rope import FRACTION_MODES, LAYOUTS, rotary_dim
 from pallas_kernels import ring_attention
+from pallas_kernels.flash_attention import tpu as flash_tpu
 
 MESH_AXES = ("data", "fsdp", "tensor", "context")
 EVAL_PROTOCOLS = ("chunks", "sliding")  # per-position / length evaluation: see lc_jax/evaluate.py
@@ -167,8 +169,13 @@ def _check_mesh(p: list[str], config, sizes: dict[str, int]) -> None:
                  "allowed values are ['auto', 'xla', 'pallas']")
 
 
-def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = None) -> None:
-    """Raise ConfigError listing every invalid field; return None if the config is usable."""
+def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = None,
+             vmem_bytes: int | None = None) -> None:
+    """Raise ConfigError listing every invalid field; return None if the config is usable.
+
+    `num_devices` checks the mesh against them; `vmem_bytes` (the VMEM of the TPU the run compiles for)
+    checks that the Pallas TPU kernels' block sizes fit it, which Mosaic would otherwise refuse mid-trace.
+    """
     p: list[str] = []
     m, d, t = config.model, config.data, config.train
     pos = m.position
@@ -221,9 +228,19 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
         _positive(p, "model.attention.window", att.window)
     if att.name == "dsa":
         _check_dsa(p, att.dsa)
+    blocks_ok = True
     for f in ("block_q", "block_k"):
-        if _positive(p, f"model.attention.{f}", att[f]) and att.impl == "pallas" and att[f] % 128:
+        if not _positive(p, f"model.attention.{f}", att[f]):
+            blocks_ok = False
+        elif (att.impl == "pallas" or (att.impl == "auto" and vmem_bytes)) and att[f] % 128:
             p.append(f"model.attention.{f}={att[f]}: the Pallas TPU kernel needs a multiple of 128")
+            blocks_ok = False
+    if vmem_bytes and blocks_ok and heads_ok and att.impl in ("auto", "pallas") and m.dtype in model.DTYPES:
+        try:
+            flash_tpu.check_vmem(att.block_q, att.block_k, head_dim(m), head_dim(m),
+                                 jnp.dtype(model.DTYPES[m.dtype]).itemsize, vmem_bytes, where="model.attention.")
+        except ValueError as e:
+            p.append(str(e))
 
     # --- data
     _allowed(p, "data.source", d.source, corpus.SOURCES)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lc_jax import attention as attention_variants
-from lc_jax import positions
+from lc_jax import ops, positions
 from lc_jax.positions.rope import RoPE, apply_rope
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -288,9 +288,11 @@ class Transformer(nnx.Module):
 
         if self.remat != "none":
             run_block = nnx.remat(run_block, policy=REMAT_POLICIES[self.remat])
+        x_BTE = ops.constrain(x_BTE, "batch", "seq", None)
         for block in self.blocks:
-            x_BTE = run_block(block, x_BTE, positions_BT, segment_ids_BT, self.position)
-        return self._logits(x_BTE)
+            x_BTE = ops.constrain(run_block(block, x_BTE, positions_BT, segment_ids_BT, self.position),
+                                  "batch", "seq", None)
+        return ops.constrain(self._logits(x_BTE), "batch", "seq", "vocab")
 
     def _logits(self, x_BTE):
         h_BTE = self.final_norm(x_BTE)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels.flash_attention import gpu as _gpu
 from pallas_kernels.flash_attention import mosaic_gpu as _mosaic_gpu
@@ -19,32 +20,86 @@ from pallas_kernels.ring_attention import ring_attention as _ring_attention
 IMPLS = ("auto", "xla", "pallas", "reference", "cudnn")
 
 
-def resolve_impl(impl: str) -> str:
-    """Map 'auto' to a concrete implementation for the default backend.
+def platform() -> str:
+    """The platform the current trace is compiled for: 'tpu', 'gpu' or 'cpu'.
 
-    'auto': the Pallas kernel on TPU, the blockwise XLA path elsewhere. The GPU
-    Pallas kernels are reachable with impl='pallas' but are not the GPU default
-    until they have been run on GPU hardware: on a Hopper GPU with jax >= 0.11
-    (which deprecates the Pallas Triton lowering) 'pallas' runs the Mosaic GPU
-    kernels (`mosaic_gpu.py`), otherwise the Triton ones (`gpu.py`). 'pallas' on
-    CPU runs the TPU kernel in Pallas interpret mode: slow, for tests only.
-    'cudnn' (GPU only) is cuDNN flash attention through
-    `jax.nn.dot_product_attention`; it covers only the plain causal/sliding/full
-    layout (see `_jax_nn`), never chosen by 'auto'.
+    The devices of the mesh set by `jax.set_mesh` (or `jax.sharding.use_abstract_mesh`)
+    decide, else `jax.default_backend()`. A deviceless compile (`lc_jax.aot`: a TPU
+    topology's devices on a CPU host; an abstract GPU mesh) therefore traces the TPU
+    or GPU kernels, not the host's interpret-mode ones.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    name = jax.default_backend() if device is None else device.platform
+    return {"cuda": "gpu", "rocm": "gpu"}.get(name, name)
+
+
+# The Pallas GPU kernels `make gpu-check` has run and checked on GPU hardware (benchmarks/GPU_CHECK.md):
+# kernel -> (device kind, date, jax version). 'auto' on a GPU uses a Pallas kernel only once it is listed
+# here. Kernels: 'triton' (flash_attention/gpu.py, also the ring's per-step kernel), 'mosaic_gpu'
+# (flash_attention/mosaic_gpu.py), 'sparse_triton' (sparse_attention_gpu.py, DSA's sparse stage).
+# No GPU check has passed yet: every entry waits for its first run on a lent H100/H200.
+GPU_VERIFIED: dict[str, tuple[str, str, str]] = {}
+
+
+def gpu_flash_kernel(dtype, head_dim: int) -> str:
+    """The GPU flash kernel 'pallas' runs: Mosaic GPU on Hopper with jax >= 0.11 where its blocks fit, else Triton."""
+    return "mosaic_gpu" if _mosaic_gpu.use_by_default() and _mosaic_gpu.supports(dtype, head_dim) else "triton"
+
+
+def resolve_impl(impl: str, *, gpu_kernel: str = "triton") -> str:
+    """Map 'auto' to a concrete implementation for the platform being compiled for (`platform()`).
+
+    'auto': the Pallas kernel on TPU; on a GPU the Pallas kernel `gpu_kernel` once the GPU check has
+    passed it (`GPU_VERIFIED`), else the blockwise XLA path (`attention` also takes cuDNN where the call
+    fits it); the XLA path on CPU. With impl='pallas' a GPU runs Mosaic GPU on Hopper with jax >= 0.11
+    (which deprecates the Pallas Triton lowering), else Triton; the CPU runs the TPU kernel in Pallas
+    interpret mode: slow, for tests only. 'cudnn' (GPU only) is cuDNN flash attention through
+    `jax.nn.dot_product_attention`, for the plain causal/sliding/full layout only (see `_jax_nn`).
     """
     if impl not in IMPLS:
         raise ValueError(f"attention impl={impl!r} is not one of {IMPLS}")
-    if impl == "auto":
-        return "pallas" if jax.default_backend() == "tpu" else "xla"
-    return impl
+    if impl != "auto":
+        return impl
+    where = platform()
+    if where == "tpu" or (where == "gpu" and gpu_kernel in GPU_VERIFIED):
+        return "pallas"
+    return "xla"
+
+
+def _proven_arange(pos_BT, n: int) -> bool:
+    """Whether positions are known at trace time to be 0..n-1 in every row (cuDNN masks by index, not position)."""
+    try:
+        pos = np.asarray(pos_BT)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return False
+    return pos.shape[-1] == n and bool((pos == np.arange(n)).all())
+
+
+def cudnn_fits(q, k, q_pos, kv_pos, q_seg, alibi_slopes, logits_soft_cap, return_lse, causal, window) -> bool:
+    """Whether cuDNN's flash attention computes exactly this call: the layout 'auto' gives it on a GPU.
+
+    bf16/f16, T == S, positions provably 0..T-1 (concrete, not traced), no segments, ALiBi, soft-cap or
+    lse, a window only when causal, head dim a multiple of 8 up to 128.
+    """
+    T, S, D = q.shape[1], k.shape[1], q.shape[-1]
+    return (q.dtype in (jnp.bfloat16, jnp.float16) and T == S and q_seg is None and alibi_slopes is None
+            and logits_soft_cap is None and not return_lse and (window is None or causal)
+            and D % 8 == 0 and D <= 128 and _proven_arange(q_pos, T) and _proven_arange(kv_pos, S))
+
+
+def choose_impl(impl, q, k, q_pos, kv_pos, q_seg, alibi_slopes, logits_soft_cap, return_lse, causal, window) -> str:
+    """The implementation `attention` runs: `resolve_impl`, and on a GPU 'auto' takes cuDNN where it fits."""
+    if impl == "auto" and platform() == "gpu" and _ambient_mesh() is None and cudnn_fits(
+            q, k, q_pos, kv_pos, q_seg, alibi_slopes, logits_soft_cap, return_lse, causal, window):
+        return "cudnn"
+    return resolve_impl(impl, gpu_kernel=gpu_flash_kernel(q.dtype, q.shape[-1]))
 
 
 def _pallas(q, k, v, block_sizes, **kwargs):
-    backend = jax.default_backend()
+    backend = platform()
     if backend == "gpu":
-        # Mosaic GPU (Hopper) from jax 0.11 where its blocks fit shared memory, else Triton.
-        mosaic = _mosaic_gpu.use_by_default() and _mosaic_gpu.supports(q.dtype, q.shape[-1])
-        gpu = _mosaic_gpu if mosaic else _gpu
+        gpu = _mosaic_gpu if gpu_flash_kernel(q.dtype, q.shape[-1]) == "mosaic_gpu" else _gpu
         bs = gpu.BlockSizes() if block_sizes is None else block_sizes
         return gpu.attention(q, k, v, block_sizes=bs, **kwargs)
     bs = _tpu.BlockSizes() if block_sizes is None else block_sizes
@@ -135,11 +190,12 @@ def attention(
     ALiBi, soft-capping, return_lse and T != S with a ValueError.
     """
     _check_shapes(q_BTHD, k_BSKD, v_BSKD, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, window, alibi_slopes_H)
-    impl = resolve_impl(impl)
+    impl = choose_impl(impl, q_BTHD, k_BSKD, q_pos_BT, kv_pos_BS, q_seg_BT, alibi_slopes_H, logits_soft_cap,
+                       return_lse, causal, window)
     if impl == "cudnn":
         _check_cudnn_args(q_BTHD.shape[1], k_BSKD.shape[1], q_seg_BT, alibi_slopes_H, logits_soft_cap, return_lse)
-        if jax.default_backend() != "gpu":
-            raise ValueError(f"impl='cudnn' needs a GPU backend (default backend is {jax.default_backend()!r}); "
+        if platform() != "gpu":
+            raise ValueError(f"impl='cudnn' needs a GPU backend (compiling for {platform()!r}); "
                              "use impl='pallas' or impl='xla'")
         return _jax_nn(q_BTHD, k_BSKD, v_BSKD, causal=causal, window=window, scale=scale, implementation="cudnn")
     kwargs = dict(
@@ -182,6 +238,50 @@ def _ambient_mesh():
     return mesh
 
 
+def constrain(x: jax.Array, *logical_axes: str | None) -> jax.Array:
+    """Pin an activation's layout on the ambient mesh by logical axes (`lc_jax.sharding` rules); off a mesh, x.
+
+    The model pins its residual stream and logits to (batch over data x fsdp, sequence over context):
+    left to itself, XLA may meet an FSDP-sharded weight by gathering the activations' batch instead of
+    the weight (seen at fsdp 64: every chip held the whole batch's logits).
+    """
+    mesh = _ambient_mesh()
+    if mesh is None:
+        return x
+    from lc_jax import sharding  # sharding -> config -> ops: import late
+
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(
+        mesh, sharding.activation_spec(mesh, *logical_axes)))
+
+
+def per_device(fn, args: tuple, in_axes: tuple, out_axes):
+    """`fn(*args)` as a per-device program: under `shard_map` over the ambient mesh, each argument split by its
+    logical axes (`in_axes`, one tuple per argument; `out_axes` likewise, a tuple of tuples for several
+    outputs), or called directly off a mesh. Arguments that are None stay None.
+
+    A Pallas kernel cannot be partitioned by XLA, so a kernel called on a mesh of several devices must run
+    per device; attention goes through `_on_mesh`, other kernels (DSA's sparse attention) through here.
+    """
+    mesh = _ambient_mesh()
+    if mesh is None:
+        return fn(*args)
+    from lc_jax import sharding  # sharding -> config -> ops: import late
+
+    present = [i for i, a in enumerate(args) if a is not None]
+
+    def inner(*xs):
+        full = [None] * len(args)
+        for i, x in zip(present, xs):
+            full[i] = x
+        return fn(*full)
+
+    spec = lambda axes: sharding.activation_spec(mesh, *axes)  # noqa: E731
+    outs = jax.tree.map(spec, out_axes, is_leaf=lambda a: isinstance(a, tuple) and all(
+        isinstance(x, str | None) for x in a))
+    return jax.shard_map(inner, mesh=mesh, in_specs=tuple(spec(in_axes[i]) for i in present),
+                         out_specs=outs)(*(args[i] for i in present))
+
+
 def _on_mesh(mesh, impl, q, k, v, block_sizes, kwargs):
     """Attention under `shard_map`: batch over (data, fsdp), heads over tensor, sequence over the ring.
 
@@ -215,7 +315,7 @@ def _on_mesh(mesh, impl, q, k, v, block_sizes, kwargs):
                   kv_seg_BS=(segs or (None, None))[1], alibi_slopes_H=(slopes or (None,))[0])
         if n_ctx == 1:
             return _local(impl, q, k, v, block_sizes, kw)
-        backend = jax.default_backend()
+        backend = platform()
         kernel = "xla" if impl != "pallas" else "pallas_gpu" if backend == "gpu" else "pallas"
         defaults = {"xla": None, "pallas": _tpu.BlockSizes(), "pallas_gpu": _gpu.BlockSizes()}[kernel]
         return _ring_attention(q, k, v, **kw, axis_name=spec("seq")[0], kernel=kernel,

@@ -51,9 +51,58 @@ def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
     )
 
 
+def fit(sharding: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
+    """`sharding` without the mesh axes that do not divide their dimension: that dimension stays whole there.
+
+    (A vocabulary of 259 byte-level ids over tensor = 2, say.) jit accepts only even shardings as
+    argument and result layouts, which training initialises into and `lc_jax.aot` compiles from.
+    """
+    def keep(entry, size):
+        if entry is None:
+            return None
+        axes = (entry,) if isinstance(entry, str) else tuple(entry)
+        kept = tuple(a for a in axes if size % sharding.mesh.shape[a] == 0)
+        while kept and size % int(np.prod([sharding.mesh.shape[a] for a in kept])):
+            kept = kept[:-1]
+        return None if not kept else kept[0] if len(kept) == 1 else kept
+
+    spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+    return NamedSharding(sharding.mesh, P(*(keep(e, n) for e, n in zip(spec, shape))))
+
+
 def param_shardings(abstract_state, mesh):
-    """NamedShardings for an (abstract) nnx.State whose variables carry logical names."""
-    return nn.logical_to_mesh_sharding(nnx.get_partition_spec(abstract_state), mesh, LOGICAL_AXIS_RULES)
+    """NamedShardings for an (abstract) nnx.State whose variables carry logical names, fitted to their shapes."""
+    shardings = nn.logical_to_mesh_sharding(nnx.get_partition_spec(abstract_state), mesh, LOGICAL_AXIS_RULES)
+    return jax.tree.map(lambda s, x: fit(s, x.shape), shardings, abstract_state)
+
+
+def _path_keys(path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def state_shardings(state_shapes: dict, params_shardings, mesh) -> dict:
+    """Shardings for a whole training state (`train.fresh_state`'s tree of shapes).
+
+    Parameters take `params_shardings`. An optimizer leaf whose path ends in a
+    parameter's path and has its shape (Adam's mu and nu, inside any chain,
+    mask or multi_transform) shards like that parameter, so FSDP divides the
+    optimizer state too; everything else (counts, step, RNG) is replicated.
+    """
+    rep = replicated(mesh)
+    params = {}
+    for (path, sh), shape in zip(jax.tree_util.tree_flatten_with_path(params_shardings)[0],
+                                 jax.tree.leaves(state_shapes["params"]), strict=True):
+        params[_path_keys(path)] = (shape.shape, sh)
+
+    def pick(path, leaf):
+        keys = _path_keys(path)
+        for i in range(1, len(keys)):
+            shape, sh = params.get(keys[i:], (None, None))
+            if sh is not None and shape == leaf.shape:
+                return sh
+        return rep
+
+    return jax.tree_util.tree_map_with_path(pick, state_shapes)
 
 
 def activation_spec(mesh, *logical_axes) -> P:

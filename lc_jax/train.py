@@ -29,6 +29,7 @@ from lc_jax.attention import dsa
 from lc_jax.config import resolve, validate
 from lc_jax.data import make_dataset
 from lc_jax.model import Transformer
+from pallas_kernels.flash_attention import tpu as flash_tpu
 
 
 class NonFiniteLossError(RuntimeError):
@@ -95,20 +96,23 @@ def fresh_state(config, tx) -> dict:
     }
 
 
-def init_state(config, mesh, tx):
-    """Initialise directly into the target shardings: no host ever holds the full unsharded model."""
+def abstract_state(config, mesh, tx):
+    """(graphdef, the training state as ShapeDtypeStructs carrying the shardings it lives in): nothing allocated.
+
+    Training initialises into these shardings; `lc_jax.aot` compiles the step from them.
+    """
     with nnx.use_eager_sharding(False):
         graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: build_model(config)), nnx.Param)
-    shardings = sharding.param_shardings(abstract_params, mesh)
+    shapes = jax.eval_shape(lambda: fresh_state(config, tx))
+    shardings = sharding.state_shardings(shapes, sharding.param_shardings(abstract_params, mesh), mesh)
+    return graphdef, jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
 
-    @jax.jit
-    def init():
-        state = fresh_state(config, tx)
-        state["params"] = jax.lax.with_sharding_constraint(state["params"], shardings)
-        return state
 
+def init_state(config, mesh, tx):
+    """Initialise directly into the target shardings: no host ever holds the full unsharded model or optimizer."""
+    graphdef, abstract = abstract_state(config, mesh, tx)
     with jax.set_mesh(mesh):
-        state = init()
+        state = jax.jit(lambda: fresh_state(config, tx), out_shardings=jax.tree.map(lambda x: x.sharding, abstract))()
     return graphdef, state
 
 
@@ -138,8 +142,12 @@ def loss_fn(params, graphdef, batch, *, sparse: bool = False, diagnostics: bool 
     return objective, (ce, aux, hit)
 
 
-def make_train_step(graphdef, tx, schedule, *, sparse: bool = False, kl_weight: float = 1.0):
-    """The jitted, donated step. `sparse`: the DSA stage this step function trains (one compiled step per stage)."""
+def make_train_step(graphdef, tx, schedule, *, sparse: bool = False, kl_weight: float = 1.0, state_shardings=None):
+    """The jitted, donated step. `sparse`: the DSA stage this step function trains (one compiled step per stage).
+
+    `state_shardings` (the state's tree of shardings) pins the new state to the layout it came in, so that
+    the optimizer state stays sharded like the parameters whatever XLA's propagation would choose.
+    """
     def train_step(state, batch):
         (objective, (ce, aux, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state["params"], graphdef, batch, sparse=sparse, kl_weight=kl_weight)
@@ -151,6 +159,8 @@ def make_train_step(graphdef, tx, schedule, *, sparse: bool = False, kl_weight: 
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr}
         metrics.update({f"dsa_{k}": v[0] / jnp.maximum(v[1], 1.0) for k, v in aux.items()})
         new_state = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}
+        if state_shardings is not None:
+            new_state = jax.lax.with_sharding_constraint(new_state, state_shardings)
         return new_state, metrics
 
     return jax.jit(train_step, donate_argnums=0)
@@ -287,8 +297,8 @@ def _init_from(config, state):
     shardings = jax.tree.map(lambda x: x.sharding, state["params"])
     if jax.process_index() == 0:
         print(f"initialised from {src} at step {step}; optimizer restarts")
-    return {**state, "params": jax.device_put(params, shardings), "step": jnp.asarray(step, jnp.int32),
-            "phase_start": jnp.asarray(step, jnp.int32)}
+    at = lambda: jax.device_put(jnp.asarray(step, jnp.int32), state["step"].sharding)  # noqa: E731  (2 buffers: donated)
+    return {**state, "params": jax.device_put(params, shardings), "step": at(), "phase_start": at()}
 
 
 def run_eval(eval_step, params, config, mesh, width) -> dict:
@@ -311,7 +321,7 @@ def run_eval(eval_step, params, config, mesh, width) -> dict:
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Train (or resume) in `workdir`; returns the final validation metrics."""
     sharding.maybe_initialize_distributed(config.get("distributed"))
-    validate(config, num_devices=jax.device_count())
+    validate(config, num_devices=jax.device_count(), vmem_bytes=flash_tpu.chip_vmem())
     config = resolve(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -322,6 +332,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     mesh = sharding.make_mesh(config.mesh)
     tx, schedule = make_optimizer(config.train, config.model)
     graphdef, state = init_state(config, mesh, tx)
+    shardings = jax.tree.map(lambda x: x.sharding, state)  # where the state lives, whatever it is restored from
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
 
     stages = data_lib.curriculum(config.data)
@@ -349,7 +360,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     # DSA trains dense, then sparse from `warmup_steps` on: one compiled step per stage.
     sparse_from = phase_start + config.model.attention.dsa.warmup_steps if dsa.is_dsa(config.model) else None
     kl_weight = config.model.attention.dsa.kl_weight if sparse_from is not None else 0.0
-    train_steps = {s: make_train_step(graphdef, tx, schedule, sparse=s, kl_weight=kl_weight) for s in (False, True)}
+    train_steps = {s: make_train_step(graphdef, tx, schedule, sparse=s, kl_weight=kl_weight, state_shardings=shardings)
+                   for s in (False, True)}
     eval_steps = {s: make_eval_step(graphdef, config.eval.position_buckets, config.data.seq_len, sparse=s)
                   for s in (False, True)}
     width = eval_steps[False][1]

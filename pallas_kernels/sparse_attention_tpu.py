@@ -49,8 +49,8 @@ VMEM_AUTO_FRACTION of VMEM) bounds the per-program dk_sel / dv_sel output blocks
 
 Checked (tests/test_sparse_pallas.py): values and gradients against the XLA
 path in interpret mode, DMA races with the interpreter's detector, the Pallas
--> Mosaic lowering for TPU, and, where libtpu is installed, Mosaic's full
-compiler for a v5e topology without a TPU (deviceless AOT). Not measured: speed
+-> Mosaic lowering for TPU; tests/test_tpu_compile.py runs Mosaic's full
+compiler for v5e and v5p slices without a TPU (deviceless AOT). Not measured: speed
 on a TPU. Every selected row costs one DMA descriptor for K and one for V,
 issued by the scalar core; at DSA's k = 2048 that issue rate, rather than HBM
 bandwidth, may bound the kernel.

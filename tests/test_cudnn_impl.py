@@ -106,3 +106,27 @@ def test_cudnn_on_gpu_bf16(window):
     g_ref = jax.grad(lambda *a: jnp.sum(ref(*a) * do), (0, 1, 2))(*f32)
     for a, b in zip(g, g_ref):
         np.testing.assert_allclose(a.astype(jnp.float32), b, atol=5e-2, rtol=5e-2)
+
+
+def test_auto_on_a_gpu_takes_only_what_has_passed_there(monkeypatch):
+    # 'auto' on a GPU: cuDNN where it computes exactly the call, a Pallas kernel only once the GPU check
+    # has passed it (ops.GPU_VERIFIED), else the blockwise XLA path. Platform faked: only the choice is checked.
+    monkeypatch.setattr(ops, "platform", lambda: "gpu")
+    monkeypatch.setattr(ops, "GPU_VERIFIED", {})
+    q, k, v, pos = _inputs(T=64, dtype=jnp.bfloat16)
+    plain = dict(q_seg=None, alibi_slopes=None, logits_soft_cap=None, return_lse=False, causal=True, window=None)
+    choose = lambda **kw: ops.choose_impl("auto", q, k, pos, pos, **(plain | kw))  # noqa: E731
+    assert choose() == "cudnn" and choose(window=16) == "cudnn"
+    # What cuDNN cannot do: packed documents, positions not 0..T-1 (or not known while tracing), ALiBi, lse.
+    assert choose(q_seg=pos // 32) == "xla" and choose(alibi_slopes=np.ones(4)) == "xla"
+    assert choose(return_lse=True) == "xla" and choose(causal=False, window=16) == "xla"
+    assert ops.choose_impl("auto", q, k, pos + 1, pos + 1, **plain) == "xla"
+    traced = []
+    jax.jit(lambda p: traced.append(ops.choose_impl("auto", q, k, p, p, **plain)) or p)(pos)
+    assert traced == ["xla"]  # traced positions cannot be proven 0..T-1
+    f32 = ops.choose_impl("auto", q.astype(jnp.float32), k, pos, pos, **plain)
+    assert f32 == "xla"
+    # Once the GPU check has passed the kernel 'pallas' would run, 'auto' takes it for what cuDNN cannot do.
+    monkeypatch.setattr(ops, "GPU_VERIFIED", {ops.gpu_flash_kernel(q.dtype, q.shape[-1]): ("NVIDIA H200", "", "")})
+    assert choose(q_seg=pos // 32) == "pallas" and choose() == "cudnn"
+    assert ops.resolve_impl("auto", gpu_kernel="sparse_triton") == "xla"

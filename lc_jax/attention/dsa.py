@@ -254,7 +254,7 @@ def select_topk(q_BTJd, w_BTJ, k_BSd, *, impl: str = "auto", **kwargs):
     """
     if impl not in SELECT_IMPLS:
         raise ValueError(f"model.attention.dsa.select={impl!r}: must be one of {SELECT_IMPLS}")
-    host = impl == "host" or (impl == "auto" and jax.default_backend() == "cpu" and jax.device_count() == 1)
+    host = impl == "host" or (impl == "auto" and ops.platform() == "cpu" and jax.device_count() == 1)
     return (host_topk if host else streaming_topk)(q_BTJd, w_BTJ, k_BSd, **kwargs)
 
 
@@ -454,12 +454,22 @@ class DSA(AttentionVariant):
     def _sparse_attention(self, q, k, v, idx, valid, **kw):
         """(out, lse, head-mean probs or None): the Pallas kernel on TPU (impl auto|pallas) and on GPU (impl
         pallas), the XLA gather path elsewhere (which also returns the probabilities the KL needs)."""
-        backend, impl = jax.default_backend(), ops.resolve_impl(self.impl)
-        if backend == "tpu" and impl == "pallas":
-            return *sparse_attention_tpu.sparse_attention(q, k, v, idx, valid, **kw), None
-        if backend == "gpu" and impl == "pallas":  # Triton; like ops' GPU flash kernels, not chosen by 'auto'
-            return *sparse_attention_gpu.sparse_attention(q, k, v, idx, valid, **kw), None
-        return sparse_attention(q, k, v, idx, valid, **kw, return_probs=True)
+        backend, impl = ops.platform(), ops.resolve_impl(self.impl, gpu_kernel="sparse_triton")
+        kernel = {"tpu": sparse_attention_tpu, "gpu": sparse_attention_gpu}.get(backend) if impl == "pallas" else None
+        if kernel is None:  # GPU: the Triton kernel with impl='pallas'; like ops' GPU flash kernels, not 'auto'
+            return sparse_attention(q, k, v, idx, valid, **kw, return_probs=True)
+
+        def call(q, k, v, idx, valid, q_pos, kv_pos, slopes):
+            return kernel.sparse_attention(q, k, v, idx, valid, q_pos_BT=q_pos, kv_pos_BS=kv_pos,
+                                           alibi_slopes_H=slopes)
+
+        rows, heads = ("batch", "seq"), ("batch", "seq", "heads")
+        out, lse = ops.per_device(
+            call, (q, k, v, idx, valid, kw["q_pos_BT"], kw["kv_pos_BS"], kw.get("alibi_slopes_H")),
+            (heads + (None,), ("batch", "seq", "kv_heads", None), ("batch", "seq", "kv_heads", None),
+             rows + (None,), rows + (None,), rows, rows, ("heads",)),
+            (heads + (None,), heads))
+        return out, lse, None
 
     def _diagnose(self, q, k, iq, w, ik, pos, segs, slopes, rows, dense_lse):
         if dense_lse is None:  # sparse stage: the dense attention is needed only to measure against it

@@ -44,6 +44,14 @@ from pallas_kernels.flash_attention.masks import block_visible, check_qkv, out_s
 
 _LANES = 128  # lane width: per-query-row vectors are broadcast along it
 _SUBLANES = 8  # sublane count: per-key vectors are broadcast along it
+# The kernels ask Mosaic for this share of the chip's VMEM as their scoped limit (its default is
+# 16-32 MiB whatever the chip has), and `check_vmem` refuses blocks whose estimate exceeds it.
+VMEM_LIMIT_FRACTION = 3 / 4
+# f32 [block_q, block_k] score tiles Mosaic keeps in VMEM at once, rounded up from what it allocates
+# (libtpu 0.0.42, head_dim 128, bf16, 48 MiB limit on v5p): the forward compiles at 3584 x 2048 and
+# not at 4096 x 2048 (~1.5 tiles), the backward at 2048 x 2048 and not at 2560 x 2048 (~2.4 tiles).
+# tests/test_tpu_compile.py checks the bound against the compiler.
+_SCORE_TILES = {"fwd": 2, "bwd": 3}
 
 # ----------------------------------------------------------------------------- block sizes
 
@@ -74,6 +82,60 @@ class BlockSizes:
                 raise ValueError(f"BlockSizes.{name}={v} must be a multiple of {align}{hint}")
 
 
+def vmem_estimate(block_q: int, block_k: int, head_dim: int, v_head_dim: int | None = None,
+                  itemsize: int = 2) -> dict[str, int]:
+    """Bytes of VMEM each kernel (fwd, dq, dkv) needs per grid step: blocks double-buffered, scratch, score tiles.
+
+    An upper bound on what Mosaic allocates (checked against the real compiler for v5e and v5p), so
+    that a block size it would reject is refused by `check_vmem` before anything is traced.
+    """
+    bq, bk, D, Dv, a = block_q, block_k, head_dim, v_head_dim or head_dim, itemsize
+    rows, cols = lambda n: n * _LANES * 4, lambda n: _SUBLANES * n * 4  # noqa: E731  (int32/f32 row, col vectors)
+    masks = 2 * rows(bq) + 2 * cols(bk)  # positions and segment ids of the q rows and kv columns
+    fwd_in = bq * D * a + bk * D * a + bk * Dv * a + masks
+    bwd_in = fwd_in + bq * Dv * a + 2 * rows(bq)  # + dO, lse and delta rows
+    return {
+        "fwd": 2 * (fwd_in + bq * Dv * a + rows(bq)) + 2 * rows(bq) + bq * Dv * 4
+        + _SCORE_TILES["fwd"] * bq * bk * 4,
+        "dq": 2 * (bwd_in + bq * D * a) + bq * D * 4 + _SCORE_TILES["bwd"] * bq * bk * 4,
+        "dkv": 2 * (bwd_in + bk * (D + Dv) * a) + bk * (D + Dv) * 4 + _SCORE_TILES["bwd"] * bq * bk * 4,
+    }
+
+
+def vmem_limit(vmem_capacity: int) -> int:
+    """The scoped VMEM limit the kernels ask for on a chip with `vmem_capacity` bytes of VMEM."""
+    return int(vmem_capacity * VMEM_LIMIT_FRACTION)
+
+
+def check_vmem(block_q: int, block_k: int, head_dim: int, v_head_dim: int | None, itemsize: int,
+               vmem_capacity: int, where: str = "BlockSizes.") -> None:
+    """Raise ValueError naming the block sizes if a kernel's VMEM estimate exceeds the limit on this chip.
+
+    `where` prefixes the field names in the message ('model.attention.' for a config).
+    """
+    limit = vmem_limit(vmem_capacity)
+    est = vmem_estimate(block_q, block_k, head_dim, v_head_dim, itemsize)
+    kernel = max(est, key=est.get)
+    if est[kernel] > limit:
+        fits = [(q, k) for q in (128, 256, 512, 1024, 2048) for k in (128, 256, 512, 1024, 2048)
+                if max(vmem_estimate(q, k, head_dim, v_head_dim, itemsize).values()) <= limit]
+        best = max(fits, key=lambda qk: (qk[0] * qk[1], qk[1]), default=None)
+        raise ValueError(
+            f"{where}block_q={block_q}, {where}block_k={block_k}: the Pallas TPU flash kernel ({kernel}) needs "
+            f"~{est[kernel] / 2**20:.1f} MiB of VMEM at head_dim {head_dim}, over the {limit / 2**20:.0f} MiB "
+            f"it may use on this chip ({VMEM_LIMIT_FRACTION:.0%} of {vmem_capacity / 2**20:.0f} MiB); "
+            f"allowed are multiples of 128 whose product is at most about {best[0] * best[1] if best else 0:,} "
+            f"(e.g. block_q={best[0] if best else 128}, block_k={best[1] if best else 128})")
+
+
+def chip_vmem() -> int | None:
+    """VMEM bytes of the TPU being compiled for (the mesh's devices), or None off TPU (interpret mode)."""
+    try:
+        return int(pltpu.get_tpu_info().vmem_capacity_bytes)
+    except Exception:  # noqa: BLE001  (not tracing for a TPU)
+        return None
+
+
 @dataclasses.dataclass(frozen=True)
 class _Static:
     causal: bool
@@ -84,6 +146,11 @@ class _Static:
     block_q: int
     block_k: int
     interpret: bool = False  # Pallas TPU interpret mode (CPU): fixed at trace time, so the VJP's calls match
+    vmem_limit: int | None = None  # scoped VMEM limit (bytes) asked of Mosaic; None: its default
+
+
+def _params(st: _Static, *semantics: str):
+    return pltpu.CompilerParams(dimension_semantics=semantics, vmem_limit_bytes=st.vmem_limit)
 
 
 def _interpret(st: _Static):
@@ -331,7 +398,7 @@ def _fwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes, tables, st: _Static
             out_struct((B, H, T, Dv), q.dtype, q),
             out_struct((B, H, T, _LANES), jnp.float32, q),
         ],
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        compiler_params=_params(st, "parallel", "parallel", "parallel", "arbitrary"),
         name="flash_attention_fwd",
     )(kv_idx, kv_cnt, *args)
     return out, lse[..., 0]
@@ -377,7 +444,7 @@ def _dq_call(q, k, v, do, lse_rows, di_rows, q_pos, kv_pos, q_seg, kv_seg, slope
             scratch_shapes=[pltpu.VMEM((bq, D), jnp.float32)],
         ),
         out_shape=out_struct((B, H, T, D), q.dtype, q),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        compiler_params=_params(st, "parallel", "parallel", "parallel", "arbitrary"),
         name="flash_attention_dq",
     )(kv_idx, kv_cnt, *args)
 
@@ -426,9 +493,7 @@ def _dkv_call(q, k, v, do, lse_rows, di_rows, q_pos, kv_pos, q_seg, kv_seg, slop
             scratch_shapes=[pltpu.VMEM((bk, D), jnp.float32), pltpu.VMEM((bk, Dv), jnp.float32)],
         ),
         out_shape=[out_struct((B, K, S, D), k.dtype, q), out_struct((B, K, S, Dv), v.dtype, q)],
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary")
-        ),
+        compiler_params=_params(st, "parallel", "parallel", "parallel", "arbitrary", "arbitrary"),
         name="flash_attention_dkv",
     )(q_idx, q_cnt, *args)
 
@@ -478,9 +543,13 @@ def _as_block_sizes(block_sizes) -> BlockSizes:
     return BlockSizes(block_q=block_sizes.block_q, block_k=block_sizes.block_k)
 
 
-def _static(D, causal, window, scale, logits_soft_cap, has_alibi, bs: BlockSizes, interpret: bool = False):
+def _static(D, causal, window, scale, logits_soft_cap, has_alibi, bs: BlockSizes, interpret: bool = False,
+            Dv=None, itemsize=2):
     if window is not None and int(window) <= 0:
         raise ValueError(f"window must be a positive int or None, got {window}")
+    vmem = None if interpret else chip_vmem()
+    if vmem is not None:
+        check_vmem(bs.block_q, bs.block_k, D, Dv, itemsize, vmem)
     return _Static(
         causal=bool(causal),
         window=None if window is None else int(window),
@@ -490,6 +559,7 @@ def _static(D, causal, window, scale, logits_soft_cap, has_alibi, bs: BlockSizes
         block_q=bs.block_q,
         block_k=bs.block_k,
         interpret=interpret,
+        vmem_limit=None if vmem is None else vmem_limit(vmem),
     )
 
 
@@ -504,7 +574,8 @@ def _prepare(q_BTHD, k_BSKD, v_BSKD, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, c
     B, T, S, H, K, D = check_qkv(q_BTHD, k_BSKD, v_BSKD, alibi_slopes_H)
     q_pos, kv_pos, q_seg, kv_seg, pad_t, pad_s = pad_positions(
         q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, bs.block_q, bs.block_k, always_segments=True, shape_BTS=(B, T, S))
-    st = _static(D, causal, window, scale, logits_soft_cap, alibi_slopes_H is not None, bs, interpret)
+    st = _static(D, causal, window, scale, logits_soft_cap, alibi_slopes_H is not None, bs, interpret,
+                 Dv=v_BSKD.shape[-1], itemsize=jnp.dtype(q_BTHD.dtype).itemsize)
     tables = _block_tables(q_pos, kv_pos, q_seg, kv_seg, st)
     rows = lambda x: pad_axis(x, 1, pad_t, 0).transpose(0, 2, 1, 3)  # noqa: E731
     cols = lambda x: pad_axis(x, 1, pad_s, 0).transpose(0, 2, 1, 3)  # noqa: E731
