@@ -16,7 +16,8 @@ lc_jax impl='pallas', jax.nn.dot_product_attention implementation='xla' and
 'cudnn' (GPU only), tokamax.dot_product_attention (its default implementation)
 and, on TPU, jax's splash attention; plus lc_jax pallas with a causal sliding
 window W=--acc-window against full causal at the longest T (target: sliding at
-least 4x faster). FLOP convention: forward = 4*B*H*T*T*D, halved for causal
+least 4x faster), and lc_jax pallas against cuDNN at every T (speed ratio,
+target >= 0.8). FLOP convention: forward = 4*B*H*T*T*D, halved for causal
 (T*T/2 visible pairs); a window W counts 4*B*H*D*(W*T - W*W/2) (W <= T);
 fwd+bwd = 3.5 x forward. All implementations run in ONE process, so memory is
 not a per-process peak as on CPU: each row reports XLA's planned temp memory of
@@ -254,6 +255,15 @@ def accelerator_main(a, command: str):
             full, win = find("lc_jax_pallas", t_max, D, mode, None), find("lc_jax_pallas", t_max, D, mode, a.acc_window)
             sliding[f"D{D}_{mode}"] = full["time_s"] / win["time_s"] if full and win else None
 
+    # lc_jax pallas speed relative to cuDNN (cuDNN time / lc_jax time) per D, T and mode; target >= 0.8 on GPU.
+    vs_cudnn = {}
+    for D in a.acc_head_dims:
+        for T in a.acc_lengths:
+            for mode in ("fwd", "fwd_bwd"):
+                ours, cudnn = find("lc_jax_pallas", T, D, mode, None), find("jax_cudnn", T, D, mode, None)
+                if ours and cudnn:
+                    vs_cudnn[f"D{D}_T{T}_{mode}"] = cudnn["time_s"] / ours["time_s"]
+
     print(f"\nbf16 causal attention, B={B} H={H}, {dev.device_kind} ({backend}), TFLOP/s "
           f"(causal FLOPs halved, fwd+bwd = 3.5x fwd); median of {reps} alternating reps x {iters} calls")
     names = list(dict.fromkeys((r["impl"], r["window"]) for r in rows))
@@ -271,6 +281,9 @@ def accelerator_main(a, command: str):
                 print(f"{D:>4} {T:>6}" + "".join(f"{c:>24}" for c in cells_txt))
     print(f"\nlc_jax pallas at T={t_max}: full causal time / sliding W={a.acc_window} time (target >= 4): "
           + ", ".join(f"{k} {v:.2f}x" if v is not None else f"{k} n/a" for k, v in sliding.items()))
+    if vs_cudnn:
+        print("lc_jax pallas speed / cuDNN's (cuDNN time / lc_jax time; target >= 0.8): "
+              + ", ".join(f"{k} {v:.2f}x" for k, v in vs_cudnn.items()))
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
     peak = (stats or {}).get("peak_bytes_in_use")
     if peak is not None:
@@ -293,6 +306,7 @@ def accelerator_main(a, command: str):
         "device_peak_bytes_in_use": peak,
         "rows": rows,
         "sliding_speedup_vs_full_causal": {"T": t_max, "window": a.acc_window, "target": 4.0, **sliding},
+        "pallas_speed_vs_cudnn": {"target": 0.8, **vs_cudnn},
     }
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     Path(out_path).write_text(json.dumps(out, indent=2))

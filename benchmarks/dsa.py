@@ -11,6 +11,14 @@ the indexer. Time: the median of `--repeats` runs after a warm-up, all
 variants alternating in one process so they share the machine's noise; memory:
 XLA's analysis of each compiled function. Writes results/dsa_layer_cpu.json.
 
+On a GPU (benchmarks/gpu_check.sh): `--full-impl pallas` for lc_jax's flash
+kernel as the full baseline, `--sparse xla,pallas` for DSA's sparse stage by
+the XLA gather path and by the Pallas kernel DSA runs with attention.impl
+'pallas' (Triton on GPU, Mosaic on TPU; on CPU the Triton one, interpreted),
+`--dtype bfloat16`, and query blocks sized for the device rather than for a
+CPU cache (`--sparse-block-q`, `--index-block-q`). A variant that fails records
+its error; the others still run. Off CPU it writes dsa_layer_<layer>_<device>.json.
+
 `--mode step`: XLA's memory analysis of the compiled (not run) training step
 of a DSA model in its sparse stage and in its dense warm-up, and, for contrast,
 of the selection alone done the way public implementations do it (materialise
@@ -21,6 +29,8 @@ Memory = arguments + outputs - donated + temporaries. Writes results/dsa_cpu.jso
     python benchmarks/dsa.py --layer wide --repeats 1           # a 2048-wide layer
     python benchmarks/dsa.py --mode step                       # step memory: T = 1K..16K, k = 64
     python benchmarks/dsa.py --lengths 1024,4096 --topk 128
+    python benchmarks/dsa.py --layer wide --lengths 65536 --topk 2048 --select xla --sparse xla,pallas \
+        --full-impl pallas --dtype bfloat16 --sparse-block-q 256 --index-block-q 512   # GPU, the issue's target
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ from configs import quickstart  # noqa: E402
 from lc_jax import config as config_lib  # noqa: E402
 from lc_jax import ops, sharding, train  # noqa: E402
 from lc_jax.attention import dsa  # noqa: E402
+from pallas_kernels import sparse_attention_gpu, sparse_attention_tpu  # noqa: E402
 from pallas_kernels.flash_attention.masks import visible  # noqa: E402
 from pallas_kernels.flash_attention.xla import BlockSizes  # noqa: E402
 from pallas_kernels.sparse_attention import sparse_attention  # noqa: E402
@@ -103,21 +114,26 @@ LAYERS = {
 LAYER = LAYERS["quickstart"]
 
 
-def layer_fns(T: int, topk: int, index_block_k: int, select: str):
+def layer_fns(T: int, topk: int, index_block_k: int, select: str, *, sparse: str = "xla", index_block_q: int = 128,
+              sparse_block_q: int | None = None, full_impl: str = "auto", dtype=jnp.float32):
     """Jitted value-and-grad functions of one layer at length T and their inputs.
 
     {"full": (fn, args), "dsa": (fn, args)}, and DSA's parts alone for the
     breakdown: "dsa_select" (indexer + top-k selection by `select`, no
     gradient: the selection is discrete), "dsa_attention" (sparse attention
-    over a fixed selection, returning the head-mean probabilities the KL uses)
-    and "dsa_kl" (the indexer KL over it, gradient to the indexer).
+    over a fixed selection by `sparse`: "xla", the gather path, which also
+    returns the head-mean probabilities the KL uses, or "pallas", the kernel
+    DSA runs with attention.impl='pallas', after which the KL scores the
+    selected keys itself) and "dsa_kl" (the indexer KL over it, gradient to
+    the indexer). `sparse_block_q` is the query block of the gather path and
+    of the KL (None: sized for a CPU cache by `default_block_q`).
     """
     g = LAYER
     rng = np.random.default_rng(0)
-    f32 = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32))  # noqa: E731
-    q, k, v, do = f32(1, T, g["H"], g["D"]), f32(1, T, g["K"], g["D"]), f32(1, T, g["K"], g["D"]), \
-        f32(1, T, g["H"], g["D"])
-    x = f32(1, T, g["E"])
+    rand = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32), dtype)  # noqa: E731
+    q, k, v, do = rand(1, T, g["H"], g["D"]), rand(1, T, g["K"], g["D"]), rand(1, T, g["K"], g["D"]), \
+        rand(1, T, g["H"], g["D"])
+    x = rand(1, T, g["E"])
     pos = jnp.arange(T, dtype=jnp.int32)[None]
     with nnx.use_eager_sharding(False):  # one device: the logical sharding annotations stay metadata
         indexer = dsa.Indexer(d_model=g["E"], index_heads=g["J"], index_dim=g["d"], index_rope_dim=g["rope"],
@@ -125,41 +141,48 @@ def layer_fns(T: int, topk: int, index_block_k: int, select: str):
     graphdef, iparams = nnx.split(indexer)
     P = dict(q_pos_BT=pos, kv_pos_BS=pos)
     sg = jax.lax.stop_gradient
+    # The blockwise XLA path gets the CPU-tuned blocks; the Pallas kernels their own defaults.
+    full_blocks = BlockSizes(256, 512) if ops.resolve_impl(full_impl) == "xla" else None
 
     def full(q, k, v):
-        out = ops.attention(q, k, v, **P, causal=True, impl="auto", block_sizes=BlockSizes(256, 512))
-        return (out * do).sum()
+        out = ops.attention(q, k, v, **P, causal=True, impl=full_impl, block_sizes=full_blocks)
+        return (out.astype(jnp.float32) * do).sum()
 
     def index(iparams):
         return nnx.merge(graphdef, iparams)(sg(x), pos)
 
     def select_(iq, w, ik):
-        return dsa.select_topk(sg(iq), sg(w), sg(ik), impl=select, **P, topk=topk, block_q=128,
+        return dsa.select_topk(sg(iq), sg(w), sg(ik), impl=select, **P, topk=topk, block_q=index_block_q,
                                block_k=index_block_k)
 
-    def attend(q, k, v, idx, valid):  # query blocks sized by sparse_attention.default_block_q
-        return sparse_attention(q, k, v, idx, valid, **P, return_probs=True)
+    def attend(q, k, v, idx, valid):  # (out, lse, head-mean probabilities or None), as DSA._sparse_attention
+        if sparse == "xla":
+            return sparse_attention(q, k, v, idx, valid, **P, block_q=sparse_block_q, return_probs=True)
+        if ops.platform() == "tpu":
+            return *sparse_attention_tpu.sparse_attention(q, k, v, idx, valid, **P), None
+        return *sparse_attention_gpu.sparse_attention(q, k, v, idx, valid, **P,
+                                                      interpret=ops.platform() == "cpu"), None
 
-    def kl(iq, w, ik, idx, valid, probs):
-        return dsa.sparse_kl(None, None, None, iq, w, ik, idx, valid, **P, probs_BTk=probs).sum()
+    def kl(q, k, lse, iq, w, ik, idx, valid, probs):
+        return dsa.sparse_kl(q, k, lse, iq, w, ik, idx, valid, **P, block_q=sparse_block_q, probs_BTk=probs).sum()
 
-    def sparse(q, k, v, iparams):
+    def sparse_(q, k, v, iparams):
         iq, w, ik = index(iparams)
         idx, valid = select_(iq, w, ik)
-        out, _, probs = attend(q, k, v, idx, valid)
-        return (out * do).sum() + kl(iq, w, ik, idx, valid, probs)
+        out, lse, probs = attend(q, k, v, idx, valid)
+        return (out.astype(jnp.float32) * do).sum() + kl(q, k, lse, iq, w, ik, idx, valid, probs)
 
     iq, w, ik = jax.jit(index)(iparams)
     idx, valid = jax.jit(select_)(iq, w, ik)
-    probs = jax.jit(attend)(q, k, v, idx, valid)[2]
+    _, lse, probs = jax.jit(attend)(q, k, v, idx, valid)
     vg = jax.value_and_grad
     return {
         "full": (jax.jit(vg(full, argnums=(0, 1, 2))), (q, k, v)),
-        "dsa": (jax.jit(vg(sparse, argnums=(0, 1, 2, 3))), (q, k, v, iparams)),
+        "dsa": (jax.jit(vg(sparse_, argnums=(0, 1, 2, 3))), (q, k, v, iparams)),
         "dsa_select": (jax.jit(lambda p: select_(*index(p))), (iparams,)),
-        "dsa_attention": (jax.jit(vg(lambda q, k, v: (attend(q, k, v, idx, valid)[0] * do).sum(), argnums=(0, 1, 2))),
-                          (q, k, v)),
-        "dsa_kl": (jax.jit(vg(lambda iq, w, ik: kl(iq, w, ik, idx, valid, probs), argnums=(0, 1, 2))),
+        "dsa_attention": (jax.jit(vg(lambda q, k, v: (attend(q, k, v, idx, valid)[0].astype(jnp.float32) * do).sum(),
+                                     argnums=(0, 1, 2))), (q, k, v)),
+        "dsa_kl": (jax.jit(vg(lambda iq, w, ik: kl(q, k, lse, iq, w, ik, idx, valid, probs), argnums=(0, 1, 2))),
                    (iq, w, ik)),
     }
 
@@ -170,48 +193,81 @@ def _time(fn, args) -> float:
     return time.perf_counter() - t0
 
 
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"[:300]
+
+
 def layer_main(a) -> None:
     global LAYER
     LAYER = LAYERS[a.layer]
+    dtype = jnp.dtype(a.dtype)
     rows = []
-    selects = a.select.split(",")
-    names = ["full"] + [f"dsa@{s}" for s in selects]
+    selects, sparses = a.select.split(","), a.sparse.split(",")
+    variants = {f"dsa@{s}" + ("" if p == "xla" else f"+{p}"): (s, p) for p in sparses for s in selects}
+    names = ["full", *variants]
     print(f"{'T':>6} {'k':>4} " + " ".join(f"{n + ' s':>11}" for n in names) + " "
           + " ".join(f"{'full/' + n:>14}" for n in names[1:]) + f" {'full MiB':>9} {'DSA MiB':>8}"
-          + f"   dsa@{selects[0]} parts (s): select / attention / KL")
+          + "   parts (s): select / attention / KL, of the first variant that builds")
     for T in (int(x) for x in a.lengths.split(",")):
-        fns = {s: layer_fns(T, a.topk, a.index_block_k, s) for s in selects}
-        runs = {"full": fns[selects[0]]["full"], **{f"dsa@{s}": fns[s]["dsa"] for s in selects}}
-        mem = {n: _bytes(fn.lower(*args).compile()) / MiB for n, (fn, args) in runs.items()}
-        for fn, args in runs.values():
-            _time(fn, args)  # compile + warm up
-        times = {n: [] for n in runs}
+        opts = dict(index_block_q=a.index_block_q, sparse_block_q=a.sparse_block_q, full_impl=a.full_impl,
+                    dtype=dtype)
+        fns, errors = {}, {}
+        for n, (s, p) in variants.items():  # one variant that cannot build must not end the run
+            try:
+                fns[n] = layer_fns(T, a.topk, a.index_block_k, s, sparse=p, **opts)
+            except Exception as e:  # noqa: BLE001
+                errors[n] = _error(e)
+        runs = {"full": next(iter(fns.values()))["full"]} if fns else {}
+        runs.update({n: f["dsa"] for n, f in fns.items()})
+        compiled, mem = {}, {}
+        for n, (fn, args) in runs.items():
+            try:
+                compiled[n] = fn.lower(*args).compile()
+                mem[n] = _bytes(compiled[n]) / MiB
+                _time(compiled[n], args)  # warm up
+            except Exception as e:  # noqa: BLE001
+                errors[n] = _error(e)
+                compiled.pop(n, None)
+        times = {n: [] for n in compiled}
         for _ in range(a.repeats):  # alternate, so that all see the same machine
-            for n, (fn, args) in runs.items():
-                times[n].append(_time(fn, args))
+            for n, c in compiled.items():
+                times[n].append(_time(c, runs[n][1]))
         med = {n: float(np.median(t)) for n, t in times.items()}
-        parts = {}
-        for part in ("dsa_select", "dsa_attention", "dsa_kl"):  # one timed run each, after a warm-up
-            fn, args = fns[selects[0]][part]
-            _time(fn, args)
-            parts[part] = _time(fn, args)
+        parts, lead = {}, next(iter(fns), None)
+        if lead is not None:
+            for part in ("dsa_select", "dsa_attention", "dsa_kl"):  # one timed run each, after a warm-up
+                fn, args = fns[lead][part]
+                try:
+                    _time(fn, args)
+                    parts[part] = _time(fn, args)
+                except Exception as e:  # noqa: BLE001
+                    errors[part] = _error(e)
         row = {"T": T, "topk": a.topk, "seconds": med, "runs_s": times, "mib": mem,
-               "full_over_dsa": {n: med["full"] / med[n] for n in names[1:]},
-               "dsa_parts_s": parts, "dsa_parts_select": selects[0]}
+               "full_over_dsa": {n: med["full"] / med[n] for n in names[1:] if n in med and "full" in med},
+               "dsa_parts_s": parts, "dsa_parts_select": variants[lead or names[1]][0], "dsa_parts_variant": lead}
+        if errors:
+            row["errors"] = errors
         rows.append(row)
-        print(f"{T:>6} {a.topk:>4} " + " ".join(f"{med[n]:>11.3f}" for n in names) + " "
-              + " ".join(f"{row['full_over_dsa'][n]:>13.2f}x" for n in names[1:])
-              + f" {mem['full']:>9.1f} {mem[names[1]]:>8.1f}   "
-              + " / ".join(f"{parts[p]:.2f}" for p in ("dsa_select", "dsa_attention", "dsa_kl")), flush=True)
+        fmt = lambda d, n, f: format(d[n], f) if n in d else "-"  # noqa: E731
+        print(f"{T:>6} {a.topk:>4} " + " ".join(f"{fmt(med, n, '.3f'):>11}" for n in names) + " "
+              + " ".join(f"{fmt(row['full_over_dsa'], n, '.2f') + 'x':>14}" for n in names[1:])
+              + f" {fmt(mem, 'full', '.1f'):>9} {fmt(mem, names[1], '.1f'):>8}   "
+              + " / ".join(fmt(parts, p, ".2f") for p in ("dsa_select", "dsa_attention", "dsa_kl"))
+              + f" ({lead})", flush=True)
+        for n, e in errors.items():
+            print(f"  {n}: {e}", flush=True)
+    full_how = ("blockwise XLA flash, blocks 256 x 512" if ops.resolve_impl(a.full_impl) == "xla"
+                else "the Pallas flash kernel, its default blocks")
     _write(a, {
         "benchmark": "dsa_layer_vs_full",
-        "layer": f"{a.layer}: one attention layer, batch 1, f32: {LAYER['H']} query heads / {LAYER['K']} kv heads "
-                 f"of {LAYER['D']}, d_model {LAYER['E']}; DSA indexer {LAYER['J']} heads x {LAYER['d']} (RoPE on "
-                 f"{LAYER['rope']}); full = ops.attention impl auto (blockwise XLA flash on CPU, blocks "
-                 f"256 x 512); DSA = indexer + top-k selection (dsa@host: scores by XLA, numpy introselect in a "
-                 f"host callback; dsa@xla: streaming lax.top_k; query block 128, key block {a.index_block_k}) + "
-                 "XLA sparse attention (returning the head-mean probabilities) + sparse KL over them, with "
-                 "gradients for q, k, v and the indexer",
+        "layer": f"{a.layer}: one attention layer, batch 1, {dtype.name}: {LAYER['H']} query heads / {LAYER['K']} "
+                 f"kv heads of {LAYER['D']}, d_model {LAYER['E']}; DSA indexer {LAYER['J']} heads x {LAYER['d']} "
+                 f"(RoPE on {LAYER['rope']}); full = ops.attention impl {a.full_impl} ({full_how}); DSA = indexer "
+                 f"+ top-k selection (dsa@host: scores by XLA, numpy introselect in a host callback; dsa@xla: "
+                 f"streaming lax.top_k; query block {a.index_block_q}, key block {a.index_block_k}) + sparse "
+                 "attention (XLA gather path returning the head-mean probabilities, query block "
+                 f"{a.sparse_block_q or 'default_block_q'}; '+pallas': the Pallas sparse kernel, the KL then "
+                 "scoring the selected keys itself) + sparse KL, with gradients for q, k, v and the indexer",
         "measure": f"forward + backward (value_and_grad), median of {a.repeats} runs after a warm-up, full and DSA "
                    "alternating in one process; parts: one run each after a warm-up; memory: XLA memory analysis "
                    "(args + outputs - donated + temps; host-callback buffers are not counted)",
@@ -220,9 +276,16 @@ def layer_main(a) -> None:
 
 
 def _write(a, out: dict, default_name: str) -> None:
+    """Write `out` with the run's provenance; off CPU the default name ends in the device kind, not _cpu."""
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        device = f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    else:
+        device = f"{dev.device_kind} x{jax.device_count()}"
+        slug = "".join(c if c.isalnum() else "_" for c in dev.device_kind.lower()).strip("_")
+        default_name = default_name.removesuffix("_cpu.json") + f"_{slug}.json"
     out = {**out, "command": "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]),
-           "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-           "device": f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+           "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "device": device,
            "versions": {"python": platform.python_version(), "jax": jax.__version__}}
     path = Path(a.out or Path(__file__).parent / "results" / default_name)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -239,9 +302,18 @@ def main():
     ap.add_argument("--index-block-k", type=int, default=4096, help="DSA key block of the index scores (layer)")
     ap.add_argument("--select", default="host,xla", help="DSA selection impl(s) to time side by side (layer)")
     ap.add_argument("--layer", default="quickstart", choices=sorted(LAYERS), help="layer shapes (layer mode)")
+    ap.add_argument("--sparse", default="xla",
+                    help="DSA sparse attention(s) to time side by side (layer): xla (gather path), pallas (kernel)")
+    ap.add_argument("--full-impl", default="auto", choices=ops.IMPLS, help="ops.attention impl of full (layer)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="q, k, v, x dtype (layer)")
+    ap.add_argument("--index-block-q", type=int, default=128, help="DSA query block of the selection (layer)")
+    ap.add_argument("--sparse-block-q", type=int, default=None,
+                    help="query block of the XLA sparse attention and the KL (layer; default: sized for a CPU cache)")
     ap.add_argument("--remat", default="full", choices=["none", "full", "dots"])
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    if bad := set(a.sparse.split(",")) - {"xla", "pallas"}:
+        ap.error(f"--sparse {sorted(bad)}: allowed xla, pallas")
     layer = a.mode == "layer"
     a.lengths = a.lengths or ("4096,16384,32768" if layer else "1024,2048,4096,8192,16384")
     a.topk = a.topk or (512 if layer else 64)
