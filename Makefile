@@ -1,6 +1,7 @@
-# Each target sets up .venv by itself, so a fresh clone needs nothing else.
+# Each target sets up .venv by itself, so a fresh clone needs nothing else. CI also runs
+# `make test PYTHON=<python3.12> VENV=.venv312` (.ci/run).
 PYTHON ?= python3
-VENV   := .venv
+VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
@@ -12,11 +13,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-## Train the quickstart model on the CPU (stdlib corpus, ~6 min on 2 cores).
+## Train the quickstart model on the CPU (stdlib corpus, ~6 min on 2 cores). JAX_PLATFORMS=cpu: libtpu
+## (installed for deviceless TPU compiles) would otherwise look for a TPU first.
 quickstart: $(STAMP)
-	$(PY) -m lc_jax.train --config configs/quickstart.py --workdir runs/quickstart
+	JAX_PLATFORMS=cpu $(PY) -m lc_jax.train --config configs/quickstart.py --workdir runs/quickstart
 
-## Run the test suite (CPU, ~3 min on 2 cores).
+## Run the test suite (CPU, ~11 min on 2 cores; includes deviceless TPU compiles).
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile tests
 
@@ -29,4 +31,22 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) .venv312 runs
+
+# ----------------------------------------------------------------------------- the GPU check (benchmarks/GPU_CHECK.md)
+.PHONY: gpu-wheels gpu-check gpu-check-dry-run
+
+## Download benchmarks/gpu_wheels.txt into .whl/ (Python 3.12, x86-64): what a lent GPU machine lacks.
+gpu-wheels:
+	sed -e 's/#.*//' -e '/^[[:space:]]*$$/d' benchmarks/gpu_wheels.txt | xargs $(PYTHON) -m pip download -q \
+	  --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+	  --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl
+
+## Run the GPU check (on the GPU machine; ARGS=--dry-run or --smoke here).
+gpu-check:
+	bash benchmarks/gpu_check.sh $(ARGS)
+
+## List the GPU check's steps, commands and time boxes, and check that .whl/ holds every wheel.
+gpu-check-dry-run:
+	bash benchmarks/gpu_check.sh --dry-run

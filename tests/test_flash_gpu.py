@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from kernel_checks import assert_grads_close, assert_outputs_close, tolerances
+from platforms import lower_for
 
 from pallas_kernels.flash_attention import gpu as flash_gpu
 from pallas_kernels.flash_attention import reference
@@ -278,12 +279,7 @@ def test_kernels_lower_to_triton_for_cuda():
         return out.astype(jnp.float32).sum() + jnp.where(jnp.isfinite(lse), lse, 0.0).sum()
 
     for dtype in (jnp.bfloat16, jnp.float32):
-        q, k, v = _inputs(B, T, T, H, K, D, dtype)
-        try:
-            lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(lowering_platforms=("cuda",))
-        except (ImportError, NotImplementedError, RuntimeError) as e:  # jaxlib without the Triton dialect
-            pytest.skip(f"cannot lower for cuda on this host: {e}")
-        text = lowered.as_text()
+        text = lower_for("cuda", jax.grad(loss, argnums=(0, 1, 2)), *_inputs(B, T, T, H, K, D, dtype))
         for name in ("flash_attention_gpu_fwd", "flash_attention_gpu_dq", "flash_attention_gpu_dkv"):
             assert name in text, name
         assert text.count("__gpu$xla.gpu.triton") == 3

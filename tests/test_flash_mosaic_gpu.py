@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from kernel_checks import assert_grads_close, assert_outputs_close, tolerances
+from platforms import lower_for
 
 from pallas_kernels.flash_attention import mosaic_gpu as flash_mgpu
 from pallas_kernels.flash_attention import reference
@@ -336,12 +337,7 @@ def test_kernels_lower_for_cuda(dtype, D, bs):
                                         window=50, alibi_slopes_H=slopes, logits_soft_cap=30.0, block_sizes=bs)
         return out.astype(jnp.float32).sum() + jnp.where(jnp.isfinite(lse), lse, 0.0).sum()
 
-    q, k, v = _inputs(B, T, T, H, K, D, dtype)
-    try:
-        lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(lowering_platforms=("cuda",))
-    except (ImportError, NotImplementedError) as e:  # a jaxlib without the Mosaic GPU dialects
-        pytest.skip(f"cannot lower for cuda on this host: {e}")
-    text = lowered.as_text()
+    text = lower_for("cuda", jax.grad(loss, argnums=(0, 1, 2)), *_inputs(B, T, T, H, K, D, dtype))
     for name in ("flash_attention_mgpu_fwd", "flash_attention_mgpu_dq", "flash_attention_mgpu_dkv"):
         assert name in text, name
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 3

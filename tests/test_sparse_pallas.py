@@ -9,9 +9,9 @@ jax ops would each compile). Selections are duplicate-free top-k of random
 scores over the causally visible keys, so early queries have invalid slots
 (fewer than k visible keys) and one query has none (lse -inf, zero output).
 
-TPU legality: the Pallas -> Mosaic lowering is checked by exporting for
-platform "tpu"; where libtpu is installed (jax[tpu], not a dev dependency) the
-last test also runs Mosaic's full compiler for a v5e topology without a TPU.
+TPU legality: the Pallas -> Mosaic lowering is checked by lowering for platform
+"tpu" under an abstract v5e mesh; tests/test_tpu_compile.py runs Mosaic's full
+compiler (libtpu, part of the dev set-up) for v5e and v5p slices without a TPU.
 
 Tolerances: f32 out / lse 1e-5 abs+rel, f32 grads 1e-4 abs+rel; bf16 inputs are
 compared with the XLA path run on the same values upcast to f32, at 2e-2 for
@@ -20,6 +20,8 @@ out / lse and 5e-2 for grads (bf16 rounding of p and ds before the matmuls).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 
 import jax
@@ -28,6 +30,7 @@ import numpy as np
 import pytest
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from platforms import lower_for
 from sparse_cases import check_against_xla, inputs, pos, select, value_and_vjp
 
 from pallas_kernels import sparse_attention as xla_sparse
@@ -118,15 +121,44 @@ def test_unselected_rows_are_never_loaded():
     assert np.all(np.asarray(dk)[~used] == 0) and np.all(np.asarray(dv)[~used] == 0)
 
 
+def _race_detector():
+    """(interpret params that detect races, a context asserting a race is / is not reported), per jax version.
+
+    jax >= 0.12: public `InterpretParams(on_race="raise")`, a race fails the kernel's call.
+    jax 0.10 / 0.11: no `on_race`; the detector records races in the interpreter's (private) state.
+    """
+    fields = {f.name for f in dataclasses.fields(pltpu.InterpretParams)}
+    if "on_race" in fields:
+        @contextlib.contextmanager
+        def expect(race: bool):
+            if race:
+                with pytest.raises(Exception, match="RACE DETECTED"):
+                    yield
+            else:
+                yield
+
+        return pltpu.InterpretParams(detect_races=True, on_race="raise"), expect
+    try:
+        from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
+    except ImportError:
+        pytest.fail(f"jax {jax.__version__}: neither InterpretParams.on_race nor the interpreter's race state")
+
+    @contextlib.contextmanager
+    def expect(race: bool):
+        yield
+        state = getattr(ipc, "races", None)
+        assert state is not None and hasattr(state, "races_found"), f"jax {jax.__version__}: race state moved"
+        assert state.races_found == race
+
+    return pltpu.InterpretParams(detect_races=True), expect
+
+
 def test_no_dma_races(monkeypatch):
     # The interpreter's race detector (vector clocks over every load, store and DMA) on the forward and
     # the backward kernel with 2 programs x 2 tokens x 2 chunks, i.e. double-buffer slot reuse; and,
     # as a control, a single-buffered pipeline (the next chunk's copies overwrite the slot about to be
-    # read) that it must flag. The detector state is reset per kernel. Private jax API.
-    try:
-        from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
-    except ImportError:
-        pytest.skip("jax private interpret API moved")
+    # read) that it must flag. The detector state is reset per kernel.
+    params, expect = _race_detector()
     B, T, S = 1, 4, 24
     q, k, v = _inputs(B, T, S, 2, 1, 128, jnp.float32, seed=11)
     q_pos, kv_pos = _pos(B, T, 16, 2), _pos(B, S)
@@ -136,17 +168,12 @@ def test_no_dma_races(monkeypatch):
         return sparse_tpu.sparse_attention(q, k, v, idx, valid, q_pos_BT=q_pos, kv_pos_BS=kv_pos,
                                            block_sizes=BS(block_q=2, block_k=8))
 
-    def races_found():
-        races = getattr(ipc, "races", None)
-        if races is None or not hasattr(races, "races_found"):
-            pytest.skip("jax private race-detection state moved")
-        return races.races_found
-
-    with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams(detect_races=True)):
-        (out, lse), vjp = jax.vjp(fn, q, k, v)  # the forward kernel runs here
-        assert not races_found()
-        grads = jax.block_until_ready(vjp((jnp.ones_like(out), jnp.ones_like(lse))))
-        assert not races_found()
+    with pltpu.force_tpu_interpret_mode(params):
+        with expect(race=False):
+            (out, lse), vjp = jax.vjp(fn, q, k, v)  # the forward kernel runs here
+            jax.block_until_ready(out)
+        with expect(race=False):
+            grads = jax.block_until_ready(vjp((jnp.ones_like(out), jnp.ones_like(lse))))
         assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
 
         def single_buffered(idx_ref, k_hbm, v_hbm, kbuf, vbuf, sem, st):
@@ -164,8 +191,8 @@ def test_no_dma_races(monkeypatch):
             return fetch, lambda: copies(0, True)
 
         monkeypatch.setattr(sparse_tpu, "_pipeline", single_buffered)
-        jax.block_until_ready(fn(q, k, v))
-        assert races_found()
+        with expect(race=True):
+            jax.block_until_ready(fn(q, k, v))
 
 
 def test_under_shard_map():
@@ -261,17 +288,6 @@ def test_auto_block_sizes():
 # ----------------------------------------------------------------------------- TPU lowering
 
 
-def _fake_v5e(monkeypatch):
-    try:
-        from jax._src.pallas.mosaic import tpu_info
-        fake = lambda: tpu_info._get_tpu_info_impl(tpu_info.ChipVersion.TPU_V5E, 1)  # noqa: E731
-        registry = tpu_info.registry
-    except (ImportError, AttributeError):
-        pytest.skip("jax private tpu_info API changed")
-    monkeypatch.setitem(registry, jax.devices()[0].device_kind, fake)
-    return tpu_info
-
-
 def _loss_fn(B, T, S, H, K, D, k, block_sizes=None):
     q_pos, kv_pos = _pos(B, T, S - T), _pos(B, S)
     idx, valid = _select(q_pos, kv_pos, k)
@@ -286,42 +302,12 @@ def _loss_fn(B, T, S, H, K, D, k, block_sizes=None):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_kernels_lower_to_mosaic_for_tpu(monkeypatch, dtype):
-    # No TPU here: export for platform "tpu" runs the real Pallas -> Mosaic lowering (block shapes,
-    # DMA shapes, supported primitives) of both kernels, pretending the host is a v5e. It does not
-    # run Mosaic's compiler (see the next test). GQA, ALiBi, 2 chunks per query, 3 pallas_call segments.
-    from jax import export
-
-    tpu_info = _fake_v5e(monkeypatch)
+def test_kernels_lower_to_mosaic_for_tpu(dtype):
+    # No TPU here: lowering for platform "tpu" under an abstract v5e mesh runs the real Pallas -> Mosaic
+    # lowering (block shapes, DMA shapes, supported primitives) of both kernels. Mosaic's compiler runs in
+    # tests/test_tpu_compile.py. GQA, ALiBi, 2 chunks per query, 3 pallas_call segments.
     B, T, S, H, K, D, k = 1, 48, 512, 4, 2, 128, 256
     grad = _loss_fn(B, T, S, H, K, D, k, BS(block_q=2, tokens_per_call=16))
-    q, kk, v = _inputs(B, T, S, H, K, D, dtype)
-    try:
-        exported = export.export(jax.jit(grad), platforms=["tpu"])(q, kk, v)
-        mlir = exported.mlir_module()
-        assert mlir.count("tpu_custom_call") == 2  # forward (in lax.map) and backward (in lax.scan)
-        assert "sparse_attention_fwd" in mlir and "sparse_attention_bwd" in mlir
-    finally:
-        tpu_info.get_tpu_info.cache_clear()
-
-
-def test_kernels_compile_for_tpu_without_tpu(monkeypatch):
-    # With libtpu installed (not a project dependency; jax[tpu]), compile ahead of time for a v5e
-    # topology without a TPU: this runs Mosaic's full compiler (layouts, DMA / tiling legality, VMEM).
-    pytest.importorskip("libtpu")
-    from jax.experimental import topologies
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    tpu_info = _fake_v5e(monkeypatch)
-    try:
-        dev = topologies.get_topology_desc("v5e:2x2", "tpu").devices[0]
-    except Exception as e:  # noqa: BLE001  (libtpu present but no deviceless topology support)
-        pytest.skip(f"no deviceless TPU topology: {e}")
-    shd = NamedSharding(Mesh(np.array([dev]), ("x",)), PartitionSpec())
-    B, T, S, H, K, D, k = 1, 16, 512, 16, 1, 576, 256
-    try:
-        for dtype in (jnp.float32, jnp.bfloat16):
-            args = [jax.ShapeDtypeStruct(s, dtype, sharding=shd) for s in ((B, T, H, D), (B, S, K, D), (B, S, K, D))]
-            jax.jit(_loss_fn(B, T, S, H, K, D, k)).trace(*args).lower(lowering_platforms=("tpu",)).compile()
-    finally:
-        tpu_info.get_tpu_info.cache_clear()
+    mlir = lower_for("tpu", grad, *_inputs(B, T, S, H, K, D, dtype))
+    assert mlir.count("tpu_custom_call") == 2  # forward (in lax.map) and backward (in lax.scan)
+    assert "sparse_attention_fwd" in mlir and "sparse_attention_bwd" in mlir
