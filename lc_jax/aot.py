@@ -153,14 +153,18 @@ def _bytes(compiled) -> dict[str, int]:
 
 
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-_OOM_TEMPS = re.compile(r"memory required for HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM "
-                        r"\(([\d.]+)([KMGT]?)\)")
+# XLA refuses to compile a program over HBM with one of two messages: the temporaries alone, or the total.
+_OOM_TEMPS = re.compile(r"memory required for HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM")
+_OOM_TOTAL = re.compile(r"Ran out of memory in memory space hbm\. Used ([\d.]+)([KMGT]?) of")
 
 
-def _oom_temporaries(err: Exception) -> int | None:
-    """Bytes of temporaries XLA names when it refuses to compile a program whose temporaries exceed HBM."""
-    m = _OOM_TEMPS.search(str(err))
-    return None if m is None else int(float(m.group(1)) * _UNITS[m.group(2)])
+def _oom_bytes(err: Exception) -> tuple[str, int] | None:
+    """('temporaries' | 'total', bytes) from XLA's refusal to compile a program that exceeds HBM, else None."""
+    for what, pattern in (("temporaries", _OOM_TEMPS), ("total", _OOM_TOTAL)):
+        m = pattern.search(str(err))
+        if m:
+            return what, int(float(m.group(1)) * _UNITS[m.group(2)])
+    return None
 
 
 def compile_train_step(config, devices, *, name: str = "config", topology: str = "", stage: str = "auto"):
@@ -185,21 +189,22 @@ def compile_train_step(config, devices, *, name: str = "config", topology: str =
                                  kl_weight=config.model.attention.dsa.kl_weight if is_dsa else 0.0,
                                  state_shardings=shardings)
     t0 = time.perf_counter()
-    compiled, temporaries = None, None
+    compiled, oom = None, None
     with jax.set_mesh(mesh):
         lowered = step.trace(state, abstract_batch(config, mesh)).lower(lowering_platforms=("tpu",))
         try:
             compiled = lowered.compile()
-        except Exception as e:  # noqa: BLE001  (XLA refuses a program whose temporaries alone exceed HBM)
-            temporaries = _oom_temporaries(e)
-            if temporaries is None:
+        except Exception as e:  # noqa: BLE001  (XLA refuses a program that does not fit HBM)
+            oom = _oom_bytes(e)
+            if oom is None:
                 raise
     seconds = time.perf_counter() - t0
     if compiled is not None:
         mem = _bytes(compiled)
-    else:  # XLA names only the temporaries; the arguments are this chip's shards of the state and batch
+    else:  # XLA names the temporaries or the total; the arguments are this chip's shards of the state and batch
         args = sum(_shard_bytes(x) for x in jax.tree.leaves((state, abstract_batch(config, mesh))))
-        mem = {"arguments": args, "outputs": 0, "temporaries": temporaries, "generated_code": 0}
+        temps = oom[1] if oom[0] == "temporaries" else max(oom[1] - args, 0)
+        mem = {"arguments": args, "outputs": 0, "temporaries": temps, "generated_code": 0}
         mem["total"] = sum(mem.values())
     params = sum(math.prod(x.shape) for x in jax.tree.leaves(state["params"]))
     report = Report(config=name, topology=topology, devices=len(devices), mesh=dict(mesh.shape), chip=chip,

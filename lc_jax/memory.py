@@ -249,6 +249,132 @@ def total_train_flops(model: ModelShape, context: int, sequences: int = 1, causa
     return sequences * (6 * matmul_params(model) * context + 3 * attention_flops(model, context, causal))
 
 
+# ----------------------------------------------------------------------------- training memory per chip
+
+# Per-chip training memory is plain arithmetic for the state and a calibrated model for the rest: what XLA keeps
+# alive at the peak of its buffer assignment is not derivable from shapes alone. The coefficients are a
+# non-negative least-squares fit, weighted by each run's total, to deviceless TPU compiles of lc_jax train steps
+# (libtpu 0.0.42, jax 0.10.2, remat='full', bf16 compute, Pallas kernels): 9 variations of a 2-layer model on
+# v5p:2x2x1, the 1B model at 8K and 16K tokens per chip, and the Llama-3.1-8B shape at 8K-92K tokens per chip
+# (context parallelism 1 and 16); every total within 12%. The peak comes before most gradients exist (they get
+# no weight), and XLA keeps most layers' FSDP-gathered weights from the forward pass for the backward.
+# benchmarks/tpu_aot.py prints the calculator beside the compiler for every configs/tpu/* run.
+GATHERED_WEIGHTS_SHARE = 0.75  # of all parameters, gathered over fsdp in the compute dtype, alive at the peak
+SAVED_COPIES = 1  # remat='full': each block's input in the compute dtype
+LAYER_BYTES_PER_TOKEN_UNIT = 8.4  # one layer's recompute + backward at the peak, per token and unit of d + mlp
+LOGIT_COPIES = 0.75  # f32 [tokens, vocab] logits and the cross-entropy's softmax, per chip
+EMBED_COPIES = 2.2  # f32 [vocab, d]: embedding and head gathered over fsdp, and their unsharded gradients
+PROGRAM_BYTES_PER_LAYER = 50 * 2**20  # generated code: layers are unrolled
+# DSA's sparse stage: 4-byte [tokens, k] tensors per layer (selection, index scores, sparse-KL terms) alive at
+# the peak. Fitted to configs/tpu/dsa1b_32k.py alone (41 of its 47 GiB of temporaries), so its row in
+# benchmarks/tpu_aot.py is not a check of this term.
+DSA_SELECTION_COPIES = 10
+REMAT_SAVED = ("full", "dots", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainRun:
+    """What decides a training step's memory per chip, beyond the model's shape."""
+
+    seq_len: int
+    batch: int  # global sequences per step
+    mesh: dict[str, int]  # resolved sizes of data, fsdp, tensor, context
+    remat: str = "full"  # none | dots | full (model.remat)
+    dtype: str = "bf16"  # activations
+    param_dtype: str = "f32"  # parameters, gradients and both AdamW moments
+
+    def __post_init__(self):
+        for f in ("seq_len", "batch"):
+            if not isinstance(getattr(self, f), int) or getattr(self, f) <= 0:
+                raise CalculatorError(f"{f}={getattr(self, f)!r} must be a positive int")
+        if self.remat not in REMAT_SAVED:
+            raise CalculatorError(f"remat={self.remat!r}: allowed values are {list(REMAT_SAVED)}")
+        sizes = {a: self.mesh.get(a, 1) for a in ("data", "fsdp", "tensor", "context")}
+        if any(not isinstance(v, int) or v <= 0 for v in sizes.values()):
+            raise CalculatorError(f"mesh={self.mesh}: sizes must be resolved positive ints")
+        if self.batch % (sizes["data"] * sizes["fsdp"]) or self.seq_len % sizes["context"]:
+            raise CalculatorError(f"batch {self.batch} x seq_len {self.seq_len} does not split over mesh {sizes}")
+
+    @property
+    def tokens_per_chip(self) -> int:
+        m = self.mesh
+        return self.batch // (m.get("data", 1) * m.get("fsdp", 1)) * (self.seq_len // m.get("context", 1))
+
+
+def _saved_per_token_layer(model: ModelShape, remat: str, a: int) -> int:
+    """Bytes per token and layer kept from the forward pass for the backward, by remat policy."""
+    d, F, qkv = model.d_model, model.mlp_dim, (model.num_heads + 2 * model.num_kv_heads) * model.head_dim
+    if remat == "full":  # only each block's input (the residual stream)
+        return d * a
+    if remat == "dots":  # the block input and every matmul output: q/k/v, attention out, o, gate, up, down
+        return a * (d + qkv + model.num_heads * model.head_dim + d + 2 * F + d)
+    # none: the above plus both norms' outputs, the SwiGLU product and the attention's f32 log-sum-exp
+    return a * (3 * d + qkv + model.num_heads * model.head_dim + d + 3 * F + d) + 4 * model.num_heads
+
+
+def train_memory(model: ModelShape, run: TrainRun) -> dict[str, int]:
+    """Bytes per chip of one training step (AdamW), by term; 'total' is what must fit the chip's HBM.
+
+    arguments: parameters and both AdamW moments in `param_dtype`, sharded over fsdp x tensor (replicated
+    over data and context), as `lc_jax.sharding.state_shardings` lays them out. temporaries, at the peak:
+    the weights FSDP gathered, activations saved for the backward (by remat policy), one layer's working set,
+    the logits, the embedding / head, DSA's selection (the module constants say how much of each).
+    """
+    m = run.mesh
+    shards = m.get("fsdp", 1) * m.get("tensor", 1)
+    p, a = dtype_bytes(run.param_dtype, "param_dtype"), dtype_bytes(run.dtype, "dtype")
+    n, tp = run.tokens_per_chip, m.get("tensor", 1)
+    P = num_params(model)
+    saved = _saved_per_token_layer(model, run.remat, a) * (SAVED_COPIES if run.remat == "full" else 1)
+    out = {
+        "parameters": P * p // shards,
+        "optimizer": 2 * P * p // shards,
+        "gathered_weights": int(GATHERED_WEIGHTS_SHARE * P * a / tp),
+        "saved_activations": model.num_layers * n * saved,
+        "layer_working_set": int(LAYER_BYTES_PER_TOKEN_UNIT * n * (model.d_model + model.mlp_dim) / tp),
+        "logits": int(LOGIT_COPIES * n * model.vocab_size * 4 / tp),
+        "embedding": int(EMBED_COPIES * model.vocab_size * model.d_model * p / tp),
+        "dsa_selection": int(DSA_SELECTION_COPIES * model.num_layers * n * model.dsa_topk * 4) if model.dsa_topk else 0,
+        "program": PROGRAM_BYTES_PER_LAYER * model.num_layers,
+    }
+    out["arguments"] = out["parameters"] + out["optimizer"]
+    out["temporaries"] = sum(out[k] for k in ("gathered_weights", "saved_activations", "layer_working_set", "logits",
+                                              "embedding", "dsa_selection"))
+    out["total"] = out["arguments"] + out["temporaries"] + out["program"]
+    return out
+
+
+def train_run_from_config(config: Any, num_devices: int) -> TrainRun:
+    """The TrainRun of a config on `num_devices` (mesh axes of -1 take the remaining devices)."""
+    sizes = {a: config.mesh[a] for a in ("data", "fsdp", "tensor", "context")}
+    known = 1
+    for v in sizes.values():
+        known *= v if v != -1 else 1
+    sizes = {a: (num_devices // known if v == -1 else v) for a, v in sizes.items()}
+    total = 1
+    for v in sizes.values():
+        total *= v
+    if total != num_devices:
+        raise CalculatorError(f"mesh {dict(config.mesh)} does not resolve over {num_devices} devices")
+    return TrainRun(seq_len=config.data.seq_len, batch=config.data.batch_size, mesh=sizes, remat=config.model.remat,
+                    dtype=DTYPE_ALIASES.get(config.model.dtype, config.model.dtype),
+                    param_dtype=DTYPE_ALIASES.get(config.model.param_dtype, config.model.param_dtype))
+
+
+def format_train_table(model: ModelShape, run: TrainRun, mem: dict[str, int], hbm_bytes: int | None = None) -> str:
+    """The per-chip terms as a table, in GiB, with the share of HBM when the chip is known."""
+    lines = [model.describe(),
+             f"training: batch {run.batch} x {run.seq_len} tokens, mesh {run.mesh}, remat {run.remat}, "
+             f"{run.tokens_per_chip:,} tokens per chip; AdamW state in {run.param_dtype}", "",
+             f"{'per chip':<20}{'GiB':>10}" + (f"{'% of HBM':>10}" if hbm_bytes else "")]
+    for k in ("parameters", "optimizer", "gathered_weights", "saved_activations", "layer_working_set", "logits",
+              "embedding", "dsa_selection", "program", "total"):
+        if mem[k] or k == "total":
+            row = f"{k:<20}{mem[k] / GiB:>10.3f}"
+            lines.append(row + (f"{100 * mem[k] / hbm_bytes:>9.1f}%" if hbm_bytes else ""))
+    return "\n".join(lines)
+
+
 def _check_context(context: int) -> None:
     if not isinstance(context, int) or isinstance(context, bool) or context <= 0:
         raise CalculatorError(f"context={context!r}: must be a positive int (tokens)")
@@ -367,12 +493,17 @@ def parse_contexts(text: str) -> list[int]:
 
 def load_model(spec: str, overrides: list[tuple[str, str]] | None = None) -> ModelShape:
     """A preset name, or a config file `path.py[:arg]` (get_config(arg)) with `--config.x=y` overrides."""
+    return load(spec, overrides)[0]
+
+
+def load(spec: str, overrides: list[tuple[str, str]] | None = None) -> tuple[ModelShape, Any]:
+    """(shape, config) of a preset (config None) or of a config file with overrides."""
     overrides = overrides or []
     if spec.lower() in PRESETS:
         if overrides:
             raise CalculatorError(f"--config.{overrides[0][0]}: overrides apply to config files, not to the "
                                   f"preset {spec!r}")
-        return PRESETS[spec.lower()]
+        return PRESETS[spec.lower()], None
     path, sep, arg = spec.partition(":")
     if not path.endswith(".py") or not Path(path).is_file():
         raise CalculatorError(f"--model={spec!r}: not a preset and not a config file; presets are "
@@ -385,7 +516,25 @@ def load_model(spec: str, overrides: list[tuple[str, str]] | None = None) -> Mod
         raise CalculatorError(f"--model={spec!r}: {e}") from e
     for key, value in overrides:
         _override(cfg, key, value)
-    return from_config(cfg, name=spec)
+    return from_config(cfg, name=spec), cfg
+
+
+# HBM per chip as libtpu reports it (pltpu.get_tpu_info: per TensorCore x cores per chip), and chips per slice.
+TPU_HBM_BYTES = {"v4": 2 * 17_200_000_000, "v5e": 17_200_000_000, "v5p": 2 * 51_500_000_000,
+                 "v6e": 34_400_000_000}
+
+
+def topology_chips(topology: str) -> tuple[str, int]:
+    """('v5p', 64) for 'v5p:4x4x4': the generation and its chip count (one device per chip)."""
+    gen, _, shape = topology.partition(":")
+    dims = shape.split("x")
+    if gen not in TPU_HBM_BYTES or not dims or not all(x.isdigit() and int(x) > 0 for x in dims):
+        raise CalculatorError(f"topology={topology!r}: expected <generation>:<shape> with a generation of "
+                              f"{list(TPU_HBM_BYTES)}, e.g. v5p:4x4x4 or v5e:2x2")
+    n = 1
+    for x in dims:
+        n *= int(x)
+    return gen, n
 
 
 def _override(cfg: Any, key: str, value: str) -> None:
@@ -419,12 +568,17 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Config files also take --config.a.b=value overrides, e.g. --config.model.attention.window=4096.")
     p.add_argument("--model", required=True,
                    help=f"a preset ({', '.join(PRESETS)}) or a config file path.py[:arg]")
-    p.add_argument("--context", required=True, help="tokens per sequence, comma-separated, K/M suffixes: 8K,128K,1M")
+    p.add_argument("--context", default=None,
+                   help="tokens per sequence, comma-separated, K/M suffixes: 8K,128K,1M (--train: data.seq_len)")
     p.add_argument("--dtype", default="bf16", help=f"weights (and KV cache) dtype: {'|'.join(DTYPE_BYTES)}")
     p.add_argument("--kv-dtype", default=None, help="KV cache dtype when it differs from --dtype")
     p.add_argument("--kv-quant", default=None, help="int8: int8 K/V plus f32 scales per (token, KV head)")
     p.add_argument("--batch", default="1", help="sequences held in the KV cache (FLOPs stay per sequence)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--train", action="store_true",
+                   help="per-chip memory of the config's training step (AdamW) on its mesh, by term")
+    p.add_argument("--topology", default=None,
+                   help="--train: the TPU slice, e.g. v5p:4x4x4 (default: the config's aot.topology)")
     return p
 
 
@@ -434,7 +588,7 @@ def _parse_overrides(rest: list[str]) -> list[tuple[str, str]]:
         a = rest[i]
         if not a.startswith("--config."):
             raise CalculatorError(f"unrecognised argument {a!r}; flags are --model, --context, --dtype, --kv-dtype, "
-                                  "--kv-quant, --batch, --json and --config.a.b=value")
+                                  "--kv-quant, --batch, --json, --train, --topology and --config.a.b=value")
         key, eq, value = a[len("--config."):].partition("=")
         if not eq:
             if i + 1 >= len(rest):
@@ -456,6 +610,10 @@ def main(argv: list[str] | None = None) -> int:
         dtype_bytes(args.dtype, "--dtype")
         if args.kv_dtype is not None:
             dtype_bytes(args.kv_dtype, "--kv-dtype")
+        if args.train:
+            return _train_main(args, _parse_overrides(rest))
+        if args.context is None:
+            raise CalculatorError("--context is required (tokens per sequence, e.g. 8K,128K), unless --train")
         contexts = parse_contexts(args.context)
         model = load_model(args.model, _parse_overrides(rest))
         rep = report(model, contexts, batch=int(args.batch), dtype=args.dtype, kv_dtype=args.kv_dtype,
@@ -464,6 +622,39 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(rep, indent=2) if args.json else format_table(rep))
+    return 0
+
+
+def train_plan(spec: str, overrides: list[tuple[str, str]] | None = None, topology: str | None = None,
+               context: int | None = None) -> dict[str, Any]:
+    """The per-chip training memory of a config file on a TPU slice, as plain data (the CLI's --train)."""
+    model, cfg = load(spec, overrides)
+    if cfg is None:
+        raise CalculatorError(f"--train needs a config file (its batch, mesh and remat), not the preset {spec!r}")
+    topology = topology or cfg.get("aot", {}).get("topology")
+    if not topology:
+        raise CalculatorError("--train: give --topology (e.g. v5p:4x4x4); the config has no aot.topology")
+    gen, chips = topology_chips(topology)
+    if context is not None:
+        cfg.data.seq_len = context
+    run = train_run_from_config(cfg, chips)
+    mem = train_memory(model, run)
+    return {"model": dataclasses.asdict(model), "run": dataclasses.asdict(run), "topology": topology,
+            "hbm_bytes": TPU_HBM_BYTES[gen], "bytes": mem, "fits": mem["total"] <= TPU_HBM_BYTES[gen]}
+
+
+def _train_main(args, overrides) -> int:
+    contexts = parse_contexts(args.context) if args.context else [None]
+    for T in contexts:
+        plan = train_plan(args.model, overrides, args.topology, T)
+        if args.json:
+            print(json.dumps(plan, indent=2))
+            continue
+        model, run = ModelShape(**plan["model"]), TrainRun(**plan["run"])
+        print(format_train_table(model, run, plan["bytes"], plan["hbm_bytes"]))
+        verdict = "fits" if plan["fits"] else "does not fit"
+        print(f"{verdict} a {plan['topology']} chip ({plan['hbm_bytes'] / GiB:.2f} GiB HBM); calibrated against "
+              "deviceless compiles: python -m lc_jax.aot gives the compiler's own figure\n")
     return 0
 
 

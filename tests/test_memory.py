@@ -170,3 +170,30 @@ def test_function_errors():
         tiny(heads=3, kv=2)
     with pytest.raises(CalculatorError, match="context"):
         memory.attention_flops(L8B, 0)
+
+
+def test_train_memory_state_is_exact_and_the_rest_follows_tokens_per_chip():
+    # The 8B shape on 64 chips, fsdp 4 x context 16: each chip holds a quarter of the f32 parameters and of
+    # both AdamW moments (replicated over the ring), and 4 sequences x 128K tokens / (4 x 16) = 8K tokens.
+    run = memory.TrainRun(seq_len=131072, batch=4, mesh=dict(data=1, fsdp=4, tensor=1, context=16))
+    mem = memory.train_memory(L8B, run)
+    assert run.tokens_per_chip == 8192
+    assert mem["parameters"] == 8_030_261_248 * 4 // 4 and mem["optimizer"] == 2 * mem["parameters"]
+    assert mem["logits"] == 8192 * 128256 * 4 * memory.LOGIT_COPIES
+    assert mem["total"] == mem["arguments"] + mem["temporaries"] + mem["program"]
+    # Twice the tokens per chip (half the ring): the state stays, the activation terms double.
+    half = memory.train_memory(L8B, memory.TrainRun(seq_len=131072, batch=4, mesh=dict(fsdp=4, context=8)))
+    assert half["arguments"] == mem["arguments"]
+    assert half["saved_activations"] == 2 * mem["saved_activations"] and half["logits"] == 2 * mem["logits"]
+    with pytest.raises(CalculatorError, match="does not split"):
+        memory.TrainRun(seq_len=1000, batch=4, mesh=dict(fsdp=4, context=16))
+
+
+def test_train_cli(capsys):
+    assert memory.main(["--model", "configs/tpu/llama1b_32k.py", "--train"]) == 0
+    out = capsys.readouterr().out
+    assert "mesh {'data': 1, 'fsdp': 2, 'tensor': 1, 'context': 4}" in out and "v5p:2x2x2" in out
+    assert memory.main(["--model", "configs/tpu/llama1b_32k.py", "--train", "--topology", "v9:2"]) == 2
+    assert "topology='v9:2'" in capsys.readouterr().err
+    assert memory.main(["--model", "llama3.1-8b", "--train"]) == 2
+    assert "needs a config file" in capsys.readouterr().err
