@@ -37,9 +37,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             layout="half",  # rope: half (rotate-half) | interleaved
             fraction=1.0,  # rope: share of each head that rotates
             fraction_mode="rotary_dims",  # rotary_dims (partial RoPE) | p_rope (keep highest frequencies)
-            # Context extension (rope only): none | linear | ntk | dynamic_ntk | yarn | llama3.
+            # Context extension (rope only): none | linear | ntk | dynamic_ntk | yarn | yarn_ratio_ramp | llama3
+            # (lc_jax/positions/rope_scaling.py; Hugging Face presets: lc_jax.positions.hf.preset).
             # factor 0: the method's default (1; llama3: 8); original_max_len 0: data.seq_len (llama3: 8192).
-            scaling=dict(name="none", factor=0.0, original_max_len=0, alpha=1.0, beta=32.0,
+            # yarn: beta_fast / beta_slow rotations bound the ramp; mscale, mscale_all_dim, attention_factor
+            # (0: unset) as in Hugging Face's rope_scaling; truncate: floor/ceil the ramp ends (gpt-oss: False).
+            scaling=dict(name="none", factor=0.0, original_max_len=0, beta_fast=32.0, beta_slow=1.0,
+                         mscale=0.0, mscale_all_dim=0.0, attention_factor=0.0, truncate=True,
                          low_freq_factor=1.0, high_freq_factor=4.0),
         ),
         attention=dict(
@@ -50,6 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 index_heads=4,  # H_I indexer heads
                 index_dim=32,  # d_I per indexer head
                 index_rope_dim=16,  # leading indexer dims that get RoPE (0: none)
+                index_norm="layernorm",  # the indexer key's norm: layernorm (DeepSeek-V3.2) | rmsnorm
                 warmup_steps=1000,  # dense warm-up steps (indexer trained by KL); sparse from then on
                 warmup_mode="joint",  # joint: LM trains too (from scratch) | frozen: only the indexer trains
                 kl_weight=1.0,

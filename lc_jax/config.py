@@ -105,8 +105,12 @@ def _check_scaling(p, field, factor_field, name, factor, m, pos):
     if not (isinstance(factor, (int, float)) and (factor == 0 or factor >= 1)):
         p.append(f"{factor_field}={factor!r}: must be >= 1 (0: the method's default)")
     sc = pos.scaling
-    if name == "yarn" and not sc.alpha < sc.beta:
-        p.append(f"model.position.scaling.alpha={sc.alpha} must be < beta={sc.beta}")
+    if name in ("yarn", "yarn_ratio_ramp") and not 0 < sc.beta_slow < sc.beta_fast:
+        p.append(f"model.position.scaling.beta_slow={sc.beta_slow}, beta_fast={sc.beta_fast}: "
+                 "need 0 < beta_slow < beta_fast (rotations over the original context; reference 1 and 32)")
+    for f in ("mscale", "mscale_all_dim", "attention_factor"):
+        if not (isinstance(sc[f], (int, float)) and sc[f] >= 0):
+            p.append(f"model.position.scaling.{f}={sc[f]!r}: must be a number >= 0 (0: unset)")
     if name == "llama3" and not sc.low_freq_factor < sc.high_freq_factor:
         p.append(f"model.position.scaling.low_freq_factor={sc.low_freq_factor} must be < "
                  f"high_freq_factor={sc.high_freq_factor}")
@@ -126,6 +130,27 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
+def upgrade_saved(d: dict) -> dict:
+    """A run directory's config.json written before the reference-matching change, in today's fields.
+
+    Such a run trained with YaRN's ratio ramp (fields alpha / beta) and the RMSNorm
+    indexer key, so it is mapped to `yarn_ratio_ramp` and `index_norm='rmsnorm'`:
+    its checkpoint restores and evaluates as it trained. Current configs pass unchanged.
+    """
+    model = d.get("model", {})
+    sc = model.get("position", {}).get("scaling")
+    if sc is not None and "alpha" in sc and "beta_fast" not in sc:
+        sc["beta_slow"], sc["beta_fast"] = sc.pop("alpha"), sc.pop("beta")
+        if sc.get("name") == "yarn":
+            sc["name"] = "yarn_ratio_ramp"
+        for key, value in dict(mscale=0.0, mscale_all_dim=0.0, attention_factor=0.0, truncate=True).items():
+            sc.setdefault(key, value)
+    ds = model.get("attention", {}).get("dsa")
+    if ds is not None and "index_norm" not in ds:
+        ds["index_norm"] = "rmsnorm"
+    return d
+
+
 def _check_dsa(p: list[str], ds) -> None:
     for f in ("topk", "index_heads", "index_dim", "index_block_q", "index_block_k"):
         _positive(p, f"model.attention.dsa.{f}", ds[f])
@@ -135,6 +160,7 @@ def _check_dsa(p: list[str], ds) -> None:
             p.append(f"model.attention.dsa.index_rope_dim={ds.index_rope_dim}: must be even and "
                      f"<= model.attention.dsa.index_dim={ds.index_dim}")
     _allowed(p, "model.attention.dsa.warmup_mode", ds.warmup_mode, dsa.WARMUP_MODES)
+    _allowed(p, "model.attention.dsa.index_norm", ds.get("index_norm", "layernorm"), dsa.INDEX_NORMS)
     _allowed(p, "model.attention.dsa.select", ds.get("select", "auto"), dsa.SELECT_IMPLS)
     for f in ("kl_weight", "lr", "weight_decay"):
         _positive(p, f"model.attention.dsa.{f}", ds[f], zero_ok=True, kind=(float, int))

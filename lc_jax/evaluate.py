@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lc_jax import config as config_lib
+
 # `eval.protocol='sliding'` states this protocol instead of the module docstring's.
 SLIDING_PROTOCOL = (
     "validation documents at least as long as the longest evaluation length, packed (`concat`) in a fixed order "
@@ -108,7 +110,8 @@ def load_config(workdir: str | Path):
             return {k: tuples(v) for k, v in x.items()}
         return tuple(tuples(v) for v in x) if isinstance(x, list) else x
 
-    return ml_collections.ConfigDict(tuples(json.loads((Path(workdir) / "config.json").read_text())))
+    saved = config_lib.upgrade_saved(json.loads((Path(workdir) / "config.json").read_text()))
+    return ml_collections.ConfigDict(tuples(saved))
 
 
 def load_params(workdir: str | Path, config, step: int | None = None):

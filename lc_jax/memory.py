@@ -64,6 +64,7 @@ class ModelShape:
     dsa_topk: int | None = None  # DSA sparse attention: keys per query
     index_heads: int = 0  # DSA lightning indexer: H_I heads of d_I dims
     index_dim: int = 0
+    index_norm: str = "layernorm"  # the indexer key's norm: layernorm has a bias, rmsnorm does not
     learned_positions: int = 0  # rows of a learned absolute-position table (0: none)
 
     def __post_init__(self):
@@ -117,11 +118,16 @@ def from_config(config: Any, name: str = "config") -> ModelShape:
         tie_embeddings=bool(m.tie_embeddings), window=att.window if att.name == "sliding" else None,
         dsa_topk=att.dsa.topk if dsa else None, index_heads=att.dsa.index_heads if dsa else 0,
         index_dim=att.dsa.index_dim if dsa else 0,
+        index_norm=att.dsa.get("index_norm", "layernorm") if dsa else "layernorm",
         learned_positions=m.max_seq_len if m.position.name == "learned" else 0,
     )
 
 
 # ----------------------------------------------------------------------------- parameters and bytes
+
+
+def _index_norm_params(model: ModelShape) -> int:
+    return model.index_dim * (2 if model.index_norm == "layernorm" else 1)
 
 
 def param_breakdown(model: ModelShape) -> dict[str, int]:
@@ -132,8 +138,8 @@ def param_breakdown(model: ModelShape) -> dict[str, int]:
         "embed": model.vocab_size * d,
         "positions": model.learned_positions * d,
         "attention": L * (d * H * D + 2 * d * K * D + H * D * d),  # wq, wk, wv, wo
-        # DSA Indexer: wq [d, H_I, d_I], wk [d, d_I], k_scale [d_I], ww [d, H_I]
-        "indexer": L * (d * hi * di + d * di + di + d * hi) if model.dsa_topk is not None else 0,
+        # DSA Indexer: wq [d, H_I, d_I], wk [d, d_I], k_scale [d_I] (+ k_bias [d_I] for layernorm), ww [d, H_I]
+        "indexer": L * (d * hi * di + d * di + _index_norm_params(model) + d * hi) if model.dsa_topk is not None else 0,
         "mlp": L * 3 * d * model.mlp_dim,  # SwiGLU: w_gate, w_up, w_down
         "norms": (2 * L + 1) * d,  # two RMSNorms per block, one final
         "head": 0 if model.tie_embeddings else d * model.vocab_size,
@@ -151,7 +157,7 @@ def matmul_params(model: ModelShape) -> int:
     The input embedding and learned positions are lookups and norms are elementwise, so they are left out.
     """
     p = param_breakdown(model)
-    index_scales = model.num_layers * model.index_dim if model.dsa_topk is not None else 0  # k_scale: elementwise
+    index_scales = model.num_layers * _index_norm_params(model) if model.dsa_topk is not None else 0  # elementwise
     return p["attention"] + p["indexer"] - index_scales + p["mlp"] + model.d_model * model.vocab_size
 
 

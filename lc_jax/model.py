@@ -23,7 +23,7 @@ from flax import nnx
 
 from lc_jax import attention as attention_variants
 from lc_jax import ops, positions
-from lc_jax.positions.rope import RoPE, apply_rope
+from lc_jax.positions.rope import RoPE
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = {
@@ -181,9 +181,7 @@ class Attention(nnx.Module):
         kv_seg_BS = jnp.concatenate([cache.seg_BS, jnp.zeros((B, T), jnp.int32)], axis=1)
         if cache.pre_rotation:
             current_len = jnp.maximum(pos_BT.max(), cache.pos_BS.max()) + 1 if rope_len is None else rope_len
-            inv_freq, mscale = position.frequencies(current_len)
-            q_BTHD = apply_rope(q_BTHD, pos_BT, inv_freq, position.layout, mscale)
-            keys_BSKD = apply_rope(keys_BSKD, kv_pos_BS, inv_freq, position.layout, mscale)
+            q_BTHD, keys_BSKD = position.rotate(q_BTHD, keys_BSKD, pos_BT, kv_pos_BS, current_len)
         out_BTHD = self.variant(
             q_BTHD, keys_BSKD, values_BSKD, q_pos_BT=pos_BT, kv_pos_BS=kv_pos_BS,
             q_seg_BT=jnp.zeros((B, T), jnp.int32), kv_seg_BS=kv_seg_BS,

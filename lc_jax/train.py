@@ -78,9 +78,13 @@ def make_optimizer(t, model_cfg=None) -> tuple[optax.GradientTransformation, opt
 
 
 def build_model(config, rngs=None) -> Transformer:
-    """An eager, unsharded model (notebooks, tests). Training uses `init_state` instead."""
+    """An eager, unsharded model (notebooks, tests). Training uses `init_state` instead.
+
+    Fields that default to others are resolved first (on a copy), as training does,
+    so a notebook gets the frequencies its run would.
+    """
     with nnx.use_eager_sharding(False):
-        return Transformer.from_config(config.model, rngs=rngs or nnx.Rngs(config.seed))
+        return Transformer.from_config(resolve(copy.deepcopy(config)).model, rngs=rngs or nnx.Rngs(config.seed))
 
 
 def fresh_state(config, tx) -> dict:

@@ -22,7 +22,7 @@ def _freqs(head_dim=8, current_len=None, **kw):
     scaling = {k: v for k, v in kw.items() if k not in ("fraction", "fraction_mode", "theta")}
     rope = RoPE(head_dim=head_dim, theta=kw.get("theta", 10000.0), fraction=kw.get("fraction", 1.0),
                 fraction_mode=kw.get("fraction_mode", "rotary_dims"), scaling=scaling or None)
-    inv, mscale = rope.frequencies(current_len)
+    inv, mscale, _ = rope.frequencies(current_len)
     return np.asarray(inv, np.float64), mscale
 
 
@@ -60,18 +60,28 @@ def test_dynamic_ntk_grows_with_length():
                                [b ** (-i / 4) for i in range(4)], rtol=1e-5)
 
 
-def test_yarn():
+def test_yarn_ratio_ramp_is_the_papers_literal_ramp():
     # L = 64: r_i = 64 * inv_i / (2 pi) = [10.186, 1.0186, 0.10186, 0.010186]
     # gamma = clip((r - 1) / 31, 0, 1) = [0.29633, 0.00060, 0, 0]
-    inv, m = _freqs(name="yarn", factor=4.0, original_max_len=64, alpha=1.0, beta=32.0)
+    inv, m = _freqs(name="yarn_ratio_ramp", factor=4.0, original_max_len=64, beta_slow=1.0, beta_fast=32.0)
     np.testing.assert_allclose(inv, [0.4722399119, 0.0250449798, 0.0025, 0.00025], rtol=1e-8)
     assert m == pytest.approx(0.1 * math.log(4) + 1)  # 1.13863
     # L = 4096, d = 8: every r_i > 32 except the last two -> those follow PI
-    inv, _ = _freqs(name="yarn", factor=8.0, original_max_len=4096)
+    inv, _ = _freqs(name="yarn_ratio_ramp", factor=8.0, original_max_len=4096)
     r = 4096 * PLAIN / (2 * math.pi)  # [651.9, 65.19, 6.519, 0.6519]
     g = np.clip((r - 1) / 31, 0, 1)
     np.testing.assert_allclose(inv, (1 - g) * PLAIN / 8 + g * PLAIN, rtol=1e-12)
     assert inv[0] == 1.0 and inv[1] == 0.1 and inv[3] == PLAIN[3] / 8
+
+
+def test_yarn_worked_example():
+    # d = 8, b = 10000, s = 4, L = 64 (jquesnelle/yarn's index ramp):
+    # dim(32 rotations) = 8 ln(64 / (64 pi)) / (2 ln 10000) = -0.497 -> floor -1 -> clamp 0
+    # dim(1 rotation)   = 8 ln(64 / (2 pi))  / (2 ln 10000) =  1.008 -> ceil 2
+    # ramp over i = 0..3: i / 2 -> [0, 0.5, 1, 1]; extrapolation share 1 - ramp = [1, 0.5, 0, 0]
+    inv, m = _freqs(name="yarn", factor=4.0, original_max_len=64)
+    np.testing.assert_allclose(inv, [1.0, 0.5 * 0.1 / 4 + 0.5 * 0.1, 0.01 / 4, 0.001 / 4], rtol=1e-7)
+    assert m == pytest.approx(0.1 * math.log(4) + 1)
 
 
 def test_yarn_scales_logits_by_mscale_squared():
@@ -99,16 +109,16 @@ def test_llama3():
 def test_partial_rotary_uses_rotated_width():
     # head_dim 16, fraction 0.5: rotate 8 dims with frequencies of width 8
     rope = RoPE(head_dim=16, fraction=0.5)
-    inv, _ = rope.frequencies()
+    inv = rope.frequencies().inv_freq
     np.testing.assert_allclose(inv, PLAIN, rtol=1e-12)
     x = jax.random.normal(jax.random.PRNGKey(0), (1, 6, 2, 16))
     pos = jnp.arange(6)[None] + 3
     q, _ = rope.rotate(x, x[:, :, :1], pos, pos)
     np.testing.assert_array_equal(q[..., 8:], x[..., 8:])
     assert not np.allclose(q[..., :8], x[..., :8])
-    # with YaRN on top: width 8 in the ramp too
+    # with YaRN on top: width 8 in the ramp too (test_yarn_worked_example)
     rope = RoPE(head_dim=16, fraction=0.5, scaling={"name": "yarn", "factor": 4.0, "original_max_len": 64})
-    np.testing.assert_allclose(rope.frequencies()[0], [0.4722399119, 0.0250449798, 0.0025, 0.00025], rtol=1e-8)
+    np.testing.assert_allclose(rope.frequencies()[0], [1.0, 0.0625, 0.0025, 0.00025], rtol=1e-7)
 
 
 def test_p_rope_keeps_highest_frequencies_of_full_width():
@@ -131,6 +141,7 @@ def test_alibi_slopes(n, expected):
 SCHEMES = [
     {}, {"name": "linear", "factor": 4.0}, {"name": "ntk", "factor": 4.0},
     {"name": "yarn", "factor": 4.0, "original_max_len": 64}, {"name": "llama3"},
+    {"name": "yarn", "factor": 40.0, "original_max_len": 64, "mscale": 1.0, "mscale_all_dim": 1.0},
 ]
 
 
@@ -154,6 +165,7 @@ def test_rope_scores_depend_only_on_relative_distance(layout, scaling):
 @pytest.mark.parametrize("scaling", [
     {"name": "linear", "factor": 1.0}, {"name": "ntk", "factor": 1.0},
     {"name": "yarn", "factor": 1.0, "original_max_len": 64},
+    {"name": "yarn_ratio_ramp", "factor": 1.0, "original_max_len": 64},
 ])
 def test_scalings_with_factor_one_are_plain_rope(scaling):
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 2, 16))
@@ -162,9 +174,9 @@ def test_scalings_with_factor_one_are_plain_rope(scaling):
     q, k = RoPE(head_dim=16, scaling=scaling).rotate(x, x, pos, pos)
     np.testing.assert_array_equal(q, plain_q)
     np.testing.assert_array_equal(k, plain_k)
-    inv, m = RoPE(head_dim=16, scaling=scaling).frequencies()
+    inv, m, logit_scale = RoPE(head_dim=16, scaling=scaling).frequencies()
     np.testing.assert_array_equal(inv, rope_inv_freq(16, 10000.0))
-    assert m == 1.0
+    assert m == 1.0 and logit_scale == 1.0
 
 
 def test_resolve_defaults():

@@ -14,17 +14,17 @@ from __future__ import annotations
 import ml_collections
 
 from configs.tpu.common import shrink, tpu_config
+from lc_jax import positions
 from lc_jax.config import parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     a = parse_arg(arg, local=False)
     c = tpu_config(topology="v5p:4x4x4", local=a.local)
-    c.model.update(vocab_size=128256, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
-                   mlp_dim=14336, max_seq_len=131072)
-    c.model.position.update(theta=500000.0)
-    c.model.position.scaling.update(name="llama3", factor=8.0, original_max_len=8192, low_freq_factor=1.0,
-                                    high_freq_factor=4.0)
+    rope = positions.preset("llama3.1")  # Llama-3.1's RoPE exactly, as transformers computes it
+    c.model.update(vocab_size=128256, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                   head_dim=rope.head_dim, mlp_dim=14336, max_seq_len=rope.max_position_embeddings)
+    c.model.position.update(rope.position)
     c.data.update(seq_len=131072, batch_size=4)
     c.mesh.update(context=16)
     return shrink(c) if a.local else c

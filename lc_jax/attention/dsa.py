@@ -4,9 +4,19 @@ A small indexer scores every visible key s for every query t,
 
     I[t, s] = sum_j w[t, j] * ReLU(q_I[t, j] . k_I[s]),        j = 1..H_I indexer heads,
 
-with q_I[t, j] = x_t W_q^I (d_I dims per head), one shared k_I[s] = norm(x_s W_k^I)
-per token, RoPE on the first `index_rope_dim` dims of both, and
-w[t, j] = (x_t W_w)_j * (H_I * d_I)^-1/2. Each query then attends only to its
+with q_I[t, j] = x_t W_q^I (d_I dims per head), one shared k_I[s] = LayerNorm(x_s W_k^I)
+per token, RoPE (rotate-half) on the first `index_rope_dim` dims of both, and
+w[t, j] = (x_t W_w)_j * (H_I * d_I)^-1/2.
+
+Reference: `Indexer` in deepseek-ai/DeepSeek-V3.2-Exp, inference/model.py: k = k_norm(wk(x))
+with `k_norm` a LayerNorm with weight and bias (eps 1e-6, in f32), RoPE on the leading
+`rope_head_dim` dims, non-interleaved in the indexer, and weights_proj(x) * H_I^-1/2 * d_I^-1/2.
+Named departures: the indexer's query reads the hidden state x (the reference reads
+the MLA query latent, which this model does not have); the indexer's RoPE is plain
+RoPE with theta 10000 (the reference shares the model's YaRN-scaled frequencies);
+no Hadamard rotation or FP8 quantisation of q and k (the reference uses them for its
+FP8 kernel; in exact arithmetic a Hadamard rotation leaves q . k unchanged).
+`index_norm='rmsnorm'` keeps the earlier RMSNorm key for ablations. Each query then attends only to its
 top-k keys by I (all visible keys when fewer than k are visible); the set is
 shared by all heads of the query.
 
@@ -54,6 +64,8 @@ from pallas_kernels.flash_attention.masks import block_visible, pad_axis, pad_po
 from pallas_kernels.sparse_attention import default_block_q, gather_rows, query_blocks, sparse_attention
 
 WARMUP_MODES = ("joint", "frozen")
+INDEX_NORMS = ("layernorm", "rmsnorm")
+INDEX_NORM_EPS = 1e-6  # the reference's LayerNorm default
 METRICS = ("kl", "recall", "recall_oracle", "recall_window", "recall_random", "older_than_window")
 sg = lax.stop_gradient
 
@@ -65,13 +77,17 @@ class Indexer(nnx.Module):
     """q_I (H_I x d_I), one normalised k_I (d_I) and H_I weights per token, from the (detached) hidden state."""
 
     def __init__(self, *, d_model: int, index_heads: int, index_dim: int, index_rope_dim: int, param_dtype,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, index_norm: str = "layernorm"):
+        if index_norm not in INDEX_NORMS:
+            raise ValueError(f"model.attention.dsa.index_norm={index_norm!r} is not one of {INDEX_NORMS}")
         init = jax.nn.initializers.normal(stddev=d_model**-0.5)
-        self.heads, self.dim = index_heads, index_dim
+        self.heads, self.dim, self.norm = index_heads, index_dim, index_norm
         self.wq = nnx.Param(init(rngs.params(), (d_model, index_heads, index_dim), param_dtype),
                             out_sharding=("embed", "index_heads", "index_dim"))
         self.wk = nnx.Param(init(rngs.params(), (d_model, index_dim), param_dtype), out_sharding=("embed", "index_dim"))
         self.k_scale = nnx.Param(jnp.ones((index_dim,), param_dtype), out_sharding=("index_dim",))
+        if index_norm == "layernorm":
+            self.k_bias = nnx.Param(jnp.zeros((index_dim,), param_dtype), out_sharding=("index_dim",))
         self.ww = nnx.Param(init(rngs.params(), (d_model, index_heads), param_dtype),
                             out_sharding=("embed", "index_heads"))
         self.rope_dim = index_rope_dim
@@ -81,13 +97,22 @@ class Indexer(nnx.Module):
         x = x_BTE.astype(jnp.float32)
         q_BTJd = jnp.einsum("bte,ejd->btjd", x, self.wq[...])
         k_BTd = x @ self.wk[...]
-        k_BTd = k_BTd * lax.rsqrt(jnp.mean(k_BTd * k_BTd, -1, keepdims=True) + 1e-6) * self.k_scale[...]
+        k_BTd = index_key_norm(k_BTd, self.k_scale[...], self.k_bias[...] if self.norm == "layernorm" else None)
         if self.rope_dim:
             inv_freq = rope_inv_freq(self.rope_dim, 10000.0)
             q_BTJd = apply_rope(q_BTJd, pos_BT, inv_freq)
             k_BTd = apply_rope(k_BTd[:, :, None], pos_BT, inv_freq)[:, :, 0]
         w_BTJ = (x @ self.ww[...]) * (self.heads * self.dim) ** -0.5
         return q_BTJd, w_BTJ, k_BTd
+
+
+def index_key_norm(k_BTd, scale_d, bias_d=None, eps: float = INDEX_NORM_EPS):
+    """LayerNorm over d_I with weight and bias (the reference), or RMSNorm where `bias_d` is None."""
+    if bias_d is None:
+        return k_BTd * lax.rsqrt(jnp.mean(k_BTd * k_BTd, -1, keepdims=True) + eps) * scale_d
+    mean = jnp.mean(k_BTd, -1, keepdims=True)
+    var = jnp.mean(jnp.square(k_BTd - mean), -1, keepdims=True)
+    return (k_BTd - mean) * lax.rsqrt(var + eps) * scale_d + bias_d
 
 
 def index_scores(q_BQJd, w_BQJ, k_BKd):
@@ -419,7 +444,8 @@ class DSA(AttentionVariant):
         self.topk, self.block_q, self.block_k = int(dsa["topk"]), int(dsa["index_block_q"]), int(dsa["index_block_k"])
         self.select = str(dsa.get("select", "auto"))
         self.indexer = Indexer(d_model=d_model, index_heads=dsa["index_heads"], index_dim=dsa["index_dim"],
-                               index_rope_dim=dsa["index_rope_dim"], param_dtype=param_dtype, rngs=rngs)
+                               index_rope_dim=dsa["index_rope_dim"], param_dtype=param_dtype, rngs=rngs,
+                               index_norm=dsa.get("index_norm", "layernorm"))
         self.sparse = False  # set per step by `configure` (the stage follows the training step)
         self.diagnostics = False
 

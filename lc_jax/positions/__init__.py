@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from lc_jax.positions.alibi import ALiBi
 from lc_jax.positions.base import PositionScheme
+from lc_jax.positions.hf import from_hf, preset, to_hf
 from lc_jax.positions.learned import Learned
 from lc_jax.positions.nope import NoPE
 from lc_jax.positions.rope import RoPE
 from lc_jax.positions.sinusoidal import Sinusoidal
+
+__all__ = ["REGISTRY", "PositionScheme", "build", "from_hf", "preset", "to_hf"]
 
 REGISTRY: dict[str, type[PositionScheme]] = {
     "nope": NoPE,

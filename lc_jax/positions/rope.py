@@ -11,8 +11,9 @@ Two ways to rotate only part of each head:
     from the full width, keep the `fraction` highest and set the lowest to zero, so
     those pairs carry no position (they become NoPE channels).
 
-Context-extension scalings (`scaling.name`: linear, ntk, dynamic_ntk, yarn, llama3)
-live in `rope_scaling.py`; they change the frequencies and may scale q and k.
+Context-extension scalings (`scaling.name`: linear, ntk, dynamic_ntk, yarn,
+yarn_ratio_ramp, llama3) live in `rope_scaling.py`; they change the frequencies and
+may scale q and k. `hf.py` reads and writes Hugging Face `rope_scaling` dictionaries.
 """
 
 from __future__ import annotations
@@ -40,9 +41,13 @@ def rope_inv_freq(rot_dim: int, theta: float) -> np.ndarray:
 
 
 def p_rope_keep(rot_dim: int, fraction: float) -> np.ndarray:
-    """Mask of the frequencies p-RoPE keeps: the highest `fraction` of them (lowest indices i)."""
-    n = rot_dim // 2
-    return np.arange(n) < int(round(fraction * n))
+    """Mask of the frequencies p-RoPE keeps: the highest `fraction` of them (lowest indices i).
+
+    The count truncates, `int(p * head_dim // 2)`, as `apply_p_rope` in the paper's code
+    (Barbero et al., "Round and Round We Go! What makes Rotary Positional Encodings
+    useful?", arXiv:2410.06205, appendix): p = 0.3 of 20 dims keeps 3 pairs, not 3.5 -> 4.
+    """
+    return np.arange(rot_dim // 2) < int(fraction * rot_dim // 2)
 
 
 def apply_rope(x_BTHD, pos_BT, inv_freq_F, layout: str = "half", mscale: float = 1.0):
@@ -77,20 +82,24 @@ class RoPE(PositionScheme):
         self.keep = p_rope_keep(self.rot_dim, fraction) if fraction_mode == "p_rope" else None
         self.scaling = rope_scaling.resolve(dict(scaling or {"name": "none"}))
 
-    def frequencies(self, current_len=None):
-        """(inv_freq, mscale) after scaling; `current_len` feeds dynamic NTK."""
+    def frequencies(self, current_len=None) -> rope_scaling.Scaled:
+        """(inv_freq, mscale, logit_scale) after scaling; `current_len` feeds dynamic NTK."""
         s = dict(self.scaling)
         name = s.pop("name")
-        inv_freq, mscale = rope_scaling.REGISTRY[name](
+        scaled = rope_scaling.REGISTRY[name](
             rope_inv_freq(self.rot_dim, self.theta), rot_dim=self.rot_dim, theta=self.theta,
             current_len=current_len, **s)
         if self.keep is not None:
-            inv_freq = inv_freq * self.keep
-        return inv_freq, mscale
+            scaled = scaled._replace(inv_freq=scaled.inv_freq * self.keep)
+        return scaled
 
-    def rotate(self, q_BTHD, k_BSKD, q_pos_BT, kv_pos_BS):
-        current_len = jnp.maximum(q_pos_BT.max(), kv_pos_BS.max()) + 1
-        inv_freq, mscale = self.frequencies(current_len)
+    def rotate(self, q_BTHD, k_BSKD, q_pos_BT, kv_pos_BS, current_len=None):
+        """Rotate q and k; `current_len` (dynamic NTK) defaults to the largest position + 1 seen here."""
+        if current_len is None:
+            current_len = jnp.maximum(q_pos_BT.max(), kv_pos_BS.max()) + 1
+        inv_freq, mscale, logit_scale = self.frequencies(current_len)
         q = apply_rope(q_BTHD, q_pos_BT, inv_freq, self.layout, mscale)
         k = apply_rope(k_BSKD, kv_pos_BS, inv_freq, self.layout, mscale)
+        if logit_scale != 1.0:  # every logit, as a softmax-scale factor: on q alone, all dims
+            q = (q.astype(jnp.float32) * logit_scale).astype(q.dtype)
         return q, k
