@@ -10,6 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 from lc_jax.config import parse_arg
+from lc_jax.positions import rope_scaling
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -39,12 +40,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             fraction_mode="rotary_dims",  # rotary_dims (partial RoPE) | p_rope (keep highest frequencies)
             # Context extension (rope only): none | linear | ntk | dynamic_ntk | yarn | yarn_ratio_ramp | llama3
             # (lc_jax/positions/rope_scaling.py; Hugging Face presets: lc_jax.positions.hf.preset).
-            # factor 0: the method's default (1; llama3: 8); original_max_len 0: data.seq_len (llama3: 8192).
-            # yarn: beta_fast / beta_slow rotations bound the ramp; mscale, mscale_all_dim, attention_factor
-            # (0: unset) as in Hugging Face's rope_scaling; truncate: floor/ceil the ramp ends (gpt-oss: False).
-            scaling=dict(name="none", factor=0.0, original_max_len=0, beta_fast=32.0, beta_slow=1.0,
-                         mscale=0.0, mscale_all_dim=0.0, attention_factor=0.0, truncate=True,
-                         low_freq_factor=1.0, high_freq_factor=4.0),
+            # Fields and their meaning: rope_scaling.FIELD_DEFAULTS.
+            scaling=dict(rope_scaling.FIELD_DEFAULTS),
         ),
         attention=dict(
             name=a.attention, window=1024, impl="auto", block_q=256, block_k=512,

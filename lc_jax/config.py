@@ -143,7 +143,7 @@ def upgrade_saved(d: dict) -> dict:
         sc["beta_slow"], sc["beta_fast"] = sc.pop("alpha"), sc.pop("beta")
         if sc.get("name") == "yarn":
             sc["name"] = "yarn_ratio_ramp"
-        for key, value in dict(mscale=0.0, mscale_all_dim=0.0, attention_factor=0.0, truncate=True).items():
+        for key, value in rope_scaling.FIELD_DEFAULTS.items():
             sc.setdefault(key, value)
     ds = model.get("attention", {}).get("dsa")
     if ds is not None and "index_norm" not in ds:

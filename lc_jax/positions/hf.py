@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from lc_jax.positions import rope_scaling
+from lc_jax.positions import rope_scaling as scalings  # `rope_scaling` is Hugging Face's argument name here
 
 #: Hugging Face rope_type -> lc_jax scaling name.
 HF_TO_LC = {"default": "none", "linear": "linear", "dynamic": "dynamic_ntk", "yarn": "yarn", "llama3": "llama3"}
@@ -37,12 +37,6 @@ class Preset(NamedTuple):
     position: dict  # for `config.model.position`
     head_dim: int  # the rotated head width the frequencies are defined for
     max_position_embeddings: int
-
-
-def _scaling_defaults() -> dict[str, Any]:
-    """Every scaling field at its unset value (the same defaults as configs/base.py)."""
-    return dict(name="none", factor=0.0, original_max_len=0, beta_fast=32.0, beta_slow=1.0, mscale=0.0,
-                mscale_all_dim=0.0, attention_factor=0.0, truncate=True, low_freq_factor=1.0, high_freq_factor=4.0)
 
 
 def from_hf(rope_scaling: dict | None, rope_theta: float, head_dim: int, max_position_embeddings: int, *,
@@ -66,7 +60,7 @@ def from_hf(rope_scaling: dict | None, rope_theta: float, head_dim: int, max_pos
     if head_dim <= 0 or rot < 2 or rot % 2:
         raise ValueError(f"head_dim={head_dim} x partial_rotary_factor={partial_rotary_factor} = {rot}: "
                          "the rotated width must be a positive even number")
-    scaling = _scaling_defaults()
+    scaling = dict(scalings.FIELD_DEFAULTS)
     scaling["name"] = HF_TO_LC[rope_type]
     if rope_type != "default":
         original = rs.get("original_max_position_embeddings") or max_position_embeddings
@@ -102,7 +96,7 @@ def to_hf(position: Any, max_position_embeddings: int | None = None) -> dict:
     if p.get("fraction_mode", "rotary_dims") != "rotary_dims":
         raise ValueError(f"model.position.fraction_mode={p['fraction_mode']!r}: Hugging Face has only partial "
                          "rotation ('rotary_dims')")
-    sc = rope_scaling.resolve(dict(_scaling_defaults(), **dict(p.get("scaling") or {})))
+    sc = scalings.resolve(dict(scalings.FIELD_DEFAULTS, **dict(p.get("scaling") or {})))
     name = sc["name"]
     if name not in LC_TO_HF:
         raise ValueError(f"model.position.scaling.name={name!r} has no Hugging Face rope_type; allowed "

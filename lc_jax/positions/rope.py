@@ -45,7 +45,7 @@ def p_rope_keep(rot_dim: int, fraction: float) -> np.ndarray:
 
     The count truncates, `int(p * head_dim // 2)`, as `apply_p_rope` in the paper's code
     (Barbero et al., "Round and Round We Go! What makes Rotary Positional Encodings
-    useful?", arXiv:2410.06205, appendix): p = 0.3 of 20 dims keeps 3 pairs, not 3.5 -> 4.
+    useful?", arXiv:2410.06205, appendix): p = 0.45 of 16 dims is 3.6 pairs and keeps 3 (rounding kept 4).
     """
     return np.arange(rot_dim // 2) < int(fraction * rot_dim // 2)
 

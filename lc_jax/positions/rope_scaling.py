@@ -23,6 +23,13 @@ import numpy as np
 SCALINGS = ("none", "linear", "ntk", "dynamic_ntk", "yarn", "yarn_ratio_ramp", "llama3")
 #: Methods whose frequencies depend on the pretraining length L (`original_max_len`).
 NEEDS_ORIGINAL_LEN = ("dynamic_ntk", "yarn", "yarn_ratio_ramp", "llama3")
+#: `model.position.scaling` fields at their unset values; configs/base.py, hf.py and saved-config upgrades share them.
+#: factor 0: the method's default (1; llama3: 8); original_max_len 0: data.seq_len (llama3: 8192);
+#: beta_fast / beta_slow: rotations bounding YaRN's ramp; mscale, mscale_all_dim, attention_factor: 0 = unset,
+#: as in Hugging Face's rope_scaling; truncate: floor/ceil the ramp ends (gpt-oss: False); llama3's band factors.
+FIELD_DEFAULTS = dict(name="none", factor=0.0, original_max_len=0, beta_fast=32.0, beta_slow=1.0, mscale=0.0,
+                      mscale_all_dim=0.0, attention_factor=0.0, truncate=True, low_freq_factor=1.0,
+                      high_freq_factor=4.0)
 
 
 class Scaled(NamedTuple):
