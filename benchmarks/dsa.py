@@ -53,7 +53,8 @@ from flax import nnx  # noqa: E402
 
 from configs import quickstart  # noqa: E402
 from lc_jax import config as config_lib  # noqa: E402
-from lc_jax import ops, sharding, train  # noqa: E402
+from lc_jax import ops, sharding, steps  # noqa: E402
+from lc_jax import state as state_lib  # noqa: E402
 from lc_jax.attention import dsa  # noqa: E402
 from pallas_kernels import sparse_attention_gpu, sparse_attention_tpu  # noqa: E402
 from pallas_kernels.flash_attention.masks import visible  # noqa: E402
@@ -78,9 +79,10 @@ def step_bytes(T: int, topk: int, sparse: bool, remat: str) -> int:
     config_lib.validate(c, num_devices=1)
     c = config_lib.resolve(c)
     mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
-    tx, schedule = train.make_optimizer(c.train, c.model)
-    graphdef, state = train.init_state(c, mesh, tx)
-    step = train.make_train_step(graphdef, tx, schedule, sparse=sparse, kl_weight=1.0)
+    tx, schedule = state_lib.make_optimizer(c.train, c.model)
+    graphdef, state = state_lib.init_state(c, mesh, tx)
+    step = steps.make_train_step(graphdef, tx, schedule, stage="sparse" if sparse else "dense",
+                                 aux_weights={"dsa_kl": 1.0})
     spec = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt)  # noqa: E731
     batch = {"inputs": spec((1, T), jnp.int32), "targets": spec((1, T), jnp.int32),
              "positions": spec((1, T), jnp.int32), "segment_ids": spec((1, T), jnp.int32),

@@ -40,7 +40,8 @@ import numpy as np  # noqa: E402
 
 from configs import quickstart  # noqa: E402
 from lc_jax import config as config_lib  # noqa: E402
-from lc_jax import sharding, train  # noqa: E402
+from lc_jax import sharding, steps  # noqa: E402
+from lc_jax import state as state_lib  # noqa: E402
 
 MiB = 2**20
 
@@ -59,9 +60,9 @@ def _config(n: int, seq_len: int, layout: str, args):
 def _setup(n: int, seq_len: int, layout: str, args):
     c = _config(n, seq_len, layout, args)
     mesh = sharding.make_mesh(c.mesh, jax.devices()[:n])
-    tx, schedule = train.make_optimizer(c.train)
-    graphdef, state = train.init_state(c, mesh, tx)
-    return c, mesh, state, train.make_train_step(graphdef, tx, schedule)
+    tx, schedule = state_lib.make_optimizer(c.train)
+    graphdef, state = state_lib.init_state(c, mesh, tx)
+    return c, mesh, state, steps.make_train_step(graphdef, tx, schedule)
 
 
 def _batch(seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:

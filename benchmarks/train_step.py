@@ -27,7 +27,8 @@ from pathlib import Path
 import jax
 
 from lc_jax import config as config_lib
-from lc_jax import sharding, train
+from lc_jax import sharding, steps
+from lc_jax import state as state_lib
 from lc_jax.data import make_dataset
 
 
@@ -42,9 +43,9 @@ def _set(cfg, assignment: str):
 
 def measure(cfg, mesh, batches: list) -> dict:
     """Compile (first step) and median step time of `cfg`'s model over `batches` (the first two are warm-up)."""
-    tx, schedule = train.make_optimizer(cfg.train)
-    graphdef, state = train.init_state(cfg, mesh, tx)
-    step_fn = train.make_train_step(graphdef, tx, schedule)
+    tx, schedule = state_lib.make_optimizer(cfg.train)
+    graphdef, state = state_lib.init_state(cfg, mesh, tx)
+    step_fn = steps.make_train_step(graphdef, tx, schedule)
     with jax.set_mesh(mesh):
         t0 = time.perf_counter()
         state, m = step_fn(state, batches[0])

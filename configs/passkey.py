@@ -18,6 +18,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs import base
+from lc_jax import evaluate as ev
 from lc_jax.config import parse_arg
 
 
@@ -45,6 +46,4 @@ def get_sweep() -> list[tuple[str, str]]:
 
 def evaluate(workdir) -> dict:
     """The whole evaluation suite (per-position loss, extrapolation, passkey heatmap) on the last checkpoint."""
-    from lc_jax import evaluate as ev
-
     return ev.run_suite(workdir)

@@ -18,7 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-from lc_jax.evaluate import _pyplot, draw_retrieval, plot_extrapolation
+from lc_jax.plots import draw_retrieval, plot_extrapolation, pyplot
 
 
 def load(workdir: Path) -> list[dict]:
@@ -105,7 +105,7 @@ def retrieval_sections(workdir: Path, out: Path) -> list[str]:
                 vals = [f"{cells[L][field]:.2f}" if field in cells.get(L, {}) else "-" for L in lengths]
                 label = f"{v:.0%}" if axis == "depth" else str(v)
                 md.append(f"| {name} | {label} | " + " | ".join(vals) + " |")
-        plt = _pyplot()
+        plt = pyplot()
         fig, axes = plt.subplots(1, len(members), figsize=(3.2 * len(members) + 1, 0.45 * len(first["rows"]) + 1.8),
                                  squeeze=False)
         for i, (ax, (name, res)) in enumerate(zip(axes[0], members)):

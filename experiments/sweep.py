@@ -4,8 +4,9 @@
 
 A config module may define `evaluate(workdir) -> dict` (written to
 `<member>/eval/summary.json`); otherwise each member gets the extrapolation
-sweep (`eval/extrapolation.json`). Each member gets `<workdir>/<name>/`; a finished member is skipped (training
-resumes from its checkpoints), so an interrupted sweep continues where it stopped.
+sweep (`eval/extrapolation.json`). Each member gets `<workdir>/<name>/`. Training resumes from a member's
+checkpoints, so an interrupted sweep continues where it stopped and a finished member trains no further
+step; its evaluation runs again (it is cheap next to training, and picks up changed `eval.*` settings).
 """
 
 from __future__ import annotations

@@ -37,10 +37,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 from jax.experimental.pallas import tpu as pltpu
+from ml_collections import config_flags
 
-from lc_jax import sharding, train
-from lc_jax.attention import dsa
+from lc_jax import attention, sharding, state, steps
 from lc_jax.config import ConfigError, resolve, validate
 
 GiB = 2**30
@@ -170,28 +171,30 @@ def _oom_bytes(err: Exception) -> tuple[str, int] | None:
 def compile_train_step(config, devices, *, name: str = "config", topology: str = "", stage: str = "auto"):
     """Lower and compile the train step of `config` for `devices`; returns (Report, compiled or None).
 
-    `stage` (DSA models): 'dense' (warm-up) or 'sparse'; 'auto' compiles the stage most steps run in.
+    `stage`: one of the attention variant's stages (DSA: 'dense' warm-up or 'sparse'); 'auto' compiles the
+    stage of the run's last step.
     Raises ConfigError before anything is traced when the config does not suit the device count.
     """
     chip = chip_info(jax.sharding.Mesh(np.asarray(devices[:1]), ("chip",)))
     validate(config, num_devices=len(devices), vmem_bytes=chip["vmem_bytes"])
     config = resolve(config)
     mesh = sharding.make_mesh(config.mesh, devices)
-    is_dsa = dsa.is_dsa(config.model)
-    if stage == "auto":
-        stage = "sparse" if is_dsa and config.model.attention.dsa.warmup_steps < config.train.steps else "dense"
-    if stage not in ("dense", "sparse"):
-        raise AOTError(f"--stage={stage!r}: allowed values are ['auto', 'dense', 'sparse']")
-    tx, schedule = train.make_optimizer(config.train, config.model)
-    graphdef, state = train.abstract_state(config, mesh, tx)
-    shardings = jax.tree.map(lambda x: x.sharding, state)
-    step = train.make_train_step(graphdef, tx, schedule, sparse=stage == "sparse",
-                                 kl_weight=config.model.attention.dsa.kl_weight if is_dsa else 0.0,
+    att = config.model.attention
+    variant = attention.REGISTRY[att.name]
+    if stage == "auto":  # the stage of the last step, where a run spends most of its time
+        stage = variant.stage_at(att, config.train.steps - 1)
+    if stage not in variant.STAGES:
+        raise AOTError(f"--stage={stage!r}: allowed values for model.attention.name={att.name!r} are "
+                       f"{['auto', *variant.STAGES]}")
+    tx, schedule = state.make_optimizer(config.train, config.model)
+    graphdef, abstract = state.abstract_state(config, mesh, tx)
+    shardings = jax.tree.map(lambda x: x.sharding, abstract)
+    step = steps.make_train_step(graphdef, tx, schedule, stage=stage, aux_weights=variant.aux_losses(att),
                                  state_shardings=shardings)
     t0 = time.perf_counter()
     compiled, oom = None, None
     with jax.set_mesh(mesh):
-        lowered = step.trace(state, abstract_batch(config, mesh)).lower(lowering_platforms=("tpu",))
+        lowered = step.trace(abstract, abstract_batch(config, mesh)).lower(lowering_platforms=("tpu",))
         try:
             compiled = lowered.compile()
         except Exception as e:  # noqa: BLE001  (XLA refuses a program that does not fit HBM)
@@ -202,14 +205,14 @@ def compile_train_step(config, devices, *, name: str = "config", topology: str =
     if compiled is not None:
         mem = _bytes(compiled)
     else:  # XLA names the temporaries or the total; the arguments are this chip's shards of the state and batch
-        args = sum(_shard_bytes(x) for x in jax.tree.leaves((state, abstract_batch(config, mesh))))
+        args = sum(_shard_bytes(x) for x in jax.tree.leaves((abstract, abstract_batch(config, mesh))))
         temps = oom[1] if oom[0] == "temporaries" else max(oom[1] - args, 0)
         mem = {"arguments": args, "outputs": 0, "temporaries": temps, "generated_code": 0}
         mem["total"] = sum(mem.values())
-    params = sum(math.prod(x.shape) for x in jax.tree.leaves(state["params"]))
+    params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract["params"]))
     report = Report(config=name, topology=topology, devices=len(devices), mesh=dict(mesh.shape), chip=chip,
                     params=params, seq_len=config.data.seq_len, batch_size=config.data.batch_size,
-                    stage=stage if is_dsa else "train step", compile_s=seconds, bytes=mem,
+                    stage=stage if len(variant.STAGES) > 1 else "train step", compile_s=seconds, bytes=mem,
                     fits=mem["total"] <= chip["hbm_bytes"])
     return report, compiled
 
@@ -242,21 +245,15 @@ def run(config, *, name: str, topology: str = "", stage: str = "auto", json_path
 
 def main(argv) -> None:
     del argv
-    from absl import flags
-    from ml_collections import config_flags
-
     f = flags.FLAGS
     sys.exit(run(f.config, name=config_flags.get_config_filename(f["config"]), topology=f.topology, stage=f.stage,
                  json_path=f.json))
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
     config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/tpu/llama1b_32k.py[:arg]")
     flags.DEFINE_string("topology", "", "TPU slice to compile for, e.g. v5p:4x4x4 (default: the config's aot.topology)")
-    flags.DEFINE_enum("stage", "auto", ["auto", "dense", "sparse"], "DSA: which stage's step to compile")
+    flags.DEFINE_string("stage", "auto", "variants with stages (DSA: dense, sparse): which stage's step to compile")
     flags.DEFINE_string("json", "", "also write the report as JSON to this path")
     flags.mark_flags_as_required(["config"])
     app.run(main)

@@ -1,28 +1,28 @@
-"""Config helpers: big_vision-style `arg` parsing, loading, and validation before anything compiles.
+"""Configs: the tree of fields every run starts from, big_vision-style `arg` parsing, loading, and validation.
 
-`validate(config)` collects *every* bad field and raises one `ConfigError`
-naming each field, the value it got and the values it allows.
+`defaults()` is that tree. The position schemes and attention variants declare their own fields
+(`FIELDS` on each class) and check them (`check`); the sections written out here (model dimensions,
+data, train, checkpoint, mesh, distributed, eval, aot) are the ones no single module owns.
+`validate(config)` gathers those checks, the cross-cutting ones (dimensions, data, mesh) and unknown
+keys, and raises one `ConfigError` naming each field, the value it got and the values it allows.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
-import math
 from pathlib import Path
 
 import jax.numpy as jnp
 import ml_collections
 
-from lc_jax import attention, model, ops, positions
+from lc_jax import attention, fields, model, positions
 from lc_jax import data as data_lib
-from lc_jax.attention import dsa
-from lc_jax.data import corpus, packing, tokenizer
+from lc_jax.data import corpus, packing, synthetic, tokenizer
 from lc_jax.positions import rope_scaling
-from lc_jax.positions.rope import FRACTION_MODES, LAYOUTS, rotary_dim
+from lc_jax.sharding import MESH_AXES, mesh_shape
 from pallas_kernels import ring_attention
-from pallas_kernels.flash_attention import tpu as flash_tpu
 
-MESH_AXES = ("data", "fsdp", "tensor", "context")
 EVAL_PROTOCOLS = ("chunks", "sliding")  # per-position / length evaluation: see lc_jax/evaluate.py
 
 
@@ -65,61 +65,123 @@ def load(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
     return module.get_config(arg) if arg is not None else module.get_config()
 
 
+def defaults() -> ml_collections.ConfigDict:
+    """Every field a config may set, at its default: what `configs/base.py` starts from and what
+    `validate` checks keys against (a key not in here is a misspelling, reported with the nearest one)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = dict(
+        vocab_size=384,  # 259 byte-level ids, padded to a multiple of 128 for the MXU/tensor cores
+        d_model=512,
+        num_layers=8,
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=0,  # 0: d_model // num_heads
+        mlp_dim=1536,
+        max_seq_len=8192,
+        tie_embeddings=False,
+        dtype="bfloat16",
+        param_dtype="float32",
+        remat="none",  # none | full | dots
+        norm_eps=1e-6,
+        # The position scheme and the attention variant, by name; each declares its own fields (FIELDS in
+        # lc_jax/positions/*.py and lc_jax/attention/*.py) and every one of them is here, so that a sweep can
+        # switch the name and keep the rest.
+        position=dict(name="rope", **positions.fields()),
+        attention=dict(name="full", **attention.fields()),
+    )
+    c.data = dict(
+        source="stdlib",  # stdlib | files
+        files="",  # glob of .txt/.py/... (one document per file) or .jsonl (one per line)
+        jsonl_field="text",
+        seq_len=2048,
+        batch_size=8,  # global batch
+        packing="concat",  # concat | pad
+        val_fraction=0.05,
+        max_docs=0,  # >0: keep only the first few documents (tests)
+        # Length curriculum: 'step:seq_len,...' stages ending at data.seq_len, e.g. '0:512,300:1024,600:2048'.
+        curriculum="",
+        curriculum_constant_tokens=True,  # shorter stages get proportionally larger batches
+        synthetic=dict(synthetic.FIELDS),  # retrieval tasks mixed into the text: see lc_jax/data/synthetic.py
+    )
+    c.train = dict(
+        steps=10_000,
+        lr=3e-4,
+        min_lr_ratio=0.1,
+        warmup_steps=200,
+        weight_decay=0.1,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        grad_clip=1.0,
+        log_every=10,
+        eval_every=500,
+        eval_batches=8,
+        progress=True,
+        # Continued training: start from another run's parameters and step (workdir path); the
+        # optimizer and its schedule restart as configured here.
+        init_from="",
+        init_from_step=0,  # 0: its latest checkpoint
+    )
+    c.checkpoint = dict(every=500, keep=3)
+    # Device mesh; -1: the remaining devices. context > 1 turns attention into ring attention over that
+    # axis, with tokens laid out zig-zag (balanced under the causal mask) or contiguous.
+    c.mesh = dict(data=-1, fsdp=1, tensor=1, context=1, context_layout="zigzag")
+    # Multi-host (jax.distributed): set coordinator_address ('host:port'), num_processes and process_id, or
+    # export JAX_COORDINATOR_ADDRESS etc.; auto=True lets JAX detect a TPU pod slice / SLURM / Open MPI.
+    # cpu_collectives: 'gloo' for multi-process CPU runs (tests).
+    c.distributed = dict(coordinator_address="", num_processes=0, process_id=-1, auto=False, cpu_collectives="")
+    c.eval = dict(
+        position_buckets=32,
+        # How validation text is cut for the loss at each length: 'chunks' (non-overlapping, positions restart
+        # at each chunk) or 'sliding' (windows every `stride` tokens, only the new targets scored, so each has at
+        # least length - stride tokens of context); stride 0 means half the evaluation length.
+        protocol="chunks",
+        stride=0,
+        # Evaluate with another RoPE scaling than training used ('' keeps the trained one);
+        # factor 0 means eval_len / train_len for static methods and 1 for dynamic_ntk.
+        position=dict(scaling="", factor=0.0),
+        # Extrapolation sweep (python -m lc_jax.evaluate): lengths as multiples of data.seq_len,
+        # the RoPE scalings to compare, and a token budget per length.
+        length_multipliers=(1, 2, 4, 8),
+        scalings=("none", "linear", "ntk", "dynamic_ntk", "yarn"),
+        max_tokens=65536,
+        # Retrieval (python -m lc_jax.evaluate): tasks from ('passkey', 'kv_recall', 'mqar') on the lengths
+        # above x `depths` evenly spaced key depths (MQAR: x `mqar_pairs`), `samples` examples per cell.
+        retrieval=dict(tasks=(), depths=5, samples=8, mqar_pairs=(4, 8, 16)),
+    )
+    # `python -m lc_jax.aot`: the TPU slice to compile for when --topology is not given (e.g. 'v5p:4x4x4').
+    c.aot = dict(topology="")
+    return c
+
+
+def unknown_keys(config, schema, prefix: str = "") -> list[str]:
+    """A line for each key of `config` that `schema` lacks, with the nearest valid key where one is close."""
+    p = []
+    for key in config.keys():
+        field = f"{prefix}{key}"
+        if key not in schema:
+            near = difflib.get_close_matches(key, list(schema.keys()), n=1, cutoff=0.6)
+            hint = f"did you mean {prefix}{near[0]}?" if near else f"valid keys here: {sorted(schema.keys())}"
+            p.append(f"{field}: unknown key; {hint}")
+        elif isinstance(schema[key], ml_collections.ConfigDict) and isinstance(config[key], ml_collections.ConfigDict):
+            p += unknown_keys(config[key], schema[key], f"{field}.")
+    return p
+
+
 def head_dim(m) -> int:
     return m.head_dim or m.d_model // m.num_heads
 
 
-def _allowed(problems, field, value, allowed):
-    if value not in allowed:
-        problems.append(f"{field}={value!r}: allowed values are {list(allowed)}")
+def _allowed(problems: list[str], field: str, value, values) -> None:
+    problems += fields.allowed(field, value, values)
 
 
-def _positive(problems, field, value, *, zero_ok=False, kind=(int,)):
-    ok = isinstance(value, kind) and not isinstance(value, bool) and (value >= 0 if zero_ok else value > 0)
-    if not ok:
-        what = "a non-negative" if zero_ok else "a positive"
-        problems.append(f"{field}={value!r}: must be {what} {'/'.join(k.__name__ for k in kind)}")
-    return ok
-
-
-def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
-    """Resolve -1 ('the rest') and check the product against the device count."""
-    sizes = [mesh_cfg[a] for a in MESH_AXES]
-    if sum(s == -1 for s in sizes) > 1:
-        raise ConfigError([f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}"])
-    known = math.prod(s for s in sizes if s != -1)
-    if any(s == 0 or s < -1 for s in sizes) or num_devices % known:
-        raise ConfigError([f"mesh {dict(zip(MESH_AXES, sizes))} does not divide {num_devices} devices"])
-    sizes = [num_devices // known if s == -1 else s for s in sizes]
-    if math.prod(sizes) != num_devices:
-        raise ConfigError([f"mesh {dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} devices, "
-                           f"but {num_devices} are present"])
-    return tuple(sizes)
-
-
-def _check_scaling(p, field, factor_field, name, factor, m, pos):
-    _allowed(p, field, name, rope_scaling.SCALINGS)
-    if name != "none" and pos.name != "rope":
-        p.append(f"{field}={name!r} needs model.position.name='rope' (got {pos.name!r}); "
-                 "scalings stretch RoPE frequencies")
-    if not (isinstance(factor, (int, float)) and (factor == 0 or factor >= 1)):
-        p.append(f"{factor_field}={factor!r}: must be >= 1 (0: the method's default)")
-    sc = pos.scaling
-    if name in ("yarn", "yarn_ratio_ramp") and not 0 < sc.beta_slow < sc.beta_fast:
-        p.append(f"model.position.scaling.beta_slow={sc.beta_slow}, beta_fast={sc.beta_fast}: "
-                 "need 0 < beta_slow < beta_fast (rotations over the original context; reference 1 and 32)")
-    for f in ("mscale", "mscale_all_dim", "attention_factor"):
-        if not (isinstance(sc[f], (int, float)) and sc[f] >= 0):
-            p.append(f"model.position.scaling.{f}={sc[f]!r}: must be a number >= 0 (0: unset)")
-    if name == "llama3" and not sc.low_freq_factor < sc.high_freq_factor:
-        p.append(f"model.position.scaling.low_freq_factor={sc.low_freq_factor} must be < "
-                 f"high_freq_factor={sc.high_freq_factor}")
-    if name in ("ntk", "dynamic_ntk") and isinstance(pos.fraction, (int, float)):
-        try:
-            if rotary_dim(head_dim(m), pos.fraction, pos.fraction_mode) <= 2:
-                p.append(f"{field}={name!r} needs a rotated width > 2 (the exponent is d / (d - 2))")
-        except (TypeError, ZeroDivisionError):
-            pass
+def _positive(problems: list[str], field: str, value, **kw) -> bool:
+    bad = fields.positive(field, value, **kw)
+    problems += bad
+    return not bad
 
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -151,21 +213,6 @@ def upgrade_saved(d: dict) -> dict:
     return d
 
 
-def _check_dsa(p: list[str], ds) -> None:
-    for f in ("topk", "index_heads", "index_dim", "index_block_q", "index_block_k"):
-        _positive(p, f"model.attention.dsa.{f}", ds[f])
-    _positive(p, "model.attention.dsa.warmup_steps", ds.warmup_steps, zero_ok=True)
-    if _positive(p, "model.attention.dsa.index_rope_dim", ds.index_rope_dim, zero_ok=True):
-        if ds.index_rope_dim % 2 or (isinstance(ds.index_dim, int) and ds.index_rope_dim > ds.index_dim):
-            p.append(f"model.attention.dsa.index_rope_dim={ds.index_rope_dim}: must be even and "
-                     f"<= model.attention.dsa.index_dim={ds.index_dim}")
-    _allowed(p, "model.attention.dsa.warmup_mode", ds.warmup_mode, dsa.WARMUP_MODES)
-    _allowed(p, "model.attention.dsa.index_norm", ds.get("index_norm", "layernorm"), dsa.INDEX_NORMS)
-    _allowed(p, "model.attention.dsa.select", ds.get("select", "auto"), dsa.SELECT_IMPLS)
-    for f in ("kl_weight", "lr", "weight_decay"):
-        _positive(p, f"model.attention.dsa.{f}", ds[f], zero_ok=True, kind=(float, int))
-
-
 def _check_mesh(p: list[str], config, sizes: dict[str, int]) -> None:
     """Batch, heads and sequence must split evenly over the mesh axes the sharding rules put them on."""
     m, d = config.model, config.data
@@ -187,9 +234,10 @@ def _check_mesh(p: list[str], config, sizes: dict[str, int]) -> None:
     for f in ("num_heads", "num_kv_heads"):
         if isinstance(m[f], int) and m[f] % tp:
             p.append(f"model.{f}={m[f]} is not divisible by mesh.tensor={tp} (heads are split over it)")
-    if ctx > 1 and m.attention.name == "dsa":
-        p.append(f"model.attention.name='dsa' does not run under context parallelism yet (mesh.context={ctx}): "
-                 "use mesh.context=1")
+    variant = attention.REGISTRY.get(m.attention.name)
+    if ctx > 1 and variant is not None and not variant.RING:
+        p.append(f"model.attention.name={m.attention.name!r} does not run under context parallelism yet "
+                 f"(mesh.context={ctx}): use mesh.context=1")
     if ctx > 1 and m.attention.impl not in ("auto", "xla", "pallas"):
         p.append(f"model.attention.impl={m.attention.impl!r} cannot run inside ring attention (mesh.context={ctx}): "
                  "allowed values are ['auto', 'xla', 'pallas']")
@@ -202,7 +250,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     `num_devices` checks the mesh against them; `vmem_bytes` (the VMEM of the TPU the run compiles for)
     checks that the Pallas TPU kernels' block sizes fit it, which Mosaic would otherwise refuse mid-trace.
     """
-    p: list[str] = []
+    p: list[str] = unknown_keys(config, defaults())
     m, d, t = config.model, config.data, config.train
     pos = m.position
 
@@ -226,47 +274,15 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     if not (isinstance(m.norm_eps, float) and m.norm_eps > 0):
         p.append(f"model.norm_eps={m.norm_eps!r}: must be a positive float")
 
-    # --- position scheme
-    pos = m.position
-    _allowed(p, "model.position.name", pos.name, positions.REGISTRY)
-    if pos.name == "rope":
-        if not (isinstance(pos.theta, (int, float)) and pos.theta > 1):
-            p.append(f"model.position.theta={pos.theta!r}: must be a number > 1")
-        _allowed(p, "model.position.layout", pos.layout, LAYOUTS)
-        if not (isinstance(pos.fraction, (int, float)) and 0 < pos.fraction <= 1):
-            p.append(f"model.position.fraction={pos.fraction!r}: must be in (0, 1]")
-        elif heads_ok and head_dim(m) % 2 == 0 and int(head_dim(m) * pos.fraction) < 2:
-            p.append(f"model.position.fraction={pos.fraction}: rotates fewer than 2 of {head_dim(m)} dims")
-        if heads_ok and head_dim(m) % 2:
-            p.append(f"head_dim={head_dim(m)} must be even for model.position.name='rope'")
-        _allowed(p, "model.position.fraction_mode", pos.fraction_mode, FRACTION_MODES)
-    _check_scaling(p, "model.position.scaling.name", "model.position.scaling.factor", pos.scaling.name,
-                   pos.scaling.factor, m, pos)
+    # --- the position scheme and the attention variant check their own fields
+    hd = head_dim(m) if heads_ok and not (m.head_dim == 0 and m.d_model % m.num_heads) else None
+    p += positions.check(pos, head_dim=hd)
     ev = config.eval.position
-    if ev.scaling:
-        _check_scaling(p, "eval.position.scaling", "eval.position.factor", ev.scaling, ev.factor, m, pos)
-
-    # --- attention variant
-    att = m.attention
-    _allowed(p, "model.attention.name", att.name, attention.REGISTRY)
-    _allowed(p, "model.attention.impl", att.impl, ops.IMPLS)
-    if att.name == "sliding":
-        _positive(p, "model.attention.window", att.window)
-    if att.name == "dsa":
-        _check_dsa(p, att.dsa)
-    blocks_ok = True
-    for f in ("block_q", "block_k"):
-        if not _positive(p, f"model.attention.{f}", att[f]):
-            blocks_ok = False
-        elif (att.impl == "pallas" or (att.impl == "auto" and vmem_bytes)) and att[f] % 128:
-            p.append(f"model.attention.{f}={att[f]}: the Pallas TPU kernel needs a multiple of 128")
-            blocks_ok = False
-    if vmem_bytes and blocks_ok and heads_ok and att.impl in ("auto", "pallas") and m.dtype in model.DTYPES:
-        try:
-            flash_tpu.check_vmem(att.block_q, att.block_k, head_dim(m), head_dim(m),
-                                 jnp.dtype(model.DTYPES[m.dtype]).itemsize, vmem_bytes, where="model.attention.")
-        except ValueError as e:
-            p.append(str(e))
+    if ev.scaling and pos.name in positions.REGISTRY:
+        p += positions.REGISTRY[pos.name].check_extension(pos, ev.scaling, ev.factor, field="eval.position.scaling",
+                                                          factor_field="eval.position.factor", head_dim=hd)
+    itemsize = jnp.dtype(model.DTYPES[m.dtype]).itemsize if m.dtype in model.DTYPES else None
+    p += attention.check(m.attention, head_dim=hd, itemsize=itemsize, vmem_bytes=vmem_bytes)
 
     # --- data
     _allowed(p, "data.source", d.source, corpus.SOURCES)
@@ -345,8 +361,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
             p.append(f"distributed.coordinator_address={dist.coordinator_address!r}: must be 'host:port' or ''")
     if num_devices is not None and not any(s.startswith("mesh.") for s in p):
         try:
-            _check_mesh(p, config, dict(zip(MESH_AXES, mesh_shape(config.mesh, num_devices))))
-        except ConfigError as e:
-            p.extend(e.problems)
+            sizes = dict(zip(MESH_AXES, mesh_shape(config.mesh, num_devices)))
+        except ValueError as e:
+            p.append(str(e))
+        else:
+            _check_mesh(p, config, sizes)
     if p:
         raise ConfigError(p)

@@ -1,6 +1,7 @@
 """Long-context evaluation of a trained run.
 
-    python -m lc_jax.evaluate --workdir runs/x [--config.eval.lengths=512,1024] [--config.eval.position.scaling=yarn]
+    python -m lc_jax.evaluate --workdir runs/x [--config.eval.length_multipliers="(1,2,4)"] \
+        [--config.eval.position.scaling=yarn]
 
 Loads the run's config and latest checkpoint, then measures validation loss at
 several evaluation lengths, for the trained RoPE scaling and any others named in
@@ -21,11 +22,20 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
+import jax
 import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+from tqdm import tqdm
 
-from lc_jax import config as config_lib
+from lc_jax import plots, sharding, state, steps
+from lc_jax.config import ConfigError, resolve, validate
+from lc_jax.data import corpus, packing, synthetic
+from pallas_kernels.ring_attention import check_layout
 
 # `eval.protocol='sliding'` states this protocol instead of the module docstring's.
 SLIDING_PROTOCOL = (
@@ -51,85 +61,6 @@ def eval_stride(config, seq_len: int) -> int | None:
     if config.eval.get("protocol", "chunks") != "sliding":
         return None
     return config.eval.get("stride", 0) or max(1, seq_len // 2)
-
-
-@dataclasses.dataclass
-class PerPositionLoss:
-    bucket_start: list[int]
-    bucket_width: int
-    loss: list[float | None]  # None where a bucket saw no token
-    tokens: list[int]
-
-    @classmethod
-    def from_sums(cls, sums, counts, width: int) -> PerPositionLoss:
-        sums, counts = np.asarray(sums, np.float64), np.asarray(counts, np.float64)
-        loss = [float(s / c) if c > 0 else None for s, c in zip(sums, counts)]
-        return cls([i * width for i in range(len(sums))], width, loss, [int(c) for c in counts])
-
-    def save(self, path_stem: Path, title: str = "validation loss by position") -> None:
-        """Write `<stem>.json` and `<stem>.png`."""
-        path_stem = Path(path_stem)
-        path_stem.with_suffix(".json").write_text(json.dumps({
-            "protocol": "validation chunks (non-overlapping, as in training); position = tokens of the same "
-                        "document before the target within the chunk; equal-width buckets; mean next-token loss "
-                        "(nats) per bucket",
-            **dataclasses.asdict(self),
-        }, indent=2))
-        plt = _pyplot()
-        xs = [s + self.bucket_width / 2 for s, v in zip(self.bucket_start, self.loss) if v is not None]
-        ys = [v for v in self.loss if v is not None]
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(xs, ys, marker="o", ms=3)
-        ax.set_xlabel("token position (context length)")
-        ax.set_ylabel("loss (nats / byte)")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(path_stem.with_suffix(".png"), dpi=120)
-        plt.close(fig)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-# ----------------------------------------------------------------------------- loading a run
-
-
-def load_config(workdir: str | Path):
-    """The resolved config a run saved; lists become tuples so `--config.x=(a,b)` overrides work."""
-    import ml_collections
-
-    def tuples(x):
-        if isinstance(x, dict):
-            return {k: tuples(v) for k, v in x.items()}
-        return tuple(tuples(v) for v in x) if isinstance(x, list) else x
-
-    saved = config_lib.upgrade_saved(json.loads((Path(workdir) / "config.json").read_text()))
-    return ml_collections.ConfigDict(tuples(saved))
-
-
-def load_params(workdir: str | Path, config, step: int | None = None):
-    """(step, params) from a run's checkpoint, restored onto this host's default device."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    from lc_jax import train
-
-    mgr = ocp.CheckpointManager((Path(workdir) / "checkpoints").absolute())
-    step = mgr.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {Path(workdir) / 'checkpoints'}")
-    tx, _ = train.make_optimizer(config.train, config.model)
-    abstract = jax.eval_shape(lambda: train.fresh_state(config, tx))
-    restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-    mgr.close()
-    return step, restored["state"]["params"]
 
 
 # ----------------------------------------------------------------------------- extrapolation
@@ -161,11 +92,6 @@ def eval_mesh(config, seq_len: int):
     A long-context run trained with context parallelism is evaluated the same
     way, so sequences that never fit one device still evaluate.
     """
-    import jax
-
-    from lc_jax import sharding
-    from pallas_kernels.ring_attention import check_layout
-
     ctx = config.mesh.get("context", 1)
     if ctx <= 1 or ctx > jax.device_count():
         return None
@@ -178,17 +104,12 @@ def eval_mesh(config, seq_len: int):
 
 
 def loss_at_length(graphdef, params, config, seq_len: int, train_len: int, max_tokens: int, num_buckets: int,
-                   min_doc_len: int = 0, sparse: bool = False):
+                   min_doc_len: int = 0, stage: str | None = None):
     """Mean loss, loss beyond the training length, and the per-position curve at one length.
 
     Documents shorter than `min_doc_len` (default: `seq_len`) are left out; a sweep passes its
     longest length so that every length reads the same text, only cut differently.
     """
-    import jax
-
-    from lc_jax import sharding, train
-    from lc_jax.data import corpus, packing
-
     docs = corpus.load_documents(source=config.data.source, split="validation", val_fraction=config.data.val_fraction,
                                  files=config.data.files, jsonl_field=config.data.jsonl_field)
     long_docs = [d for d in docs if len(d) >= (min_doc_len or seq_len)] or docs
@@ -196,7 +117,7 @@ def loss_at_length(graphdef, params, config, seq_len: int, train_len: int, max_t
     src = packing.PackedSequences(long_docs, seq_len=seq_len, packing="concat", seed=0, stride=stride)
     scored = stride or seq_len  # targets per window after the first
     n = max(1, min(len(src), 1 + max(0, max_tokens - seq_len) // scored))
-    eval_step, width = train.make_eval_step(graphdef, num_buckets, seq_len, sparse=sparse)
+    eval_step, width = steps.make_eval_step(graphdef, num_buckets, seq_len, stage=stage)
     mesh = eval_mesh(config, seq_len)
     if mesh is not None:
         params = jax.device_put(params, sharding.replicated(mesh))
@@ -209,8 +130,8 @@ def loss_at_length(graphdef, params, config, seq_len: int, train_len: int, max_t
             with jax.set_mesh(mesh):
                 out = eval_step(params, sharding.shard_batch(ex, mesh, layout=config.mesh.context_layout))
         out = jax.device_get(out)
-        total = out if total is None else {k: total[k] + out[k] for k in total}
-    curve = PerPositionLoss.from_sums(total["bucket_sum"], total["bucket_count"], width)
+        total = out if total is None else jax.tree.map(np.add, total, out)
+    curve = plots.PerPositionLoss.from_sums(total["bucket_sum"], total["bucket_count"], width)
     beyond = [(s, c) for s, c, start in zip(total["bucket_sum"], total["bucket_count"], curve.bucket_start)
               if start >= train_len]
     beyond_loss = float(sum(s for s, _ in beyond) / max(sum(c for _, c in beyond), 1)) if beyond else None
@@ -221,13 +142,8 @@ def loss_at_length(graphdef, params, config, seq_len: int, train_len: int, max_t
 def extrapolation_sweep(workdir: str | Path, config=None, *, lengths=None, scalings=None, max_tokens=None,
                         out_dir: str | Path | None = None) -> dict:
     """Validation loss at each length x scaling; learned positions stop at their table size."""
-    from flax import nnx
-
-    from lc_jax import train
-    from lc_jax.config import ConfigError, resolve, validate
-
     workdir = Path(workdir)
-    config = config or load_config(workdir)
+    config = config or state.load_config(workdir)
     train_len = config.data.seq_len
     lengths = lengths or [int(x * train_len) for x in config.eval.length_multipliers]
     if scalings is None:
@@ -236,7 +152,7 @@ def extrapolation_sweep(workdir: str | Path, config=None, *, lengths=None, scali
             trained = config.model.position.scaling.name
             scalings += [s for s in config.eval.scalings if s not in scalings and s != trained]
     max_tokens = max_tokens or config.eval.max_tokens
-    step, params = load_params(workdir, config)
+    step, params = state.load_params(workdir, config)
     rows, curves = [], {}
     for scaling in scalings:
         for L in lengths:
@@ -249,9 +165,9 @@ def extrapolation_sweep(workdir: str | Path, config=None, *, lengths=None, scali
                 continue
             c = resolve(c)
             with nnx.use_eager_sharding(False):
-                graphdef = nnx.split(nnx.eval_shape(lambda c=c: train.build_model(c)), nnx.Param)[0]
+                graphdef = nnx.split(nnx.eval_shape(lambda c=c: state.build_model(c)), nnx.Param)[0]
             res, curve = loss_at_length(graphdef, params, c, L, train_len, max_tokens, config.eval.position_buckets,
-                                        min_doc_len=max(lengths), sparse=train.dsa_sparse_at(config, step))
+                                        min_doc_len=max(lengths), stage=state.stage_at(config, step))
             rows.append({"scaling": label, "length": L, "factor": float(c.model.position.scaling.factor), **res})
             curves[f"{label}@{L}"] = dataclasses.asdict(curve)
             print(f"  {label:>22} L={L:>6}: loss {res['loss']:.4f}"
@@ -261,8 +177,8 @@ def extrapolation_sweep(workdir: str | Path, config=None, *, lengths=None, scali
     out_dir = Path(out_dir or workdir / "eval")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "extrapolation.json").write_text(json.dumps(result, indent=2))
-    plot_extrapolation([result], out_dir / "extrapolation.png")
-    plot_per_position(result, out_dir / "per_position.png")
+    plots.plot_extrapolation([result], out_dir / "extrapolation.png")
+    plots.plot_per_position(result, out_dir / "per_position.png")
     return result
 
 
@@ -285,17 +201,10 @@ def retrieval_grid(workdir: str | Path, config=None, *, task: str = "passkey", l
     `samples` examples per cell, seeded per cell. `eval.position.scaling` (and
     factor) applies a RoPE scaling at evaluation, as in the extrapolation sweep.
     """
-    import jax
-    from flax import nnx
-
-    from lc_jax import train
-    from lc_jax.config import ConfigError, resolve, validate
-    from lc_jax.data import corpus, packing, synthetic
-
     if task not in RETRIEVAL_TASKS:
         raise ValueError(f"retrieval task {task!r}: allowed values are {list(RETRIEVAL_TASKS)}")
     workdir = Path(workdir)
-    config = config or load_config(workdir)
+    config = config or state.load_config(workdir)
     r = config.eval.get("retrieval", {})
     train_len = config.data.seq_len
     lengths = lengths or [int(x * train_len) for x in config.eval.length_multipliers]
@@ -306,7 +215,7 @@ def retrieval_grid(workdir: str | Path, config=None, *, task: str = "passkey", l
     else:
         rows = [float(d) for d in depths]
     samples = samples or int(r.get("samples", 8))
-    step, params = load_params(workdir, config)
+    step, params = state.load_params(workdir, config)
     kwargs = {}
     if task == "kv_recall":
         d = config.data
@@ -324,8 +233,8 @@ def retrieval_grid(workdir: str | Path, config=None, *, task: str = "passkey", l
             continue
         c = resolve(c)
         with nnx.use_eager_sharding(False):
-            graphdef = nnx.split(nnx.eval_shape(lambda c=c: train.build_model(c)), nnx.Param)[0]
-        eval_step, _ = train.make_eval_step(graphdef, 1, L, sparse=train.dsa_sparse_at(config, step))
+            graphdef = nnx.split(nnx.eval_shape(lambda c=c: state.build_model(c)), nnx.Param)[0]
+        eval_step, _ = steps.make_eval_step(graphdef, 1, L, stage=state.stage_at(config, step))
         for i, v in enumerate(rows):
             rng = np.random.default_rng([config.seed, L, i])
             try:
@@ -339,7 +248,7 @@ def retrieval_grid(workdir: str | Path, config=None, *, task: str = "passkey", l
                 continue
             batch = {k: np.stack([e[k] for e in exs]) for k in exs[0]}
             out = jax.device_get(eval_step(params, batch))
-            acc, tok = out["retrieval_acc"], out["retrieval_token_acc"]
+            acc, tok = out["ratios"]["retrieval_acc"], out["ratios"]["retrieval_token_acc"]
             cells.append({"length": L, axis: v, "accuracy": float(acc[0] / max(acc[1], 1)),
                           "token_accuracy": float(tok[0] / max(tok[1], 1)), "samples": samples})
         print(f"  {task} L={L:>6}: " + " ".join(f"{x['accuracy']:.2f}" if "accuracy" in x else "-"
@@ -351,7 +260,7 @@ def retrieval_grid(workdir: str | Path, config=None, *, task: str = "passkey", l
     out_dir = Path(out_dir or workdir / "eval")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{task}.json").write_text(json.dumps(result, indent=2))
-    plot_retrieval(result, out_dir / f"{task}.png")
+    plots.plot_retrieval(result, out_dir / f"{task}.png")
     return result
 
 
@@ -362,10 +271,8 @@ def run_suite(workdir: str | Path, config=None) -> dict:
     curves), then each task in `eval.retrieval.tasks` (passkey / kv_recall heatmaps
     over lengths x depths, MQAR over lengths x pairs).
     """
-    from tqdm import tqdm
-
     workdir = Path(workdir)
-    config = config or load_config(workdir)
+    config = config or state.load_config(workdir)
     parts = ["extrapolation", *config.eval.get("retrieval", {}).get("tasks", ())]
     results = {}
     for part in tqdm(parts, desc="evaluate", disable=len(parts) == 1):
@@ -410,105 +317,8 @@ def summary_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_retrieval(result: dict, path: Path):
-    """Heatmap: depth or pairs (rows) x length (columns), accuracy in [0, 1]; cells that cannot run are blank.
-
-    MQAR shows per-query accuracy (`token_accuracy`), the others whole-answer accuracy.
-    """
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(1.2 * len(result["lengths"]) + 2, 0.5 * len(result["rows"]) + 1.5))
-    im = draw_retrieval(ax, result)
-    fig.colorbar(im, ax=ax, label="per-query accuracy" if result["task"] == "mqar" else "accuracy")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def draw_retrieval(ax, result: dict, title: str | None = None):
-    """One retrieval heatmap on `ax` (the dashed line marks the training length); returns the image."""
-    lengths, rows, axis = result["lengths"], result["rows"], result["rows_axis"]
-    field = "token_accuracy" if result["task"] == "mqar" else "accuracy"
-    grid = np.full((len(rows), len(lengths)), np.nan)
-    for cell in result["cells"]:
-        if field in cell:
-            grid[rows.index(cell[axis]), lengths.index(cell["length"])] = cell[field]
-    im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-    ax.set_xticks(range(len(lengths)), [str(L) for L in lengths])
-    ax.set_yticks(range(len(rows)), [f"{d:.0%}" for d in rows] if axis == "depth" else [str(p) for p in rows])
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("depth of the key" if axis == "depth" else "key-value pairs")
-    ax.axvline(x=max([i for i, L in enumerate(lengths) if L <= result["train_len"]], default=-1) + 0.5, color="k",
-               lw=1, ls="--")
-    for (i, j), v in np.ndenumerate(grid):
-        if np.isfinite(v):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
-    ax.set_title(title or f"{result['task']} ({result['position']}, trained at {result['train_len']}, "
-                          f"step {result['step']})", fontsize=9)
-    return im
-
-
-def plot_per_position(result: dict, path: Path):
-    """Loss by position at each evaluation length, one panel per evaluation-time scaling."""
-    plt = _pyplot()
-    by: dict[str, list[tuple[int, dict]]] = {}
-    for key, curve in result["curves"].items():
-        label, _, length = key.rpartition("@")
-        by.setdefault(label, []).append((int(length), curve))
-    if not by:
-        return
-    fig, axes = plt.subplots(1, len(by), figsize=(4 * len(by), 3.5), sharey=True, squeeze=False)
-    colors = plt.get_cmap("viridis")
-    for ax, (label, curves) in zip(axes[0], by.items()):
-        curves.sort(key=lambda lc: lc[0])
-        for i, (length, c) in enumerate(curves):
-            pts = [(s + c["bucket_width"] / 2, v) for s, v in zip(c["bucket_start"], c["loss"]) if v is not None]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", ms=2, color=colors(i / max(len(curves) - 1, 1)), label=f"L={length}")
-        ax.axvline(result["train_len"], color="grey", ls=":", lw=1)
-        ax.set_xscale("log", base=2)
-        ax.set_title(label, fontsize=9)
-        ax.set_xlabel("token position")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("validation loss (nats / byte)")
-    axes[0][-1].legend(fontsize=7)
-    fig.suptitle(f"loss by position ({result.get('name', result['position'])}; dotted: training length)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_extrapolation(results: list[dict], path: Path, title: str = "validation loss vs evaluation length"):
-    """One colour per run, one line style per evaluation-time scaling."""
-    plt = _pyplot()
-    styles = ["-", "--", ":", "-.", (0, (5, 1)), (0, (1, 1))]
-    colors = plt.get_cmap("tab10").colors
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for i, res in enumerate(results):
-        by = {}
-        for r in res["rows"]:
-            if "loss" in r:
-                by.setdefault(r["scaling"], []).append((r["length"], r["loss"]))
-        name = res.get("name", res["position"])
-        for j, (label, pts) in enumerate(by.items()):
-            pts.sort()
-            ax.plot(*zip(*pts), marker="o", ms=3, color=colors[i % len(colors)], ls=styles[j % len(styles)],
-                    label=f"{name}: {label}" if len(by) > 1 else name)
-        ax.axvline(res["train_len"], color="grey", ls=":", lw=1)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("evaluation length (tokens)")
-    ax.set_ylabel("validation loss (nats / byte)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main(argv):
     del argv
-    from absl import flags, logging
-
     logging.set_verbosity(logging.WARNING)
     results = run_suite(flags.FLAGS.workdir, flags.FLAGS.config)
     out = Path(flags.FLAGS.workdir) / "eval"
@@ -525,12 +335,7 @@ def _workdir_from_argv(argv: list[str]) -> str:
 
 
 if __name__ == "__main__":
-    import sys
-
-    from absl import app, flags
-    from ml_collections import config_flags
-
     # The run's own config is the default; --config.x=y overrides any field of it (eval.* usually).
-    config_flags.DEFINE_config_dict("config", load_config(_workdir_from_argv(sys.argv)), lock_config=True)
+    config_flags.DEFINE_config_dict("config", state.load_config(_workdir_from_argv(sys.argv)), lock_config=True)
     flags.DEFINE_string("workdir", None, "run directory with config.json and checkpoints/")
     app.run(main)

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lc_jax import state as state_lib
 from lc_jax.data import tokenizer
 from lc_jax.model import KVCache, Transformer
 
@@ -213,12 +214,10 @@ def generate(model: Transformer, prompt_BT, *, max_new_tokens: int, temperature:
 
 def load_model(workdir: str | Path) -> tuple[Transformer, int]:
     """(model with the run's latest checkpoint, step)."""
-    from lc_jax import evaluate, train
-
-    config = evaluate.load_config(workdir)
-    step, params = evaluate.load_params(workdir, config)
+    config = state_lib.load_config(workdir)
+    step, params = state_lib.load_params(workdir, config)
     with nnx.use_eager_sharding(False):
-        graphdef, _ = nnx.split(nnx.eval_shape(lambda: train.build_model(config)), nnx.Param)
+        graphdef, _ = nnx.split(nnx.eval_shape(lambda: state_lib.build_model(config)), nnx.Param)
     return nnx.merge(graphdef, params), step
 
 

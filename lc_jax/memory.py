@@ -33,6 +33,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lc_jax import config as config_lib
+
 GB, GiB = 10**9, 2**30
 
 # Bytes per element. Quantised weight formats are counted by their elements only (no scales).
@@ -514,8 +516,6 @@ def load(spec: str, overrides: list[tuple[str, str]] | None = None) -> tuple[Mod
     if not path.endswith(".py") or not Path(path).is_file():
         raise CalculatorError(f"--model={spec!r}: not a preset and not a config file; presets are "
                               f"{list(PRESETS)}, or give a config path like configs/quickstart.py[:arg]")
-    from lc_jax import config as config_lib  # imports jax: only when a config is asked for
-
     try:
         cfg = config_lib.load(path, arg if sep else None)
     except config_lib.ConfigError as e:

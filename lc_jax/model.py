@@ -139,17 +139,19 @@ class Attention(nnx.Module):
             head_dim=head_dim, param_dtype=param_dtype, rngs=rngs,
         )
 
-    def __call__(self, x_BTE, pos_BT, seg_BT, position: positions.PositionScheme):
+    def __call__(self, x_BTE, pos_BT, seg_BT, position: positions.PositionScheme, *, stage=None,
+                 diagnostics=False):
+        """(out_BTE, aux): the variant's auxiliary values (see `AttentionVariant.__call__`)."""
         dt = self.dtype
         q_BTHD = jnp.einsum("bte,ehd->bthd", x_BTE, self.wq[...].astype(dt))
         k_BTKD = jnp.einsum("bte,ekd->btkd", x_BTE, self.wk[...].astype(dt))
         v_BTKD = jnp.einsum("bte,ekd->btkd", x_BTE, self.wv[...].astype(dt))
         q_BTHD, k_BTKD = position.rotate(q_BTHD, k_BTKD, pos_BT, pos_BT)
-        out_BTHD = self.variant(
+        out_BTHD, aux = self.variant(
             q_BTHD, k_BTKD, v_BTKD, q_pos_BT=pos_BT, kv_pos_BS=pos_BT, q_seg_BT=seg_BT, kv_seg_BS=seg_BT,
-            alibi_slopes_H=position.alibi_slopes(), x_BTE=x_BTE,
+            alibi_slopes_H=position.alibi_slopes(), x_BTE=x_BTE, stage=stage, diagnostics=diagnostics,
         )
-        return jnp.einsum("bthd,hde->bte", out_BTHD.astype(dt), self.wo[...].astype(dt))
+        return jnp.einsum("bthd,hde->bte", out_BTHD.astype(dt), self.wo[...].astype(dt)), aux
 
     def decode(self, x_BTE, pos_BT, cache: KVCache, layer: LayerKV, position: positions.PositionScheme,
                rope_len=None) -> tuple[jax.Array, LayerKV]:
@@ -182,7 +184,7 @@ class Attention(nnx.Module):
         if cache.pre_rotation:
             current_len = jnp.maximum(pos_BT.max(), cache.pos_BS.max()) + 1 if rope_len is None else rope_len
             q_BTHD, keys_BSKD = position.rotate(q_BTHD, keys_BSKD, pos_BT, kv_pos_BS, current_len)
-        out_BTHD = self.variant(
+        out_BTHD, _ = self.variant(
             q_BTHD, keys_BSKD, values_BSKD, q_pos_BT=pos_BT, kv_pos_BS=kv_pos_BS,
             q_seg_BT=jnp.zeros((B, T), jnp.int32), kv_seg_BS=kv_seg_BS,
             alibi_slopes_H=position.alibi_slopes(), x_BTE=x_BTE,
@@ -228,9 +230,10 @@ class Block(nnx.Module):
         self.mlp = SwiGLU(d_model=d_model, mlp_dim=mlp_dim, num_layers=num_layers, dtype=dtype,
                           param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x_BTE, pos_BT, seg_BT, position):
-        x_BTE = x_BTE + self.attn(self.attn_norm(x_BTE), pos_BT, seg_BT, position)
-        return x_BTE + self.mlp(self.mlp_norm(x_BTE))
+    def __call__(self, x_BTE, pos_BT, seg_BT, position, *, stage=None, diagnostics=False):
+        a_BTE, aux = self.attn(self.attn_norm(x_BTE), pos_BT, seg_BT, position, stage=stage, diagnostics=diagnostics)
+        x_BTE = x_BTE + a_BTE
+        return x_BTE + self.mlp(self.mlp_norm(x_BTE)), aux
 
     def decode(self, x_BTE, pos_BT, cache: KVCache, layer: LayerKV, position, rope_len=None):
         a_BTE, layer = self.attn.decode(self.attn_norm(x_BTE), pos_BT, cache, layer, position, rope_len)
@@ -271,8 +274,14 @@ class Transformer(nnx.Module):
             norm_eps=m.norm_eps, rngs=rngs,
         )
 
-    def __call__(self, tokens_BT=None, positions_BT=None, segment_ids_BT=None, *, embeds_BTE=None):
-        """Logits [B, T, V] in f32. `embeds_BTE` replaces the token lookup (causality tests, soft prompts)."""
+    def __call__(self, tokens_BT=None, positions_BT=None, segment_ids_BT=None, *, embeds_BTE=None, stage=None,
+                 diagnostics=False, return_aux=False):
+        """Logits [B, T, V] in f32; with `return_aux`, (logits, aux) where aux sums the attention variants'
+        auxiliary values over layers ({name: f32 [sum, count]}).
+
+        `embeds_BTE` replaces the token lookup (causality tests, soft prompts). `stage` is the variant's
+        training stage (None: its first); `diagnostics` asks variants for their extra measurements.
+        """
         if embeds_BTE is None:
             embeds_BTE = jnp.take(self.embed[...], tokens_BT, axis=0)
         x_BTE = embeds_BTE.astype(self.dtype)
@@ -282,15 +291,18 @@ class Transformer(nnx.Module):
         x_BTE = self.position.embed(x_BTE, positions_BT)
 
         def run_block(block, x, pos, seg, position):
-            return block(x, pos, seg, position)
+            return block(x, pos, seg, position, stage=stage, diagnostics=diagnostics)
 
         if self.remat != "none":
             run_block = nnx.remat(run_block, policy=REMAT_POLICIES[self.remat])
         x_BTE = ops.constrain(x_BTE, "batch", "seq", None)
+        aux: dict[str, jax.Array] = {}
         for block in self.blocks:
-            x_BTE = ops.constrain(run_block(block, x_BTE, positions_BT, segment_ids_BT, self.position),
-                                  "batch", "seq", None)
-        return ops.constrain(self._logits(x_BTE), "batch", "seq", "vocab")
+            x_BTE, block_aux = run_block(block, x_BTE, positions_BT, segment_ids_BT, self.position)
+            x_BTE = ops.constrain(x_BTE, "batch", "seq", None)
+            aux = {k: aux.get(k, 0.0) + v for k, v in block_aux.items()}
+        logits = ops.constrain(self._logits(x_BTE), "batch", "seq", "vocab")
+        return (logits, aux) if return_aux else logits
 
     def _logits(self, x_BTE):
         h_BTE = self.final_norm(x_BTE)
@@ -303,13 +315,15 @@ class Transformer(nnx.Module):
     # ------------------------------------------------------------------------- cached decoding
 
     def check_cache_support(self) -> None:
-        """Raise if a variant cannot attend from a KV cache (DSA scores keys from hidden states it would need)."""
-        from lc_jax.attention.dsa import DSA
-
-        if any(isinstance(b.attn.variant, DSA) for b in self.blocks):
-            raise NotImplementedError(
-                "model.attention.name='dsa' is not supported with a KV cache yet (its indexer needs the hidden "
-                "state of every key); generate with model.attention.name='full' or 'sliding'")
+        """Raise if a variant cannot attend from a KV cache (`AttentionVariant.CACHE`; DSA scores keys from
+        hidden states the cache does not keep)."""
+        for b in self.blocks:
+            if not b.attn.variant.CACHE:
+                name = next(n for n, cls in attention_variants.REGISTRY.items() if type(b.attn.variant) is cls)
+                can = [n for n, cls in attention_variants.REGISTRY.items() if cls.CACHE]
+                raise NotImplementedError(
+                    f"model.attention.name={name!r} is not supported with a KV cache yet; generate with "
+                    f"model.attention.name in {can}")
 
     def cache_slots(self, max_len: int) -> int:
         """Slots a cache needs for `max_len` tokens: min(max_len, window) under a sliding window (ring buffer)."""

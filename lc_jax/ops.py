@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lc_jax import sharding
 from pallas_kernels.flash_attention import gpu as _gpu
 from pallas_kernels.flash_attention import mosaic_gpu as _mosaic_gpu
 from pallas_kernels.flash_attention import reference as _reference
@@ -248,8 +249,6 @@ def constrain(x: jax.Array, *logical_axes: str | None) -> jax.Array:
     mesh = _ambient_mesh()
     if mesh is None:
         return x
-    from lc_jax import sharding  # sharding -> config -> ops: import late
-
     return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(
         mesh, sharding.activation_spec(mesh, *logical_axes)))
 
@@ -265,8 +264,6 @@ def per_device(fn, args: tuple, in_axes: tuple, out_axes):
     mesh = _ambient_mesh()
     if mesh is None:
         return fn(*args)
-    from lc_jax import sharding  # sharding -> config -> ops: import late
-
     present = [i for i, a in enumerate(args) if a is not None]
 
     def inner(*xs):
@@ -289,8 +286,6 @@ def _on_mesh(mesh, impl, q, k, v, block_sizes, kwargs):
     XLA), so the batch and head shards run locally; when the sequence is split
     over `context`, the ring passes K/V between devices.
     """
-    from lc_jax import sharding  # sharding -> config -> ops: import late
-
     B, T, H, _ = q.shape
     K = k.shape[2]
     n_ctx, n_batch, n_heads = (sharding.axis_size(mesh, a) for a in ("seq", "batch", "heads"))

@@ -15,6 +15,7 @@ Changing a parallelism strategy means editing `LOGICAL_AXIS_RULES`, nothing else
 
 from __future__ import annotations
 
+import math
 import os
 
 import flax.linen as nn
@@ -24,7 +25,9 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lc_jax.config import MESH_AXES, mesh_shape
+from pallas_kernels.ring_attention import layout_order
+
+MESH_AXES = ("data", "fsdp", "tensor", "context")
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),  # activations: batch over data and fsdp
@@ -36,9 +39,22 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("norm", None),
-    ("index_heads", None),  # the DSA indexer is small: replicated over tensor
-    ("index_dim", None),
 )
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
+    """Resolve -1 ('the rest') and check the product against the device count; ValueError names the mesh."""
+    sizes = [mesh_cfg[a] for a in MESH_AXES]
+    if sum(s == -1 for s in sizes) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    known = math.prod(s for s in sizes if s != -1)
+    if any(s == 0 or s < -1 for s in sizes) or num_devices % known:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide {num_devices} devices")
+    sizes = [num_devices // known if s == -1 else s for s in sizes]
+    if math.prod(sizes) != num_devices:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} devices, "
+                         f"but {num_devices} are present")
+    return tuple(sizes)
 
 
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
@@ -81,7 +97,7 @@ def _path_keys(path) -> tuple[str, ...]:
 
 
 def state_shardings(state_shapes: dict, params_shardings, mesh) -> dict:
-    """Shardings for a whole training state (`train.fresh_state`'s tree of shapes).
+    """Shardings for a whole training state (`state.fresh_state`'s tree of shapes).
 
     Parameters take `params_shardings`. An optimizer leaf whose path ends in a
     parameter's path and has its shape (Adam's mu and nu, inside any chain,
@@ -149,8 +165,6 @@ def process_rows(mesh, global_batch: int) -> tuple[int, int, int]:
 
 def context_order(mesh, seq_len: int, layout: str) -> np.ndarray | None:
     """Token order for ring attention on this mesh (None: no context parallelism)."""
-    from pallas_kernels.ring_attention import layout_order
-
     n = axis_size(mesh, "seq")
     return None if n == 1 else layout_order(seq_len, n, layout)
 

@@ -13,8 +13,7 @@ import pytest
 from flax import nnx
 
 from lc_jax import attention, positions
-from lc_jax.attention import dsa
-from lc_jax.train import build_model
+from lc_jax.state import build_model
 
 # DSA runs in both of its stages: dense warm-up and top-k sparse.
 VARIANTS = [v for v in sorted(attention.REGISTRY) if v != "dsa"] + ["dsa", "dsa-sparse"]
@@ -34,9 +33,9 @@ def test_causal(tiny_config, position, variant, impl):
     x_BTE = jax.random.normal(jax.random.PRNGKey(1), (1, T, c.model.d_model))
 
     def logits_per_position(x):
-        model = nnx.merge(graphdef, state)  # functional: DSA layers record their KL on a fresh copy
-        dsa.configure(model, sparse=variant == "dsa-sparse")
-        return nnx.capture(model, nnx.Intermediate)(None, embeds_BTE=x)[0][0].sum(-1)  # [T]
+        model = nnx.merge(graphdef, state)
+        stage = "sparse" if variant == "dsa-sparse" else None
+        return model(None, embeds_BTE=x, stage=stage)[0].sum(-1)  # [T]
 
     jac_TTE = jax.jacobian(logits_per_position)(x_BTE)[:, 0]  # d logit_t / d x_s
     influence_TT = np.abs(np.asarray(jac_TTE)).sum(-1)

@@ -13,7 +13,8 @@ import optax
 import pytest
 from flax import nnx
 
-from lc_jax import train
+from lc_jax import state as state_lib
+from lc_jax import steps
 from lc_jax.attention import dsa
 from lc_jax.config import ConfigError, validate
 from lc_jax.data import make_dataset
@@ -125,16 +126,16 @@ def _dsa_config(tiny_config, **dsa_fields):
 
 
 def _grads(c, *, sparse, which):
-    model = train.build_model(c)
+    model = state_lib.build_model(c)
     graphdef, params = nnx.split(model, nnx.Param)
     batch = next(iter(make_dataset(c.data, split="train", batch_size=2, seed=0)))
 
     def f(p):
-        objective, (_, aux, _) = train.loss_fn(p, graphdef, batch, sparse=sparse, kl_weight=0.0)
-        return objective if which == "lm" else aux["kl"][0]
+        objective, (_, aux, _) = steps.loss_fn(p, graphdef, batch, stage="sparse" if sparse else "dense")
+        return objective if which == "lm" else aux["dsa_kl"][0]
 
     grads = jax.jit(jax.grad(f))(params)
-    labels = dsa.label_params(grads)
+    labels = state_lib.param_labels(grads, ("indexer",))
     return {lab: [np.abs(np.asarray(g)).max() for g, lab2 in zip(jax.tree.leaves(grads), jax.tree.leaves(labels))
                   if lab2 == lab] for lab in ("main", "indexer")}
 
@@ -196,13 +197,14 @@ def test_dense_warmup_teaches_the_indexer_where_attention_looks():
 def test_frozen_warmup_trains_only_the_indexer_then_both(tiny_config):
     c = _dsa_config(tiny_config, warmup_mode="frozen")
     c.train.warmup_steps = 0
-    tx, schedule = train.make_optimizer(c.train, c.model)
-    graphdef, params = nnx.split(train.build_model(c), nnx.Param)
+    tx, schedule = state_lib.make_optimizer(c.train, c.model)
+    graphdef, params = nnx.split(state_lib.build_model(c), nnx.Param)
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
              "phase_start": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(0))}
     batches = iter(make_dataset(c.data, split="train", batch_size=2, seed=0))
-    steps = {s: train.make_train_step(graphdef, tx, schedule, sparse=s) for s in (False, True)}
-    labels = jax.tree.leaves(dsa.label_params(params))
+    train_steps = {s: steps.make_train_step(graphdef, tx, schedule, stage=s, aux_weights={"dsa_kl": 1.0})
+                   for s in ("dense", "sparse")}
+    labels = jax.tree.leaves(state_lib.param_labels(params, ("indexer",)))
 
     def changed(before, after):
         out = {"main": False, "indexer": False}
@@ -212,7 +214,7 @@ def test_frozen_warmup_trains_only_the_indexer_then_both(tiny_config):
 
     for i in range(3):
         before = jax.tree.map(np.asarray, state["params"])
-        state, metrics = steps[i >= 2](state, next(batches))
+        state, metrics = train_steps["sparse" if i >= 2 else "dense"](state, next(batches))
         assert np.isfinite(float(metrics["dsa_kl"]))
         assert changed(before, state["params"]) == {"main": i >= 2, "indexer": True}
 

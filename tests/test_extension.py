@@ -5,6 +5,7 @@ import json
 import pytest
 
 from lc_jax import evaluate, sharding, train
+from lc_jax import state as state_lib
 from lc_jax.config import ConfigError, load, validate
 
 
@@ -28,7 +29,7 @@ def test_eval_with_other_scalings_beyond_training_length(tiny_config, tmp_path):
 
     # The sliding-window protocol: as many scored targets, each with at least L - S tokens of context
     # (the validation documents are longer than L, so only the first window scores shorter contexts).
-    c = evaluate.load_config(tmp_path)
+    c = state_lib.load_config(tmp_path)
     c.eval.update(protocol="sliding", stride=32, position_buckets=4)
     slide = evaluate.extrapolation_sweep(tmp_path, c, lengths=[128], scalings=[None], max_tokens=256)
     row, curve = slide["rows"][0], slide["curves"]["trained (none)@128"]
@@ -114,8 +115,6 @@ def test_curriculum_validation(tiny_config):
 
 def test_retrieval_heatmaps_and_the_suite_summary(tiny_config, tmp_path):
     """Passkey, needle and MQAR grids run on a trained tiny model; the suite writes results.json and summary.md."""
-    from lc_jax import evaluate
-
     c = tiny_config(**{"train.steps": 2, "train.eval_every": 2, "checkpoint.every": 2})
     c.eval.update(length_multipliers=(1, 2), scalings=("none",), max_tokens=128)
     c.eval.retrieval.update(tasks=("passkey", "mqar"), depths=2, samples=2, mqar_pairs=(4,))
@@ -131,7 +130,7 @@ def test_retrieval_heatmaps_and_the_suite_summary(tiny_config, tmp_path):
     with pytest.raises(ValueError, match="allowed values are"):
         evaluate.retrieval_grid(tmp_path, task="niah")
 
-    results = evaluate.run_suite(tmp_path, evaluate.load_config(tmp_path))
+    results = evaluate.run_suite(tmp_path, state_lib.load_config(tmp_path))
     assert list(results) == ["extrapolation", "passkey", "mqar"]
     assert [(x["length"], x["pairs"]) for x in results["mqar"]["cells"]] == [(64, 4), (128, 4)]
     assert all(0 <= x["token_accuracy"] <= 1 for x in results["mqar"]["cells"])

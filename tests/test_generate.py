@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lc_jax import generate
-from lc_jax.train import build_model
+from lc_jax import generate, train
+from lc_jax.state import build_model
 
 B, T, P, W = 2, 40, 24, 8  # batch, sequence, prompt (prefilled), sliding window (< T: the ring wraps)
 DYN_NTK = {"model.position.scaling.name": "dynamic_ntk", "model.position.scaling.factor": 2.0,
@@ -161,8 +161,6 @@ def test_learned_positions_past_the_table_refused(tiny_config):
 
 
 def test_cli_end_to_end(tiny_config, tmp_path, capsys):
-    from lc_jax import train
-
     c = tiny_config()
     c.train.update(steps=2, eval_every=2, log_every=1)
     c.checkpoint.update(every=2)

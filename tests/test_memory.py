@@ -8,6 +8,8 @@ import pytest
 
 from lc_jax import memory
 from lc_jax.memory import CalculatorError, ModelShape
+from lc_jax.model import count_params
+from lc_jax.state import build_model
 
 L8B = memory.PRESETS["llama3.1-8b"]
 
@@ -103,9 +105,6 @@ def test_llama_8b_attention_flops_at_128k():
     ("attention=sliding,position=learned", {}),
 ])
 def test_param_count_matches_the_built_model(tiny_config, arg, overrides):
-    from lc_jax.model import count_params
-    from lc_jax.train import build_model
-
     config = tiny_config(arg, **overrides)  # d_model 32, 2 layers, 4 heads, 2 kv heads, mlp 64, vocab 259
     shape = memory.from_config(config)
     assert memory.num_params(shape) == count_params(build_model(config))

@@ -6,7 +6,8 @@ import pytest
 from flax import nnx
 
 from lc_jax.model import count_params
-from lc_jax.train import build_model, loss_fn
+from lc_jax.state import build_model
+from lc_jax.steps import loss_fn
 
 
 def _batch(B=2, T=32, vocab=259, seed=0):

@@ -19,7 +19,8 @@ from flax import nnx
 
 from configs import base
 from lc_jax import config as config_lib
-from lc_jax import positions, train
+from lc_jax import positions
+from lc_jax import state as state_lib
 from lc_jax.attention import dsa
 from lc_jax.model import Transformer
 from lc_jax.positions import hf
@@ -319,9 +320,9 @@ def test_scalings_that_need_the_original_length_refuse_zero(name):
 def test_every_model_building_path_gets_the_same_frequencies():
     explicit = _yarn_config()
     explicit.model.position.scaling.original_max_len = 64  # = data.seq_len, what resolve fills in
-    want = train.build_model(explicit).position.frequencies()
+    want = state_lib.build_model(explicit).position.frequencies()
     # the notebook path resolves as training does; the bare config.model path refuses, it cannot know the length
-    for got in (train.build_model(_yarn_config()).position.frequencies(),
+    for got in (state_lib.build_model(_yarn_config()).position.frequencies(),
                 RoPE(head_dim=16, **{k: v for k, v in config_lib.resolve(_yarn_config()).model.position.items()
                                      if k != "name"}).frequencies()):
         for a, b in zip(got, want):

@@ -15,7 +15,8 @@ import jax
 import numpy as np
 import pytest
 
-from lc_jax import sharding, train
+from lc_jax import evaluate, sharding, steps, train
+from lc_jax import state as state_lib
 from lc_jax.config import ConfigError, validate
 from lc_jax.data import make_dataset
 
@@ -23,11 +24,11 @@ from lc_jax.data import make_dataset
 def _one_step(c, devices):
     """(loss, gradients, parameters after one step, lr of that step, the sharded state) on a mesh of `devices`."""
     mesh = sharding.make_mesh(c.mesh, devices)
-    tx, schedule = train.make_optimizer(c.train)
-    graphdef, state = train.init_state(c, mesh, tx)
+    tx, schedule = state_lib.make_optimizer(c.train)
+    graphdef, state = state_lib.init_state(c, mesh, tx)
     batch = next(iter(make_dataset(c.data, split="train", batch_size=c.data.batch_size, seed=c.seed)))
-    step = train.make_train_step(graphdef, tx, schedule)
-    grad_fn = jax.jit(jax.grad(lambda params, batch: train.loss_fn(params, graphdef, batch)[0]))
+    step = steps.make_train_step(graphdef, tx, schedule)
+    grad_fn = jax.jit(jax.grad(lambda params, batch: steps.loss_fn(params, graphdef, batch)[0]))
     with jax.set_mesh(mesh):
         batch = sharding.shard_batch(batch, mesh, layout=c.mesh.context_layout)
         grads = jax.device_get(grad_fn(state["params"], batch))
@@ -168,8 +169,6 @@ def test_distributed_starts_where_asked(monkeypatch, env, cfg, expect):
 
 def test_evaluation_rings_over_the_runs_context_devices(tiny_config, tmp_path):
     """A run trained with mesh.context=4 is evaluated on a 4-device ring: same losses as one device."""
-    from lc_jax import evaluate
-
     c = tiny_config(**{"train.steps": 2, "train.eval_every": 2, "checkpoint.every": 2})
     c.mesh.update(data=2, context=4)
     train.train(c, tmp_path)

@@ -20,9 +20,16 @@ seq_len. CPU-sized: a 1.1M-parameter byte-level model at 256 tokens with k = W =
 
 from __future__ import annotations
 
+import json
+import statistics
+from pathlib import Path
+
+import jax
 import ml_collections
+from flax import nnx
 
 from configs import base
+from lc_jax import sharding, state, steps, train
 from lc_jax.config import parse_arg
 
 
@@ -60,23 +67,13 @@ def evaluate(workdir) -> dict:
     after the DSA warm-up (the same steps for every member), from
     `tokens_per_s` in metrics.jsonl.
     """
-    import json
-    import statistics
-    from pathlib import Path
-
-    import jax
-    from flax import nnx
-
-    from lc_jax import evaluate as ev
-    from lc_jax import sharding, train
-
     workdir = Path(workdir)
-    config = ev.load_config(workdir)
-    step, params = ev.load_params(workdir, config)
+    config = state.load_config(workdir)
+    step, params = state.load_params(workdir, config)
     with nnx.use_eager_sharding(False):
-        graphdef = nnx.split(nnx.eval_shape(lambda: train.build_model(config)), nnx.Param)[0]
-    eval_step, width = train.make_eval_step(graphdef, config.eval.position_buckets, config.data.seq_len,
-                                            sparse=train.dsa_sparse_at(config, step))
+        graphdef = nnx.split(nnx.eval_shape(lambda: state.build_model(config)), nnx.Param)[0]
+    eval_step, width = steps.make_eval_step(graphdef, config.eval.position_buckets, config.data.seq_len,
+                                            stage=state.stage_at(config, step))
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "context": 1}, jax.devices()[:1])
     with jax.set_mesh(mesh):
         val, _ = train.run_eval(jax.jit(eval_step), jax.device_put(params, sharding.replicated(mesh)), config, mesh,

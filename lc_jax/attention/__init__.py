@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lc_jax import fields as fields_lib
 from lc_jax.attention.base import AttentionVariant
 from lc_jax.attention.dsa import DSA
 from lc_jax.attention.full import Full
@@ -14,10 +15,22 @@ REGISTRY: dict[str, type[AttentionVariant]] = {
 }
 
 
+def fields() -> dict:
+    """Every variant's fields with their defaults: `model.attention` holds them all."""
+    return fields_lib.union(REGISTRY, "model.attention")
+
+
+def check(cfg, **dims) -> list[str]:
+    """Problems with `model.attention`: the name, then the chosen variant's own checks (`AttentionVariant.check`).
+
+    Fields of other variants are ignored, so that a sweep over `name` can share them.
+    """
+    if cfg.name not in REGISTRY:
+        return [f"model.attention.name={cfg.name!r}: allowed values are {list(REGISTRY)}"]
+    return REGISTRY[cfg.name].check(cfg, **dims)
+
+
 def build(cfg, **dims):
-    """Instantiate the variant `cfg.name` with its own fields from `cfg` (plus model dims, for DSA)."""
-    name = cfg["name"]
-    if name not in REGISTRY:
-        raise ValueError(f"model.attention.name={name!r} is not one of {sorted(REGISTRY)}")
-    own = {k: v for k, v in dict(cfg).items() if k != "name"}
-    return REGISTRY[name](**dims, **own)
+    """Instantiate `cfg.name` with its own fields from `cfg` plus the model dimensions its constructor names
+    (of d_model, num_heads, num_kv_heads, head_dim, param_dtype, rngs)."""
+    return fields_lib.build(REGISTRY, cfg, "model.attention", **dims)

@@ -1,30 +1,100 @@
 """The interface every attention variant implements.
 
 A variant decides *which* keys each query sees (and may own parameters, as the
-DSA indexer will); the arithmetic goes through `lc_jax.ops.attention`.
+DSA indexer does); the arithmetic goes through `lc_jax.ops.attention`.
+
+A variant also describes itself to the layers above, so that training, evaluation,
+generation and the calculators never name it: its config fields and their checks
+(`FIELDS`, `check`), its stage schedule (`STAGES`, `stage_at`: one compiled train step
+per stage), the auxiliary values it returns and which of them are losses
+(`__call__` returns `(out, aux)`; `aux_losses`), the parameters it trains with their
+own optimizer (`optimizer_groups`, `frozen_until`), and whether it can attend from a
+KV cache (`CACHE`) or run as a ring over the context axis (`RING`).
 """
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 from flax import nnx
 
-from lc_jax import ops
+from lc_jax import fields, ops
+from pallas_kernels.flash_attention import tpu as flash_tpu
 from pallas_kernels.flash_attention.xla import BlockSizes
 
 
 class AttentionVariant(nnx.Module):
+    #: The variant's own fields under `model.attention`, with their defaults (`name` aside); these three
+    #: every variant has. `lc_jax.attention.build` hands a variant only its own.
+    FIELDS: ClassVar[dict[str, Any]] = dict(
+        impl="auto",  # auto | xla | pallas | reference | cudnn (lc_jax/ops.py)
+        block_q=256,  # query / key block of the blockwise kernels (Pallas TPU: multiples of 128)
+        block_k=512,
+    )
+    #: Whether the variant runs under context parallelism (ring attention over `mesh.context`).
+    RING: ClassVar[bool] = True
+    #: Whether the variant can attend from a KV cache (keys whose hidden states are gone).
+    CACHE: ClassVar[bool] = True
+    #: The stages of training, in order; each gets its own compiled train and eval step.
+    STAGES: ClassVar[tuple[str, ...]] = ("main",)
     #: Keys further back than this are never visible (None: unbounded). KV caches read it.
     window: int | None = None
 
-    def __init__(self, *, impl: str = "auto", block_q: int = 256, block_k: int = 512, **_unused):
+    @classmethod
+    def check(cls, cfg, *, head_dim: int | None, itemsize: int | None, vmem_bytes: int | None) -> list[str]:
+        """One line per problem with this variant's fields in `cfg` (`model.attention`); [] when usable.
+
+        The blocks must suit the kernel that will run: multiples of 128 for the Pallas TPU kernel, and with
+        `vmem_bytes` (the chip a run compiles for) small enough for its VMEM. `head_dim` and `itemsize`
+        (the compute dtype's) are None when the model's own fields are invalid.
+        """
+        p = fields.allowed("model.attention.impl", cfg.impl, ops.IMPLS)
+        blocks_ok = True
+        for f in ("block_q", "block_k"):
+            bad = fields.positive(f"model.attention.{f}", cfg[f])
+            if not bad and (cfg.impl == "pallas" or (cfg.impl == "auto" and vmem_bytes)) and cfg[f] % 128:
+                bad = [f"model.attention.{f}={cfg[f]}: the Pallas TPU kernel needs a multiple of 128"]
+            blocks_ok &= not bad
+            p += bad
+        if vmem_bytes and blocks_ok and head_dim and itemsize and cfg.impl in ("auto", "pallas"):
+            try:
+                flash_tpu.check_vmem(cfg.block_q, cfg.block_k, head_dim, head_dim, itemsize, vmem_bytes,
+                                     where="model.attention.")
+            except ValueError as e:
+                p.append(str(e))
+        return p
+
+    @classmethod
+    def stage_at(cls, cfg, step: int) -> str:
+        """The stage after `step` steps of this run's own optimizer (a continued run counts from its start)."""
+        return cls.STAGES[0]
+
+    @classmethod
+    def aux_losses(cls, cfg) -> dict[str, float]:
+        """The auxiliary values (keys of `__call__`'s aux) that enter the training objective, with their weights."""
+        return {}
+
+    @classmethod
+    def optimizer_groups(cls, cfg) -> dict[str, tuple[float, float]]:
+        """Parameters trained by an AdamW of their own: module attribute name -> (lr, weight_decay); lr 0 means
+        `train.lr`. Everything else is the main group."""
+        return {}
+
+    @classmethod
+    def frozen_until(cls, cfg) -> int:
+        """Steps during which the main group's learning rate is 0 (a retrofit that trains only its own groups)."""
+        return 0
+
+    def __init__(self, *, impl: str = "auto", block_q: int = 256, block_k: int = 512):
         self.impl = impl
         self.block_sizes = BlockSizes(block_q, block_k)
 
     def __call__(self, q_BTHD, k_BSKD, v_BSKD, *, q_pos_BT, kv_pos_BS, q_seg_BT=None, kv_seg_BS=None,
-                 alibi_slopes_H=None, x_BTE=None):
-        del x_BTE  # Only variants that score keys from the hidden state (DSA) need it.
+                 alibi_slopes_H=None, x_BTE=None, stage: str | None = None, diagnostics: bool = False):
+        """(out_BTHD, aux): aux maps a name to an f32 [sum, count] pair, summed over layers by the model."""
+        del x_BTE, stage, diagnostics  # for variants that score keys from the hidden state, or have stages
         return ops.attention(
             q_BTHD, k_BSKD, v_BSKD, q_pos_BT=q_pos_BT, kv_pos_BS=kv_pos_BS, q_seg_BT=q_seg_BT,
             kv_seg_BS=kv_seg_BS, causal=True, window=self.window, alibi_slopes_H=alibi_slopes_H,
             impl=self.impl, block_sizes=self.block_sizes,
-        )
+        ), {}

@@ -29,7 +29,7 @@ Training has two stages (`warmup_steps`):
   * sparse: attention over the top-k set only; the KL is taken over that set.
 The indexer reads a detached copy of the hidden state, so the KL trains only
 the indexer, and the LM loss (through the discrete top-k) never reaches it. The
-indexer has its own optimizer (`lc_jax.train.make_optimizer`, optax.multi_transform).
+indexer has its own optimizer (`DSA.optimizer_groups`, which `lc_jax.state.make_optimizer` reads).
 
 Memory. Nothing T x S is ever built: index scores are computed per (query
 block, key block) with a streaming top-k that keeps [block_q, k] candidates
@@ -56,7 +56,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from lc_jax import ops
+from lc_jax import fields, ops
 from lc_jax.attention.base import AttentionVariant
 from lc_jax.positions.rope import apply_rope, rope_inv_freq
 from pallas_kernels import sparse_attention_gpu, sparse_attention_tpu
@@ -74,7 +74,11 @@ sg = lax.stop_gradient
 
 
 class Indexer(nnx.Module):
-    """q_I (H_I x d_I), one normalised k_I (d_I) and H_I weights per token, from the (detached) hidden state."""
+    """q_I (H_I x d_I), one normalised k_I (d_I) and H_I weights per token, from the (detached) hidden state.
+
+    The indexer is small: its parameters split only the model dimension (over fsdp) and are otherwise
+    replicated (logical axis None), also over tensor.
+    """
 
     def __init__(self, *, d_model: int, index_heads: int, index_dim: int, index_rope_dim: int, param_dtype,
                  rngs: nnx.Rngs, index_norm: str = "layernorm"):
@@ -83,13 +87,13 @@ class Indexer(nnx.Module):
         init = jax.nn.initializers.normal(stddev=d_model**-0.5)
         self.heads, self.dim, self.norm = index_heads, index_dim, index_norm
         self.wq = nnx.Param(init(rngs.params(), (d_model, index_heads, index_dim), param_dtype),
-                            out_sharding=("embed", "index_heads", "index_dim"))
-        self.wk = nnx.Param(init(rngs.params(), (d_model, index_dim), param_dtype), out_sharding=("embed", "index_dim"))
-        self.k_scale = nnx.Param(jnp.ones((index_dim,), param_dtype), out_sharding=("index_dim",))
+                            out_sharding=("embed", None, None))
+        self.wk = nnx.Param(init(rngs.params(), (d_model, index_dim), param_dtype), out_sharding=("embed", None))
+        self.k_scale = nnx.Param(jnp.ones((index_dim,), param_dtype), out_sharding=(None,))
         if index_norm == "layernorm":
-            self.k_bias = nnx.Param(jnp.zeros((index_dim,), param_dtype), out_sharding=("index_dim",))
+            self.k_bias = nnx.Param(jnp.zeros((index_dim,), param_dtype), out_sharding=(None,))
         self.ww = nnx.Param(init(rngs.params(), (d_model, index_heads), param_dtype),
-                            out_sharding=("embed", "index_heads"))
+                            out_sharding=("embed", None))
         self.rope_dim = index_rope_dim
 
     def __call__(self, x_BTE, pos_BT):
@@ -439,6 +443,63 @@ def _sel_probs(q_bQHD, k_sel, lse_bQH, qp, kp_sel, slopes_KG, scale):
 class DSA(AttentionVariant):
     """Dense attention plus an indexer KL during warm-up; top-k sparse attention after it."""
 
+    FIELDS = dict(AttentionVariant.FIELDS, dsa=dict(
+        topk=2048,  # keys per query in the sparse stage (all visible keys when fewer)
+        index_heads=4,  # H_I indexer heads
+        index_dim=32,  # d_I per indexer head
+        index_rope_dim=16,  # leading indexer dims that get RoPE (0: none)
+        index_norm="layernorm",  # the indexer key's norm: layernorm (DeepSeek-V3.2) | rmsnorm
+        warmup_steps=1000,  # dense warm-up steps (indexer trained by KL); sparse from then on
+        warmup_mode="joint",  # joint: LM trains too (from scratch) | frozen: only the indexer trains
+        kl_weight=1.0,
+        index_block_q=128,  # query block of the blockwise index scores / top-k selection
+        # Key block of the index scores. In the streaming top-k (select=xla) each merge runs top_k over
+        # k + block_k scores, so long blocks amortise it (32K, k=512, CPU: 1.7x faster than 512).
+        index_block_k=4096,
+        # Who picks the top-k: auto (host on a single CPU device, else xla) | xla (streaming lax.top_k) |
+        # host (numpy introselect in a callback: XLA:CPU's top_k is a serial partial sort; 3x faster).
+        select="auto",
+        lr=0.0,  # indexer learning rate (0: train.lr)
+        weight_decay=0.0,
+    ))
+    RING = False  # the indexer's top-k over a sharded sequence is not built yet
+    CACHE = False  # the indexer scores keys from their hidden states, which a KV cache does not keep
+    STAGES = ("dense", "sparse")
+
+    @classmethod
+    def stage_at(cls, cfg, step: int) -> str:
+        return "sparse" if step >= cfg.dsa.warmup_steps else "dense"
+
+    @classmethod
+    def aux_losses(cls, cfg) -> dict[str, float]:
+        return {"dsa_kl": float(cfg.dsa.kl_weight)}
+
+    @classmethod
+    def optimizer_groups(cls, cfg) -> dict[str, tuple[float, float]]:
+        return {"indexer": (float(cfg.dsa.lr), float(cfg.dsa.weight_decay))}
+
+    @classmethod
+    def frozen_until(cls, cfg) -> int:
+        return int(cfg.dsa.warmup_steps) if cfg.dsa.warmup_mode == "frozen" else 0
+
+    @classmethod
+    def check(cls, cfg, **kw) -> list[str]:
+        ds, f = cfg.dsa, "model.attention.dsa."
+        p = super().check(cfg, **kw)
+        for k in ("topk", "index_heads", "index_dim", "index_block_q", "index_block_k"):
+            p += fields.positive(f + k, ds[k])
+        p += fields.positive(f + "warmup_steps", ds.warmup_steps, zero_ok=True)
+        bad = fields.positive(f + "index_rope_dim", ds.index_rope_dim, zero_ok=True)
+        if not bad and (ds.index_rope_dim % 2 or (isinstance(ds.index_dim, int) and ds.index_rope_dim > ds.index_dim)):
+            bad = [f"{f}index_rope_dim={ds.index_rope_dim}: must be even and <= {f}index_dim={ds.index_dim}"]
+        p += bad
+        p += fields.allowed(f + "warmup_mode", ds.warmup_mode, WARMUP_MODES)
+        p += fields.allowed(f + "index_norm", ds.get("index_norm", "layernorm"), INDEX_NORMS)
+        p += fields.allowed(f + "select", ds.get("select", "auto"), SELECT_IMPLS)
+        for k in ("kl_weight", "lr", "weight_decay"):
+            p += fields.positive(f + k, ds[k], zero_ok=True, kind=(float, int))
+        return p
+
     def __init__(self, *, d_model: int, param_dtype, rngs: nnx.Rngs, dsa, **kwargs):
         super().__init__(**kwargs)
         self.topk, self.block_q, self.block_k = int(dsa["topk"]), int(dsa["index_block_q"]), int(dsa["index_block_k"])
@@ -446,11 +507,14 @@ class DSA(AttentionVariant):
         self.indexer = Indexer(d_model=d_model, index_heads=dsa["index_heads"], index_dim=dsa["index_dim"],
                                index_rope_dim=dsa["index_rope_dim"], param_dtype=param_dtype, rngs=rngs,
                                index_norm=dsa.get("index_norm", "layernorm"))
-        self.sparse = False  # set per step by `configure` (the stage follows the training step)
-        self.diagnostics = False
 
     def __call__(self, q_BTHD, k_BSKD, v_BSKD, *, q_pos_BT, kv_pos_BS, q_seg_BT=None, kv_seg_BS=None,
-                 alibi_slopes_H=None, x_BTE=None):
+                 alibi_slopes_H=None, x_BTE=None, stage: str | None = None, diagnostics: bool = False):
+        """(out, aux): aux holds the indexer KL ('dsa_kl', the loss) and, with `diagnostics`, the attention-mass
+        recall measurements ('dsa_recall', ...), each an f32 [sum over scored queries, count] pair."""
+        if stage not in (None, *self.STAGES):
+            raise ValueError(f"DSA stage={stage!r}: allowed values are {list(self.STAGES)}")
+        sparse = stage == "sparse"
         if x_BTE is None:
             raise ValueError("DSA scores keys from the hidden state: pass x_BTE")
         if k_BSKD.shape[1] != x_BTE.shape[1]:
@@ -459,7 +523,7 @@ class DSA(AttentionVariant):
         pos = dict(q_pos_BT=q_pos_BT, kv_pos_BS=kv_pos_BS)
         segs = dict(q_seg_BT=q_seg_BT, kv_seg_BS=kv_seg_BS)
         blocks = dict(block_q=self.block_q)
-        if self.sparse:
+        if sparse:
             idx, valid = select_topk(sg(iq), sg(w), sg(ik), impl=self.select, **pos, **segs, topk=self.topk,
                                      **blocks, block_k=self.block_k)
             out, lse, probs = self._sparse_attention(q_BTHD, k_BSKD, v_BSKD, idx, valid, **pos,
@@ -472,10 +536,10 @@ class DSA(AttentionVariant):
             kl = dense_kl(q_BTHD, k_BSKD, lse, iq, w, ik, **pos, **segs, alibi_slopes_H=alibi_slopes_H, **blocks,
                           block_k=self.block_k)
         rows = jnp.ones(kl.shape, jnp.float32) if q_seg_BT is None else (q_seg_BT > 0).astype(jnp.float32)
-        self.sow(nnx.Intermediate, "dsa_kl", jnp.stack([(kl * rows).sum(), rows.sum()]))
-        if self.diagnostics:
-            self._diagnose(q_BTHD, k_BSKD, iq, w, ik, pos, segs, alibi_slopes_H, rows, lse if not self.sparse else None)
-        return out
+        aux = {"dsa_kl": jnp.stack([(kl * rows).sum(), rows.sum()])}
+        if diagnostics:
+            aux |= self._diagnose(q_BTHD, k_BSKD, iq, w, ik, pos, segs, alibi_slopes_H, rows, None if sparse else lse)
+        return out, aux
 
     def _sparse_attention(self, q, k, v, idx, valid, **kw):
         """(out, lse, head-mean probs or None): the Pallas kernel on TPU (impl auto|pallas) and on GPU (impl
@@ -506,45 +570,4 @@ class DSA(AttentionVariant):
         d = mass_diagnostics(q, k, dense_lse, idx, valid, **pos, **segs, alibi_slopes_H=slopes, topk=self.topk,
                              window=self.topk, block_q=self.block_q, block_k=self.block_k)
         long = d.pop("long") * rows
-        for name, v in d.items():
-            self.sow(nnx.Intermediate, f"dsa_{name}", jnp.stack([(v * long).sum(), long.sum()]))
-
-
-# ----------------------------------------------------------------------------- model-level helpers
-
-
-def configure(model: nnx.Module, *, sparse: bool | None = None, diagnostics: bool | None = None) -> int:
-    """Set the stage (and diagnostics) of every DSA layer of `model`; returns how many there are."""
-    n = 0
-    for _, m in nnx.iter_modules(model):
-        if isinstance(m, DSA):
-            n += 1
-            if sparse is not None:
-                m.sparse = bool(sparse)
-            if diagnostics is not None:
-                m.diagnostics = bool(diagnostics)
-    return n
-
-
-def collect(intermediates) -> dict[str, jax.Array]:
-    """Sum the (value sum, count) pairs that DSA layers sowed, per metric: {name: [sum, count]}."""
-    out: dict[str, jax.Array] = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(intermediates)[0]:
-        names = [str(getattr(p, "key", getattr(p, "name", ""))) for p in path]
-        name = next((n for n in reversed(names) if n.startswith("dsa_")), None)
-        if name is not None:
-            out[name[4:]] = out.get(name[4:], 0.0) + leaf
-    return out
-
-
-def is_dsa(model_cfg) -> bool:
-    return model_cfg.attention.name == "dsa"
-
-
-def label_params(params) -> object:
-    """'indexer' for the DSA indexer's parameters, 'main' for everything else (optax.multi_transform labels)."""
-    def label(path, _):
-        return "indexer" if any(getattr(p, "key", getattr(p, "name", None)) == "indexer" for p in path) else "main"
-
-    return jax.tree_util.tree_map_with_path(label, params)
-
+        return {f"dsa_{name}": jnp.stack([(v * long).sum(), long.sum()]) for name, v in d.items()}

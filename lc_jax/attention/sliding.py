@@ -6,10 +6,17 @@ O(T * W) rather than O(T^2).
 
 from __future__ import annotations
 
+from lc_jax import fields
 from lc_jax.attention.base import AttentionVariant
 
 
 class Sliding(AttentionVariant):
+    FIELDS = dict(AttentionVariant.FIELDS, window=1024)  # W: a query at p sees keys at p-W+1 .. p
+
+    @classmethod
+    def check(cls, cfg, **kw) -> list[str]:
+        return super().check(cfg, **kw) + fields.positive("model.attention.window", cfg.window)
+
     def __init__(self, *, window: int, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(window, int) or window <= 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grain
 
 from lc_jax.data import corpus, packing, synthetic, tokenizer  # noqa: F401
+from lc_jax.data.stages import curriculum  # noqa: F401
 from lc_jax.data.synthetic import TASKS, check_config  # noqa: F401
 
 
@@ -29,24 +30,3 @@ def make_dataset(d, *, split: str, batch_size: int, seed: int, process_index: in
     if process_count > 1:
         ds = ds[process_index::process_count]
     return ds.batch(batch_size, drop_remainder=True)
-
-
-def curriculum(d) -> list[tuple[int, int, int]]:
-    """Stages (start step, seq_len, batch size) from `data.curriculum` ('0:512,200:1024,400:2048').
-
-    Empty: one stage at `data.seq_len`. With `data.curriculum_constant_tokens` the batch
-    grows as sequences shrink, so every stage sees `batch_size * seq_len` tokens per step.
-    """
-    if not d.curriculum:
-        return [(0, d.seq_len, d.batch_size)]
-    stages = []
-    for item in d.curriculum.split(","):
-        step, _, length = item.partition(":")
-        try:
-            step, length = int(step), int(length)
-        except ValueError:
-            msg = f"data.curriculum={d.curriculum!r}: expected 'step:seq_len,...', e.g. '0:512,200:1024'"
-            raise ValueError(msg) from None
-        batch = d.batch_size * d.seq_len // length if d.curriculum_constant_tokens else d.batch_size
-        stages.append((step, length, batch))
-    return stages

@@ -27,8 +27,17 @@ import math
 import numpy as np
 
 from lc_jax.data import tokenizer
+from lc_jax.data.stages import curriculum
 
 TASKS = ("none", "passkey", "kv_recall", "mqar")
+# `data.synthetic`: task none | passkey | kv_recall | mqar replaces a share `ratio` of examples (validation too,
+# other seed). Depth tasks plant the fact at a depth drawn in [min_depth, max_depth]; min_distance: filler tokens
+# at least between fact and question (mqar: '.' gap before the queries). digits: passkey / kv_recall answer
+# length; mqar_pairs: key-value pairs. jitter: passkey examples end their filler at a random point of its sentence
+# cycle, so that a model cannot solve them by memorising fact-to-question offsets (evaluation uses the standard
+# format).
+FIELDS = dict(task="none", ratio=0.0, min_depth=0.0, max_depth=1.0, min_distance=0, digits=5, mqar_pairs=16,
+              jitter=True)
 DEPTH_TASKS = ("passkey", "kv_recall")  # tasks with a planted fact at a relative depth
 
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -484,8 +493,6 @@ def check_config(d) -> list[str]:
 
     lengths = {d.seq_len} if integer(d.get("seq_len")) else set()
     if d.get("curriculum"):
-        from lc_jax.data import curriculum  # the package imports this module
-
         try:
             lengths |= {length for _, length, _ in curriculum(d)}
         except ValueError:

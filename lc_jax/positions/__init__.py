@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lc_jax import fields as fields_lib
 from lc_jax.positions.alibi import ALiBi
 from lc_jax.positions.base import PositionScheme
 from lc_jax.positions.hf import from_hf, preset, to_hf
@@ -10,7 +11,7 @@ from lc_jax.positions.nope import NoPE
 from lc_jax.positions.rope import RoPE
 from lc_jax.positions.sinusoidal import Sinusoidal
 
-__all__ = ["REGISTRY", "PositionScheme", "build", "from_hf", "preset", "to_hf"]
+__all__ = ["REGISTRY", "PositionScheme", "build", "check", "fields", "from_hf", "preset", "to_hf"]
 
 REGISTRY: dict[str, type[PositionScheme]] = {
     "nope": NoPE,
@@ -21,13 +22,32 @@ REGISTRY: dict[str, type[PositionScheme]] = {
 }
 
 
-def build(cfg, *, num_heads: int, head_dim: int, d_model: int, max_seq_len: int, param_dtype, rngs):
-    """Instantiate the scheme `cfg.name` with its own fields from `cfg` plus model dimensions."""
-    name = cfg["name"]
-    if name not in REGISTRY:
-        raise ValueError(f"model.position.name={name!r} is not one of {sorted(REGISTRY)}")
-    own = {k: v for k, v in dict(cfg).items() if k != "name"}
-    return REGISTRY[name](
-        num_heads=num_heads, head_dim=head_dim, d_model=d_model, max_seq_len=max_seq_len,
-        param_dtype=param_dtype, rngs=rngs, **own,
-    )
+def fields() -> dict:
+    """Every scheme's fields with their defaults: `model.position` holds them all."""
+    return fields_lib.union(REGISTRY, "model.position")
+
+
+def check(cfg, *, head_dim: int | None) -> list[str]:
+    """Problems with `model.position`: the name, the chosen scheme's own checks, and a method picked for a
+    scheme that is not in use (a field dict with a `name`, e.g. `scaling.name='yarn'` under ALiBi).
+
+    Plain values of other schemes are ignored, so that a sweep over `name` can share them.
+    """
+    if cfg.name not in REGISTRY:
+        return [f"model.position.name={cfg.name!r}: allowed values are {list(REGISTRY)}"]
+    cls = REGISTRY[cfg.name]
+    p = cls.check(cfg, head_dim=head_dim)
+    for key, default in fields().items():
+        if key in cls.FIELDS or not isinstance(default, dict) or "name" not in default:
+            continue
+        if cfg[key]["name"] != default["name"]:
+            owners = [n for n, c in REGISTRY.items() if key in c.FIELDS]
+            p.append(f"model.position.{key}.name={cfg[key]['name']!r} needs model.position.name in {owners} "
+                     f"(got {cfg.name!r}); leave it {default['name']!r}")
+    return p
+
+
+def build(cfg, **dims):
+    """Instantiate `cfg.name` with its own fields from `cfg` plus the model dimensions its constructor names
+    (of num_heads, head_dim, d_model, max_seq_len, param_dtype, rngs)."""
+    return fields_lib.build(REGISTRY, cfg, "model.position", **dims)

@@ -31,7 +31,7 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
 
 
 class ALiBi(PositionScheme):
-    def __init__(self, *, num_heads: int, **_unused):
+    def __init__(self, *, num_heads: int):
         self.num_heads = num_heads
 
     def alibi_slopes(self):

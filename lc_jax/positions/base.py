@@ -9,13 +9,33 @@ Positions are global token positions, so schemes stay right under packing
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import jax
 from flax import nnx
 
 
 class PositionScheme(nnx.Module):
+    #: The scheme's own fields under `model.position`, with their defaults (`name` aside). The config's
+    #: `model.position` holds every scheme's fields; `lc_jax.positions.build` hands a scheme only its own.
+    FIELDS: ClassVar[dict[str, Any]] = {}
     #: Largest position the scheme can represent, or None if unbounded.
     max_position: int | None = None
+
+    @classmethod
+    def check(cls, cfg, *, head_dim: int | None) -> list[str]:
+        """One line per problem with this scheme's fields in `cfg` (`model.position`); [] when usable.
+
+        `head_dim` is None when the model's dimensions are themselves invalid (reported elsewhere).
+        """
+        return []
+
+    @classmethod
+    def check_extension(cls, cfg, name: str, factor, *, field: str, factor_field: str,
+                        head_dim: int | None) -> list[str]:
+        """Problems with extending the context at evaluation by method `name` (`eval.position.scaling`)."""
+        return [f"{field}={name!r} needs model.position.name='rope' (got {cfg.name!r}); "
+                "scalings stretch RoPE frequencies"]
 
     def embed(self, x_BTE: jax.Array, pos_BT: jax.Array) -> jax.Array:
         return x_BTE

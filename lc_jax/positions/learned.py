@@ -10,7 +10,7 @@ from lc_jax.positions.base import PositionScheme
 
 
 class Learned(PositionScheme):
-    def __init__(self, *, d_model: int, max_seq_len: int, param_dtype=jnp.float32, rngs: nnx.Rngs, **_unused):
+    def __init__(self, *, d_model: int, max_seq_len: int, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.max_position = max_seq_len
         init = jax.nn.initializers.normal(stddev=0.1)
         self.table = nnx.Param(

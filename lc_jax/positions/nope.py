@@ -6,5 +6,5 @@ from lc_jax.positions.base import PositionScheme
 
 
 class NoPE(PositionScheme):
-    def __init__(self, **_unused):
+    def __init__(self):
         pass

@@ -73,8 +73,45 @@ def apply_rope(x_BTHD, pos_BT, inv_freq_F, layout: str = "half", mscale: float =
 
 
 class RoPE(PositionScheme):
+    FIELDS = dict(
+        theta=10000.0,  # the base of the frequencies
+        layout="half",  # half (rotate-half, GPT-NeoX / Llama) | interleaved (the paper, GPT-J)
+        fraction=1.0,  # share of each head that rotates
+        fraction_mode="rotary_dims",  # rotary_dims (partial RoPE) | p_rope (keep the highest frequencies)
+        # Context extension: none | linear | ntk | dynamic_ntk | yarn | yarn_ratio_ramp | llama3
+        # (rope_scaling.py; Hugging Face presets: lc_jax.positions.hf.preset). Fields: rope_scaling.FIELD_DEFAULTS.
+        scaling=dict(rope_scaling.FIELD_DEFAULTS),
+    )
+
+    @classmethod
+    def check(cls, cfg, *, head_dim: int | None) -> list[str]:
+        p = []
+        if not (isinstance(cfg.theta, (int, float)) and cfg.theta > 1):
+            p.append(f"model.position.theta={cfg.theta!r}: must be a number > 1")
+        if cfg.layout not in LAYOUTS:
+            p.append(f"model.position.layout={cfg.layout!r}: allowed values are {list(LAYOUTS)}")
+        if not (isinstance(cfg.fraction, (int, float)) and 0 < cfg.fraction <= 1):
+            p.append(f"model.position.fraction={cfg.fraction!r}: must be in (0, 1]")
+        elif head_dim is not None and head_dim % 2 == 0 and int(head_dim * cfg.fraction) < 2:
+            p.append(f"model.position.fraction={cfg.fraction}: rotates fewer than 2 of {head_dim} dims")
+        if head_dim is not None and head_dim % 2:
+            p.append(f"head_dim={head_dim} must be even for model.position.name='rope'")
+        if cfg.fraction_mode not in FRACTION_MODES:
+            p.append(f"model.position.fraction_mode={cfg.fraction_mode!r}: allowed values are {list(FRACTION_MODES)}")
+        sc = cfg.scaling
+        return p + cls.check_extension(cfg, sc.name, sc.factor, field="model.position.scaling.name",
+                                       factor_field="model.position.scaling.factor", head_dim=head_dim)
+
+    @classmethod
+    def check_extension(cls, cfg, name: str, factor, *, field: str, factor_field: str,
+                        head_dim: int | None) -> list[str]:
+        rot_dim = None
+        if head_dim is not None and isinstance(cfg.fraction, (int, float)) and cfg.fraction_mode in FRACTION_MODES:
+            rot_dim = rotary_dim(head_dim, cfg.fraction, cfg.fraction_mode)
+        return rope_scaling.check(name, factor, cfg.scaling, field=field, factor_field=factor_field, rot_dim=rot_dim)
+
     def __init__(self, *, head_dim: int, theta: float = 10000.0, layout: str = "half", fraction: float = 1.0,
-                 fraction_mode: str = "rotary_dims", scaling=None, **_unused):
+                 fraction_mode: str = "rotary_dims", scaling=None):
         if fraction_mode not in FRACTION_MODES:
             raise ValueError(f"model.position.fraction_mode={fraction_mode!r} is not one of {FRACTION_MODES}")
         self.theta, self.layout = float(theta), layout

@@ -32,6 +32,27 @@ FIELD_DEFAULTS = dict(name="none", factor=0.0, original_max_len=0, beta_fast=32.
                       high_freq_factor=4.0)
 
 
+def check(name: str, factor, sc, *, field: str, factor_field: str, rot_dim: int | None) -> list[str]:
+    """Problems with scaling `name` at `factor`, its other fields read from `sc`; `rot_dim` is the rotated width."""
+    p = []
+    if name not in SCALINGS:
+        p.append(f"{field}={name!r}: allowed values are {list(SCALINGS)}")
+    if not (isinstance(factor, (int, float)) and (factor == 0 or factor >= 1)):
+        p.append(f"{factor_field}={factor!r}: must be >= 1 (0: the method's default)")
+    if name in ("yarn", "yarn_ratio_ramp") and not 0 < sc.beta_slow < sc.beta_fast:
+        p.append(f"model.position.scaling.beta_slow={sc.beta_slow}, beta_fast={sc.beta_fast}: "
+                 "need 0 < beta_slow < beta_fast (rotations over the original context; reference 1 and 32)")
+    for f in ("mscale", "mscale_all_dim", "attention_factor"):
+        if not (isinstance(sc[f], (int, float)) and sc[f] >= 0):
+            p.append(f"model.position.scaling.{f}={sc[f]!r}: must be a number >= 0 (0: unset)")
+    if name == "llama3" and not sc.low_freq_factor < sc.high_freq_factor:
+        p.append(f"model.position.scaling.low_freq_factor={sc.low_freq_factor} must be < "
+                 f"high_freq_factor={sc.high_freq_factor}")
+    if name in ("ntk", "dynamic_ntk") and rot_dim is not None and rot_dim <= 2:
+        p.append(f"{field}={name!r} needs a rotated width > 2 (the exponent is d / (d - 2))")
+    return p
+
+
 class Scaled(NamedTuple):
     inv_freq: Any
     mscale: float = 1.0  # multiplies the rotated dims of q and of k: logits scale by mscale^2

@@ -18,7 +18,7 @@ def sinusoid_table(pos_BT, d_model: int, base: float = 10000.0):
 
 
 class Sinusoidal(PositionScheme):
-    def __init__(self, *, d_model: int, base: float = 10000.0, **_unused):
+    def __init__(self, *, d_model: int, base: float = 10000.0):
         self.d_model = d_model
         self.base = float(base)
 
