@@ -147,7 +147,7 @@ class Attention(nnx.Module):
         q_BTHD, k_BTKD = position.rotate(q_BTHD, k_BTKD, pos_BT, pos_BT)
         out_BTHD = self.variant(
             q_BTHD, k_BTKD, v_BTKD, q_pos_BT=pos_BT, kv_pos_BS=pos_BT, q_seg_BT=seg_BT, kv_seg_BS=seg_BT,
-            alibi_slopes_H=position.alibi_slopes(), x_BTE=x_BTE,
+            bias=position.bias(), x_BTE=x_BTE,
         )
         return jnp.einsum("bthd,hde->bte", out_BTHD.astype(dt), self.wo[...].astype(dt))
 
@@ -185,7 +185,7 @@ class Attention(nnx.Module):
         out_BTHD = self.variant(
             q_BTHD, keys_BSKD, values_BSKD, q_pos_BT=pos_BT, kv_pos_BS=kv_pos_BS,
             q_seg_BT=jnp.zeros((B, T), jnp.int32), kv_seg_BS=kv_seg_BS,
-            alibi_slopes_H=position.alibi_slopes(), x_BTE=x_BTE,
+            bias=position.bias(), x_BTE=x_BTE,
         )
         # Only the last S tokens of a chunk can survive in S slots (and their slots are distinct).
         n = min(T, cache.slots)
