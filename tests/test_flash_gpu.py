@@ -130,13 +130,6 @@ def test_chunked_with_segments_window_gqa_two_param_bias():
            **affine(4), block_sizes=_bs(16, 16))
 
 
-def test_soft_cap():
-    q, k, v = _inputs(1, 64, 64, 2, 2, 64, jnp.float32)
-    q = q * 4.0  # large logits so the cap actually bites
-    pos = _arange(1, 64)
-    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, logits_soft_cap=3.0, block_sizes=_bs(32, 32))
-
-
 def test_soft_cap_with_alibi_and_scale():
     q, k, v = _inputs(1, 64, 64, 2, 1, 64, jnp.float32)
     q = q * 4.0

@@ -147,13 +147,6 @@ def test_chunked_with_segments_window_gqa_two_param_bias():
            **affine(4), block_sizes=_small(32, 32))
 
 
-def test_soft_cap():
-    q, k, v = _inputs(1, 128, 128, 2, 2, 64, jnp.float32)
-    q = q * 4.0
-    pos = _arange(1, 128)
-    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, logits_soft_cap=3.0, block_sizes=_small(64, 64))
-
-
 def test_lengths_not_multiple_of_block_and_empty_rows():
     # T=100 queries at positions 60..159 against S=90 keys at positions 70..159:
     # both padded to 128 (blocks of 64); queries at positions < 70 see no key (lse -inf, out 0).
