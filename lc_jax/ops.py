@@ -85,9 +85,14 @@ def cudnn_fits(q, k, q_pos, kv_pos, q_seg, bias, logits_soft_cap, return_lse, ma
     """
     T, S, D = q.shape[1], k.shape[1], q.shape[-1]
     return (q.dtype in (jnp.bfloat16, jnp.float16) and T == S and q_seg is None and bias is None
-            and logits_soft_cap is None and not return_lse and mask.chunk is None
+            and logits_soft_cap is None and not return_lse and _plain(mask)
             and (mask.window is None or mask.causal)
             and D % 8 == 0 and D <= 128 and _proven_arange(q_pos, T) and _proven_arange(kv_pos, S))
+
+
+def _plain(mask: Mask) -> bool:
+    """Whether the mask is causal / window only (what jax.nn can express): any other term rules cuDNN out."""
+    return mask == Mask(causal=mask.causal, window=mask.window)
 
 
 def choose_impl(impl, q, k, q_pos, kv_pos, q_seg, bias, logits_soft_cap, return_lse, mask: Mask) -> str:
@@ -120,8 +125,8 @@ def _jax_nn(q, k, v, *, mask: Mask, scale, implementation):
     accepts and cuDNN rejects (it has no right window without a causal mask).
     """
     causal, window = mask.causal, mask.window
-    if mask.chunk is not None:
-        raise ValueError(f"impl={implementation!r} has no chunked mask (chunk={mask.chunk}); "
+    if not _plain(mask):
+        raise ValueError(f"impl={implementation!r} takes only causal / window masks, got {mask}; "
                          "use impl='pallas' or 'xla'")
     local = None
     if window is not None:
@@ -138,7 +143,7 @@ def _check_cudnn_args(T, S, q_seg, bias, logits_soft_cap, return_lse, mask: Mask
     unsupported = [
         (q_seg is not None, "q_seg_BT/kv_seg_BS (segment ids)"),
         (bias is not None, "bias (e.g. ALiBi)"),
-        (mask.chunk is not None, "Mask.chunk"),
+        (not _plain(mask), f"{mask} (only causal and window)"),
         (logits_soft_cap is not None, "logits_soft_cap"),
         (return_lse, "return_lse=True"),
         (T != S, f"T != S (T={T}, S={S}; positions must be 0..T-1 for both q and kv)"),
