@@ -70,9 +70,10 @@ def worker(impl: str, T: int, B: int, H: int, D: int, iters: int, mem_limit_gb: 
 
     if impl == "lc_jax_xla":
         from lc_jax import ops
+        from pallas_kernels.flash_attention.masks import Mask
 
         def attn(q, k, v):
-            return ops.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, impl="xla")
+            return ops.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, mask=Mask(), impl="xla")
     elif impl == "jax_xla":
         def attn(q, k, v):
             return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
@@ -125,12 +126,13 @@ def _acc_attn_fn(impl, backend, T, H, D, window):
     ident = lambda *xs: xs  # noqa: E731
     if impl == "lc_jax_pallas":
         from lc_jax import ops
+        from pallas_kernels.flash_attention.masks import Mask
 
         pos = jnp.arange(T, dtype=jnp.int32)[None]
 
         def attn(q, k, v):
             p = jnp.broadcast_to(pos, q.shape[:2])
-            return ops.attention(q, k, v, q_pos_BT=p, kv_pos_BS=p, causal=True, window=window, impl="pallas")
+            return ops.attention(q, k, v, q_pos_BT=p, kv_pos_BS=p, mask=Mask(window=window), impl="pallas")
         return attn, ident
     if impl in ("jax_xla", "jax_cudnn"):
         if impl == "jax_cudnn" and backend != "gpu":

@@ -57,7 +57,7 @@ from lc_jax import ops, sharding, steps  # noqa: E402
 from lc_jax import state as state_lib  # noqa: E402
 from lc_jax.attention import dsa  # noqa: E402
 from pallas_kernels import sparse_attention_gpu, sparse_attention_tpu  # noqa: E402
-from pallas_kernels.flash_attention.masks import visible  # noqa: E402
+from pallas_kernels.flash_attention.masks import Mask  # noqa: E402
 from pallas_kernels.flash_attention.xla import BlockSizes  # noqa: E402
 from pallas_kernels.sparse_attention import sparse_attention  # noqa: E402
 
@@ -102,7 +102,7 @@ def selection_bytes(T: int, topk: int, streaming: bool, J: int = 4, d: int = 32)
     else:
         def select(iq, w, ik, pos):
             scores = dsa.index_scores(iq, w, ik)  # [1, T, T]
-            return jax.lax.top_k(jnp.where(visible(pos, pos), scores, -jnp.inf), topk)
+            return jax.lax.top_k(jnp.where(Mask().visible(pos[:, :, None], pos[:, None, :]), scores, -jnp.inf), topk)
     return _bytes(jax.jit(select).lower(*args).compile())
 
 
@@ -147,7 +147,7 @@ def layer_fns(T: int, topk: int, index_block_k: int, select: str, *, sparse: str
     full_blocks = BlockSizes(256, 512) if ops.resolve_impl(full_impl) == "xla" else None
 
     def full(q, k, v):
-        out = ops.attention(q, k, v, **P, causal=True, impl=full_impl, block_sizes=full_blocks)
+        out = ops.attention(q, k, v, **P, mask=Mask(), impl=full_impl, block_sizes=full_blocks)
         return (out.astype(jnp.float32) * do).sum()
 
     def index(iparams):

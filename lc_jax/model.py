@@ -149,7 +149,7 @@ class Attention(nnx.Module):
         q_BTHD, k_BTKD = position.rotate(q_BTHD, k_BTKD, pos_BT, pos_BT)
         out_BTHD, aux = self.variant(
             q_BTHD, k_BTKD, v_BTKD, q_pos_BT=pos_BT, kv_pos_BS=pos_BT, q_seg_BT=seg_BT, kv_seg_BS=seg_BT,
-            alibi_slopes_H=position.alibi_slopes(), x_BTE=x_BTE, stage=stage, diagnostics=diagnostics,
+            bias=position.bias(), x_BTE=x_BTE, stage=stage, diagnostics=diagnostics,
         )
         return jnp.einsum("bthd,hde->bte", out_BTHD.astype(dt), self.wo[...].astype(dt)), aux
 
@@ -187,7 +187,7 @@ class Attention(nnx.Module):
         out_BTHD, _ = self.variant(
             q_BTHD, keys_BSKD, values_BSKD, q_pos_BT=pos_BT, kv_pos_BS=kv_pos_BS,
             q_seg_BT=jnp.zeros((B, T), jnp.int32), kv_seg_BS=kv_seg_BS,
-            alibi_slopes_H=position.alibi_slopes(), x_BTE=x_BTE,
+            bias=position.bias(), x_BTE=x_BTE,
         )
         # Only the last S tokens of a chunk can survive in S slots (and their slots are distinct).
         n = min(T, cache.slots)
@@ -326,11 +326,12 @@ class Transformer(nnx.Module):
                     f"model.attention.name in {can}")
 
     def cache_slots(self, max_len: int) -> int:
-        """Slots a cache needs for `max_len` tokens: min(max_len, window) under a sliding window (ring buffer)."""
-        windows = [b.attn.variant.window for b in self.blocks]
+        """Slots a cache needs for `max_len` tokens: bounded by how far back the variants' masks see (a ring
+        buffer of `mask.max_distance + 1` slots under a sliding window or chunks)."""
+        windows = [b.attn.variant.mask.max_distance for b in self.blocks]
         if any(w is None for w in windows):
             return max_len
-        return min(max_len, max(windows))
+        return min(max_len, max(windows) + 1)
 
     def init_cache(self, batch: int, max_len: int, *, int8: bool = False) -> KVCache:
         """An empty cache for `max_len` tokens per row (memory bounded by the window for sliding attention)."""

@@ -16,6 +16,7 @@ from pallas_kernels.flash_attention import mosaic_gpu as _mosaic_gpu
 from pallas_kernels.flash_attention import reference as _reference
 from pallas_kernels.flash_attention import tpu as _tpu
 from pallas_kernels.flash_attention import xla as _xla
+from pallas_kernels.flash_attention.masks import CAUSAL, Bias, Mask, check_bias
 from pallas_kernels.ring_attention import ring_attention as _ring_attention
 
 IMPLS = ("auto", "xla", "pallas", "reference", "cudnn")
@@ -77,22 +78,28 @@ def _proven_arange(pos_BT, n: int) -> bool:
     return pos.shape[-1] == n and bool((pos == np.arange(n)).all())
 
 
-def cudnn_fits(q, k, q_pos, kv_pos, q_seg, alibi_slopes, logits_soft_cap, return_lse, causal, window) -> bool:
+def cudnn_fits(q, k, q_pos, kv_pos, q_seg, bias, logits_soft_cap, return_lse, mask: Mask) -> bool:
     """Whether cuDNN's flash attention computes exactly this call: the layout 'auto' gives it on a GPU.
 
-    bf16/f16, T == S, positions provably 0..T-1 (concrete, not traced), no segments, ALiBi, soft-cap or
-    lse, a window only when causal, head dim a multiple of 8 up to 128.
+    bf16/f16, T == S, positions provably 0..T-1 (concrete, not traced), no segments, bias, soft-cap,
+    chunk or lse, a window only when causal, head dim a multiple of 8 up to 128.
     """
     T, S, D = q.shape[1], k.shape[1], q.shape[-1]
-    return (q.dtype in (jnp.bfloat16, jnp.float16) and T == S and q_seg is None and alibi_slopes is None
-            and logits_soft_cap is None and not return_lse and (window is None or causal)
+    return (q.dtype in (jnp.bfloat16, jnp.float16) and T == S and q_seg is None and bias is None
+            and logits_soft_cap is None and not return_lse and _plain(mask)
+            and (mask.window is None or mask.causal)
             and D % 8 == 0 and D <= 128 and _proven_arange(q_pos, T) and _proven_arange(kv_pos, S))
 
 
-def choose_impl(impl, q, k, q_pos, kv_pos, q_seg, alibi_slopes, logits_soft_cap, return_lse, causal, window) -> str:
+def _plain(mask: Mask) -> bool:
+    """Whether the mask is causal / window only (what jax.nn can express): any other term rules cuDNN out."""
+    return mask == Mask(causal=mask.causal, window=mask.window)
+
+
+def choose_impl(impl, q, k, q_pos, kv_pos, q_seg, bias, logits_soft_cap, return_lse, mask: Mask) -> str:
     """The implementation `attention` runs: `resolve_impl`, and on a GPU 'auto' takes cuDNN where it fits."""
     if impl == "auto" and platform() == "gpu" and _ambient_mesh() is None and cudnn_fits(
-            q, k, q_pos, kv_pos, q_seg, alibi_slopes, logits_soft_cap, return_lse, causal, window):
+            q, k, q_pos, kv_pos, q_seg, bias, logits_soft_cap, return_lse, mask):
         return "cudnn"
     return resolve_impl(impl, gpu_kernel=gpu_flash_kernel(q.dtype, q.shape[-1]))
 
@@ -107,7 +114,7 @@ def _pallas(q, k, v, block_sizes, **kwargs):
     return _tpu.attention(q, k, v, block_sizes=bs, interpret=backend == "cpu", **kwargs)
 
 
-def _jax_nn(q, k, v, *, causal, window, scale, implementation):
+def _jax_nn(q, k, v, *, mask: Mask, scale, implementation):
     """`jax.nn.dot_product_attention` for the plain layout; returns out_BTHD.
 
     Assumes q and k positions are both 0..T-1 in every row (T == S, no segments):
@@ -118,6 +125,10 @@ def _jax_nn(q, k, v, *, causal, window, scale, implementation):
     not causal, |q - k| < W is `(W - 1, W - 1)`, which the 'xla' implementation
     accepts and cuDNN rejects (it has no right window without a causal mask).
     """
+    causal, window = mask.causal, mask.window
+    if not _plain(mask):
+        raise ValueError(f"impl={implementation!r} takes only causal / window masks, got {mask}; "
+                         "use impl='pallas' or 'xla'")
     local = None
     if window is not None:
         if not causal and implementation == "cudnn":
@@ -129,10 +140,11 @@ def _jax_nn(q, k, v, *, causal, window, scale, implementation):
     )
 
 
-def _check_cudnn_args(T, S, q_seg, alibi_slopes, logits_soft_cap, return_lse):
+def _check_cudnn_args(T, S, q_seg, bias, logits_soft_cap, return_lse, mask: Mask):
     unsupported = [
         (q_seg is not None, "q_seg_BT/kv_seg_BS (segment ids)"),
-        (alibi_slopes is not None, "alibi_slopes_H"),
+        (bias is not None, "bias (e.g. ALiBi)"),
+        (not _plain(mask), f"{mask} (only causal and window)"),
         (logits_soft_cap is not None, "logits_soft_cap"),
         (return_lse, "return_lse=True"),
         (T != S, f"T != S (T={T}, S={S}; positions must be 0..T-1 for both q and kv)"),
@@ -142,7 +154,7 @@ def _check_cudnn_args(T, S, q_seg, alibi_slopes, logits_soft_cap, return_lse):
             raise ValueError(f"impl='cudnn' does not support {name}; use impl='pallas' or impl='xla'")
 
 
-def _check_shapes(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, alibi_slopes):
+def _check_shapes(q, k, v, q_pos, kv_pos, q_seg, kv_seg, mask, bias, bias_params_HP):
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"q, k, v must be [B, T, H, D]; got {q.shape}, {k.shape}, {v.shape}")
     B, T, H, D = q.shape
@@ -157,10 +169,9 @@ def _check_shapes(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, alibi_slopes):
         raise ValueError("pass both q_seg and kv_seg, or neither")
     if q_seg is not None and (q_seg.shape != (B, T) or kv_seg.shape != (B, S)):
         raise ValueError(f"q_seg {q_seg.shape} / kv_seg {kv_seg.shape} must be ({B}, {T}) / ({B}, {S})")
-    if window is not None and window <= 0:
-        raise ValueError(f"window must be a positive int or None, got {window}")
-    if alibi_slopes is not None and alibi_slopes.shape != (H,):
-        raise ValueError(f"alibi_slopes must have shape ({H},), got {alibi_slopes.shape}")
+    if not isinstance(mask, Mask):
+        raise ValueError(f"mask must be a masks.Mask, got {type(mask).__name__}")
+    check_bias(bias, bias_params_HP, H)
 
 
 def attention(
@@ -172,41 +183,43 @@ def attention(
     kv_pos_BS: jax.Array,
     q_seg_BT: jax.Array | None = None,
     kv_seg_BS: jax.Array | None = None,
-    causal: bool = True,
-    window: int | None = None,
-    alibi_slopes_H: jax.Array | None = None,
+    mask: Mask = CAUSAL,
+    bias: Bias | None = None,
+    bias_params_HP: jax.Array | None = None,
     scale: float | None = None,
     logits_soft_cap: float | None = None,
     impl: str = "auto",
     return_lse: bool = False,
     block_sizes: _xla.BlockSizes | _tpu.BlockSizes | None = None,
 ):
-    """Causal/sliding/segment-masked attention with GQA; masks come from positions and segments.
+    """Masked attention with GQA; the mask (`Mask`: causal, window, chunk) comes from positions and segments.
 
+    `bias` (e.g. `masks.ALIBI`) adds fn(q_pos, kv_pos, *params) to the logits, with head h's fixed
+    parameters in row h of `bias_params_HP` [H, bias.num_params].
     Returns out_BTHD, or (out_BTHD, lse_BTH) with `return_lse=True`; the
     log-sum-exp is f32 and -inf for rows that see no key.
 
     impl='cudnn' (GPU, bf16/f16) ignores q_pos_BT/kv_pos_BS and assumes they are
     0..T-1 in every row (traced values cannot be checked); it rejects segments,
-    ALiBi, soft-capping, return_lse and T != S with a ValueError.
+    a bias, a chunk, soft-capping, return_lse and T != S with a ValueError.
     """
-    _check_shapes(q_BTHD, k_BSKD, v_BSKD, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, window, alibi_slopes_H)
-    impl = choose_impl(impl, q_BTHD, k_BSKD, q_pos_BT, kv_pos_BS, q_seg_BT, alibi_slopes_H, logits_soft_cap,
-                       return_lse, causal, window)
+    _check_shapes(q_BTHD, k_BSKD, v_BSKD, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, mask, bias, bias_params_HP)
+    impl = choose_impl(impl, q_BTHD, k_BSKD, q_pos_BT, kv_pos_BS, q_seg_BT, bias, logits_soft_cap,
+                       return_lse, mask)
     if impl == "cudnn":
-        _check_cudnn_args(q_BTHD.shape[1], k_BSKD.shape[1], q_seg_BT, alibi_slopes_H, logits_soft_cap, return_lse)
+        _check_cudnn_args(q_BTHD.shape[1], k_BSKD.shape[1], q_seg_BT, bias, logits_soft_cap, return_lse, mask)
         if platform() != "gpu":
             raise ValueError(f"impl='cudnn' needs a GPU backend (compiling for {platform()!r}); "
                              "use impl='pallas' or impl='xla'")
-        return _jax_nn(q_BTHD, k_BSKD, v_BSKD, causal=causal, window=window, scale=scale, implementation="cudnn")
+        return _jax_nn(q_BTHD, k_BSKD, v_BSKD, mask=mask, scale=scale, implementation="cudnn")
     kwargs = dict(
         q_pos_BT=q_pos_BT,
         kv_pos_BS=kv_pos_BS,
         q_seg_BT=q_seg_BT,
         kv_seg_BS=kv_seg_BS,
-        causal=causal,
-        window=window,
-        alibi_slopes_H=None if alibi_slopes_H is None else jnp.asarray(alibi_slopes_H, jnp.float32),
+        mask=mask,
+        bias=bias,
+        bias_params_HP=None if bias_params_HP is None else jnp.asarray(bias_params_HP, jnp.float32),
         scale=scale,
         logits_soft_cap=logits_soft_cap,
     )
@@ -301,13 +314,13 @@ def _on_mesh(mesh, impl, q, k, v, block_sizes, kwargs):
                          "use model.attention.impl='xla' or 'pallas'")
     spec = lambda *axes: sharding.activation_spec(mesh, *axes)  # noqa: E731
     qs, kvs, rows = spec("batch", "seq", "heads", None), spec("batch", "seq", "kv_heads", None), spec("batch", "seq")
-    slopes = kwargs.pop("alibi_slopes_H")
+    params = kwargs.pop("bias_params_HP")
     segs = (kwargs.pop("q_seg_BT"), kwargs.pop("kv_seg_BS"))
     q_pos, kv_pos = kwargs.pop("q_pos_BT"), kwargs.pop("kv_pos_BS")
 
-    def per_device(q, k, v, q_pos, kv_pos, segs, slopes):
+    def per_device(q, k, v, q_pos, kv_pos, segs, params):
         kw = dict(kwargs, q_pos_BT=q_pos, kv_pos_BS=kv_pos, q_seg_BT=(segs or (None,))[0],
-                  kv_seg_BS=(segs or (None, None))[1], alibi_slopes_H=(slopes or (None,))[0])
+                  kv_seg_BS=(segs or (None, None))[1], bias_params_HP=(params or (None,))[0])
         if n_ctx == 1:
             return _local(impl, q, k, v, block_sizes, kw)
         backend = platform()
@@ -316,10 +329,10 @@ def _on_mesh(mesh, impl, q, k, v, block_sizes, kwargs):
         return _ring_attention(q, k, v, **kw, axis_name=spec("seq")[0], kernel=kernel,
                                block_sizes=block_sizes or defaults, interpret=kernel != "xla" and backend == "cpu")
 
-    # Absent segments / slopes travel as empty tuples (shard_map specs must match the pytree).
+    # Absent segments / bias parameters travel as empty tuples (shard_map specs must match the pytree).
     segs = () if segs[0] is None else segs
-    slopes = () if slopes is None else (slopes,)
+    params = () if params is None else (params,)
     fn = jax.shard_map(per_device, mesh=mesh, in_specs=(qs, kvs, kvs, rows, rows, (rows,) * len(segs),
-                                                        (spec("heads"),) * len(slopes)),
+                                                        (spec("heads", None),) * len(params)),
                        out_specs=(qs, spec("batch", "seq", "heads")))
-    return fn(q, k, v, q_pos, kv_pos, segs, slopes)
+    return fn(q, k, v, q_pos, kv_pos, segs, params)

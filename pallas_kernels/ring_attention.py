@@ -14,12 +14,13 @@ does not depend on step s's compute, so XLA can overlap the two.
 
 Masks come from global positions and segment ids (DESIGN.md), so the ring is
 layout-agnostic: contiguous shards, the zig-zag load-balanced layout
-(`layout_order`), packed documents, GQA and ALiBi need nothing special.
+(`layout_order`), packed documents, GQA and any `masks.Bias` need nothing special.
 
 Skipping. Before the loop every device all-gathers a tiny summary of every
 K/V shard (min/max of positions and segment ids per half shard) and works out
-which ring steps can see anything at all. A step that cannot (the future under
-a causal mask, shards beyond a sliding window) is not computed, and the ring
+which ring steps can see anything at all (`Mask.block_visible`). A step that
+cannot (the future under a causal mask, shards beyond a sliding window or in
+other chunks of a chunked mask) is not computed, and the ring
 stops after the last step that any device needs (a `pmax`), so a sliding
 window of W tokens over shards of L tokens costs about W / L + 1 steps of
 compute *and* communication instead of n.
@@ -50,6 +51,7 @@ from pallas_kernels.flash_attention import gpu as _gpu
 from pallas_kernels.flash_attention import masks
 from pallas_kernels.flash_attention import tpu as _tpu
 from pallas_kernels.flash_attention import xla as _xla
+from pallas_kernels.flash_attention.masks import CAUSAL, Bias, Mask
 
 LAYOUTS = ("zigzag", "contiguous")
 # Per-step kernels: each module has attention(...) -> (out, lse) and attention_bwd(...) -> (dq, dk, dv).
@@ -91,16 +93,15 @@ class _Static:
     kernel: str
     block_sizes: object
     interpret: bool
-    causal: bool
-    window: int | None
+    mask: Mask
+    bias: Bias | None
     scale: float | None
     soft_cap: float | None
 
 
-def _kernel_kwargs(st: _Static, q_pos, kv_pos, q_seg, kv_seg, slopes):
-    kw = dict(q_pos_BT=q_pos, kv_pos_BS=kv_pos, q_seg_BT=q_seg, kv_seg_BS=kv_seg, causal=st.causal,
-              window=st.window, alibi_slopes_H=slopes, scale=st.scale, logits_soft_cap=st.soft_cap,
-              block_sizes=st.block_sizes)
+def _kernel_kwargs(st: _Static, q_pos, kv_pos, q_seg, kv_seg, params):
+    kw = dict(q_pos_BT=q_pos, kv_pos_BS=kv_pos, q_seg_BT=q_seg, kv_seg_BS=kv_seg, mask=st.mask, bias=st.bias,
+              bias_params_HP=params, scale=st.scale, logits_soft_cap=st.soft_cap, block_sizes=st.block_sizes)
     if st.kernel != "xla":
         kw["interpret"] = st.interpret
     return kw
@@ -134,7 +135,7 @@ def _needed_steps(st: _Static, q_pos, kv_pos, q_seg, kv_seg):
 
     def sees(src):
         ks = None if kvs_all is None else kvs_all[src]
-        return masks.block_visible(qp, kvp_all[src], qs, ks, causal=st.causal, window=st.window).any()
+        return masks.block_visible(qp, kvp_all[src], qs, ks, mask=st.mask).any()
 
     src_N = (me - jnp.arange(n)) % n
     needed_N = jax.vmap(sees)(src_N)
@@ -152,7 +153,7 @@ def _shift(xs, axis_name: str, n: int, by: int):
 # ----------------------------------------------------------------------------- forward / backward rings
 
 
-def _forward(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes):
+def _forward(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, params):
     B, T, H, _ = q.shape
     Dv = v.shape[-1]
     needed_N, num_steps = _needed_steps(st, q_pos, kv_pos, q_seg, kv_seg)
@@ -164,7 +165,7 @@ def _forward(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes):
 
         def compute(acc):
             out_acc, lse_acc = acc
-            out_s, lse_s = _shard_fwd(st, q, k_s, v_s, q_pos, kp_s, q_seg, ks_s, slopes)
+            out_s, lse_s = _shard_fwd(st, q, k_s, v_s, q_pos, kp_s, q_seg, ks_s, params)
             lse = jnp.logaddexp(lse_acc, lse_s)
             safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
             w_old = jnp.where(jnp.isfinite(lse_acc), jnp.exp(lse_acc - safe), 0.0)[..., None]
@@ -182,7 +183,7 @@ def _forward(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes):
 
 
 def _backward(st: _Static, res, g):
-    q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes, out, lse = res
+    q, k, v, q_pos, kv_pos, q_seg, kv_seg, params, out, lse = res
     do, dlse = g
     n = st.axis_size
     needed_N, num_steps = _needed_steps(st, q_pos, kv_pos, q_seg, kv_seg)
@@ -193,7 +194,7 @@ def _backward(st: _Static, res, g):
 
         def compute(acc):
             dq_acc, (dk_acc, dv_acc) = acc
-            dq, dk, dv = _shard_bwd(st, q, k_s, v_s, out, lse, do, dlse, q_pos, kp_s, q_seg, ks_s, slopes)
+            dq, dk, dv = _shard_bwd(st, q, k_s, v_s, out, lse, do, dlse, q_pos, kp_s, q_seg, ks_s, params)
             return dq_acc + dq.astype(jnp.float32), (dk_acc + dk.astype(jnp.float32), dv_acc + dv.astype(jnp.float32))
 
         dq_acc, dkv = lax.cond(needed_N[s], compute, lambda acc: acc, (dq_acc, dkv))
@@ -206,18 +207,18 @@ def _backward(st: _Static, res, g):
     # After num_steps shifts, device d holds the accumulators of shard (d - num_steps): send them home.
     dk, dv = lax.switch(num_steps % n, [functools.partial(_shift, axis_name=st.axis_name, n=n, by=-j)
                                         for j in range(n)], dkv)
-    dslopes = None if slopes is None else jnp.zeros_like(slopes)  # ALiBi slopes are fixed, never trained
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None, dslopes
+    dparams = None if params is None else jnp.zeros_like(params)  # bias parameters are fixed, never trained
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None, dparams
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ring(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes):
-    return _forward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes)
+def _ring(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, params):
+    return _forward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, params)
 
 
-def _ring_fwd(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes):
-    out, lse = _forward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes)
-    return (out, lse), (q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes, out, lse)
+def _ring_fwd(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, params):
+    out, lse = _forward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, params)
+    return (out, lse), (q, k, v, q_pos, kv_pos, q_seg, kv_seg, params, out, lse)
 
 
 _ring.defvjp(_ring_fwd, _backward)
@@ -235,9 +236,9 @@ def ring_attention(
     kv_pos_BS,
     q_seg_BT=None,
     kv_seg_BS=None,
-    causal=True,
-    window=None,
-    alibi_slopes_H=None,
+    mask: Mask = CAUSAL,
+    bias: Bias | None = None,
+    bias_params_HP=None,
     scale=None,
     logits_soft_cap=None,
     axis_name: str = "context",
@@ -254,29 +255,27 @@ def ring_attention(
     """
     if kernel not in KERNELS:
         raise ValueError(f"ring attention kernel={kernel!r} is not one of {sorted(KERNELS)}")
-    B, T, S, H, K, D = masks.check_qkv(q_BTHD, k_BSKD, v_BSKD, alibi_slopes_H)
+    B, T, S, H, K, D = masks.check_qkv(q_BTHD, k_BSKD, v_BSKD, bias, bias_params_HP)
     if T != S:
         raise ValueError(f"ring attention shards queries and keys alike: local q length {T} != k length {S}")
     if (q_seg_BT is None) != (kv_seg_BS is None):
         raise ValueError("q_seg_BT and kv_seg_BS must be given together")
-    if window is not None and window <= 0:
-        raise ValueError(f"window must be a positive int or None, got {window}")
     st = _Static(axis_name=axis_name, axis_size=lax.axis_size(axis_name), kernel=kernel,
-                 block_sizes=block_sizes, interpret=interpret, causal=bool(causal),
-                 window=None if window is None else int(window), scale=scale, soft_cap=logits_soft_cap)
+                 block_sizes=block_sizes, interpret=interpret, mask=mask, bias=bias, scale=scale,
+                 soft_cap=logits_soft_cap)
     as_int = lambda x: None if x is None else x.astype(jnp.int32)  # noqa: E731
-    slopes = None if alibi_slopes_H is None else jnp.asarray(alibi_slopes_H, jnp.float32)
+    params = None if bias_params_HP is None else jnp.asarray(bias_params_HP, jnp.float32)
     return _ring(st, q_BTHD, k_BSKD, v_BSKD, as_int(q_pos_BT), as_int(kv_pos_BS), as_int(q_seg_BT),
-                 as_int(kv_seg_BS), slopes)
+                 as_int(kv_seg_BS), params)
 
 
-def ring_schedule(q_pos_BT, kv_pos_BS, q_seg_BT=None, kv_seg_BS=None, *, causal=True, window=None,
+def ring_schedule(q_pos_BT, kv_pos_BS, q_seg_BT=None, kv_seg_BS=None, *, mask: Mask = CAUSAL,
                   axis_name: str = "context"):
     """(needed_N, num_steps) inside `shard_map`: which ring steps this device computes, and how many run.
 
     The forward and backward rings use exactly this schedule; tests and
-    benchmarks read it to show what the window and the causal mask save.
+    benchmarks read it to show what the window, the chunks and the causal mask save.
     """
     st = _Static(axis_name=axis_name, axis_size=lax.axis_size(axis_name), kernel="xla", block_sizes=None,
-                 interpret=False, causal=bool(causal), window=window, scale=None, soft_cap=None)
+                 interpret=False, mask=mask, bias=None, scale=None, soft_cap=None)
     return _needed_steps(st, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS)

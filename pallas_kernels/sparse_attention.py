@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.flash_attention.masks import check_qkv, pad_axis
+from pallas_kernels.flash_attention.masks import Bias, check_qkv, head_params, pad_axis, scores
 
 # Query blocks are sized by the bytes of their gathered K|V rows (bq x k x K x 2D): about 4 MiB stays in the CPU's
 # cache between the gather and the dots that read it. At k = 512 that is 8 queries for 2 kv heads of 64 (2.0x
@@ -50,9 +50,9 @@ def gather_rows(x_BSX, idx_BTk):
     return jax.vmap(lambda x, i: x[i])(x_BSX, idx_BTk)
 
 
-def check_selection(q_BTHD, k_BSKD, v_BSKD, idx_BTk, valid_BTk, q_pos_BT, kv_pos_BS, alibi_slopes_H):
+def check_selection(q_BTHD, k_BSKD, v_BSKD, idx_BTk, valid_BTk, q_pos_BT, kv_pos_BS, bias, bias_params_HP):
     """The Pallas sparse kernels' input contract: (B, T, S, H, K, D), or a ValueError naming the argument."""
-    B, T, S, H, K, D = check_qkv(q_BTHD, k_BSKD, v_BSKD, alibi_slopes_H)
+    B, T, S, H, K, D = check_qkv(q_BTHD, k_BSKD, v_BSKD, bias, bias_params_HP)
     if idx_BTk.ndim != 3 or idx_BTk.shape != valid_BTk.shape or idx_BTk.shape[:2] != (B, T):
         raise ValueError(f"idx {idx_BTk.shape} / valid {valid_BTk.shape} must both be ({B}, {T}, k)")
     if not jnp.issubdtype(idx_BTk.dtype, jnp.integer):
@@ -82,7 +82,7 @@ def query_blocks(T: int, block_q: int):
     return to_blocks, from_blocks
 
 
-def _block(q_b, idx_b, valid_b, qp_b, *, k, v, kv_pos, slopes_KG, scale):
+def _block(q_b, idx_b, valid_b, qp_b, *, k, v, kv_pos, bias, params, scale):
     """out [B, bq, H, Dv], lse [B, bq, H] and head-mean probabilities [B, bq, k] of one query block."""
     B, bq, H, D = q_b.shape
     K = k.shape[2]
@@ -91,10 +91,10 @@ def _block(q_b, idx_b, valid_b, qp_b, *, k, v, kv_pos, slopes_KG, scale):
     v_sel = gather_rows(v, idx_b)
     s = jnp.einsum("bqkgd,bqjkd->bqkgj", q_b.reshape(B, bq, K, G, D), k_sel,
                    preferred_element_type=jnp.float32) * scale
-    if slopes_KG is not None:
+    if bias is not None:
         kp_sel = gather_rows(kv_pos, idx_b)  # [B, bq, k]
-        dist = jnp.abs(qp_b[:, :, None] - kp_sel).astype(jnp.float32)
-        s = s - slopes_KG[None, None, :, :, None] * dist[:, :, None, None, :]
+        s, _, _ = scores(s, qp_b[:, :, None, None, None], kp_sel[:, :, None, None, :], None, None, params,
+                         mask=None, bias=bias, soft_cap=None)
     s = jnp.where(valid_b[:, :, None, None, :], s, -jnp.inf)
     m = s.max(-1)
     m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
@@ -108,19 +108,20 @@ def _block(q_b, idx_b, valid_b, qp_b, *, k, v, kv_pos, slopes_KG, scale):
     return out.astype(q_b.dtype), lse, probs
 
 
-def sparse_attention(q_BTHD, k_BSKD, v_BSKD, idx_BTk, valid_BTk, *, q_pos_BT, kv_pos_BS, alibi_slopes_H=None,
-                     scale=None, block_q: int | None = None, return_probs: bool = False):
+def sparse_attention(q_BTHD, k_BSKD, v_BSKD, idx_BTk, valid_BTk, *, q_pos_BT, kv_pos_BS, bias: Bias | None = None,
+                     bias_params_HP=None, scale=None, block_q: int | None = None, return_probs: bool = False):
     """Attention of each query to its selected keys; returns (out_BTHD, lse_BTH), lse -inf where nothing is valid.
 
     `idx_BTk` (int) indexes the key axis; `valid_BTk` (bool) marks real
     selections (a query with fewer than k visible keys has fewer valid ones).
-    Visibility is the selector's job: every valid index is attended to.
+    Visibility is the selector's job: every valid index is attended to; `bias`
+    (with bias_params_HP [H, P], see `masks.Bias`) is added to the logits.
     `block_q` None sizes blocks by `default_block_q`. `return_probs` adds the
     attention probabilities at the selected keys averaged over heads ([B, T, k],
     stop-gradient): what DSA's indexer KL needs, so that it does not gather and
     score the selected keys a second time.
     """
-    B, T, S, H, K, D = check_qkv(q_BTHD, k_BSKD, v_BSKD, alibi_slopes_H)
+    B, T, S, H, K, D = check_qkv(q_BTHD, k_BSKD, v_BSKD, bias, bias_params_HP)
     if idx_BTk.shape != valid_BTk.shape or idx_BTk.shape[:2] != (B, T):
         raise ValueError(f"idx {idx_BTk.shape} / valid {valid_BTk.shape} must both be ({B}, {T}, k)")
     if q_pos_BT.shape != (B, T) or kv_pos_BS.shape != (B, S):
@@ -130,12 +131,12 @@ def sparse_attention(q_BTHD, k_BSKD, v_BSKD, idx_BTk, valid_BTk, *, q_pos_BT, kv
     if not isinstance(block_q, int) or block_q <= 0:
         raise ValueError(f"block_q must be a positive int or None, got {block_q!r}")
     scale = float(D**-0.5 if scale is None else scale)
-    slopes_KG = None if alibi_slopes_H is None else jnp.asarray(alibi_slopes_H, jnp.float32).reshape(K, H // K)
+    params = head_params(bias_params_HP, K, lambda x_KG: x_KG[None, None, :, :, None])
     idx = jnp.clip(idx_BTk.astype(jnp.int32), 0, S - 1)
 
     blocks, unblock = query_blocks(T, block_q)
     body = jax.checkpoint(functools.partial(_block, k=k_BSKD, v=v_BSKD, kv_pos=kv_pos_BS.astype(jnp.int32),
-                                            slopes_KG=slopes_KG, scale=scale))
+                                            bias=bias, params=params, scale=scale))
     out, lse, probs = lax.map(lambda a: body(*a), (blocks(q_BTHD), blocks(idx), blocks(valid_BTk),
                                                    blocks(q_pos_BT.astype(jnp.int32))))
     out, lse = unblock(out), unblock(lse)

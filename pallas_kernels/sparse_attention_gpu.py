@@ -3,8 +3,9 @@
 Same contract as `pallas_kernels/sparse_attention.py` (the XLA gather path) and
 `sparse_attention_tpu.py`: query t attends to its own k selected keys
 idx[t, :], shared by all heads of the query; under GQA query head h reads kv
-head h // (H // K) of those rows (K/V are never repeated in memory); ALiBi is
-computed in-kernel from q_pos and the selected keys' kv_pos; selections with
+head h // (H // K) of those rows (K/V are never repeated in memory); a
+`masks.Bias` (ALiBi) is computed in-kernel (`masks.scores`) from q_pos, the
+selected keys' kv_pos and the heads' parameters; selections with
 valid=False are masked; the output is (out_BTHD, lse_BTH) with an f32 lse that
 is -inf (and a zero output) where a query has no valid selection; the
 `custom_vjp` backward also accepts a cotangent for lse
@@ -102,7 +103,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.flash_attention.gpu import _NN, _NT, _TN, _dot  # f32-accumulating dots, as in flash
-from pallas_kernels.flash_attention.masks import like_vma, out_struct, pad_axis
+from pallas_kernels.flash_attention.masks import Bias, like_vma, out_struct, pad_axis, scores
 from pallas_kernels.sparse_attention import check_selection
 
 _MIN_DIM = 16  # tl.dot needs M, N, K >= 16
@@ -164,7 +165,7 @@ class _Static:
     head_dim: int  # D
     v_head_dim: int  # Dv
     scale: float
-    has_alibi: bool
+    bias: Bias | None
     block_q: int
     chunk: int  # C: selected rows per gathered tile
     n_chunks: int  # k padded = n_chunks * chunk
@@ -249,7 +250,7 @@ def _gather(table_ref, rows, valid, n_cols: int, n_cols_p: int):
     return plgpu.load(table_ref.at[r, c], mask=mask, other=0)
 
 
-def _chunk(t, c, rows_ref, k_ref, v_ref, kvpos_ref, q, qpos, slope, st: _Static):
+def _chunk(t, c, rows_ref, k_ref, v_ref, kvpos_ref, q, qpos, params, st: _Static):
     """One chunk of token t's selections: (valid [C], row numbers [C], K tile, V tile, masked f32 scores [Gp, C])."""
     C = st.chunk
     rows = rows_ref[t, pl.ds(pl.multiple_of(c * C, C), C)]
@@ -257,28 +258,35 @@ def _chunk(t, c, rows_ref, k_ref, v_ref, kvpos_ref, q, qpos, slope, st: _Static)
     kc = _gather(k_ref, rows, valid, st.head_dim, st.head_dim_p)  # [C, Dp]
     vc = _gather(v_ref, rows, valid, st.v_head_dim, st.v_head_dim_p)  # [C, Dvp]
     s = _dot(q, kc, _NT) * st.scale  # [Gp, C]
-    if st.has_alibi:
+    if st.bias is not None:
         kpos = plgpu.load(kvpos_ref.at[jnp.maximum(rows, 0)], mask=valid, other=0)  # [C]
-        s = s - slope[:, None] * jnp.abs(qpos - kpos).astype(jnp.float32)[None, :]
+        s, _, _ = scores(s, qpos, kpos[None, :], None, None, params, mask=None, bias=st.bias, soft_cap=None)
     return valid, rows, kc, vc, jnp.where(valid[None, :], s, -jnp.inf)
 
 
+def _group_params(params_ref, st: _Static) -> tuple:
+    """This kv head's bias parameters as P columns [Gp, 1] (0 in the padded heads); () without a bias."""
+    if st.bias is None:
+        return ()
+    return tuple(params_ref[p][:, None] for p in range(st.bias.num_params))
+
+
 def _fwd_kernel(*refs, st: _Static):
-    if st.has_alibi:
-        slopes_ref, qpos_ref, kvpos_ref, *refs = refs
+    if st.bias is not None:
+        params_ref, qpos_ref, kvpos_ref, *refs = refs
     else:
-        slopes_ref = qpos_ref = kvpos_ref = None
+        params_ref = qpos_ref = kvpos_ref = None
     rows_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
     G, Gp = st.groups, st.groups_p
-    slope = slopes_ref[...] if st.has_alibi else None  # [Gp] (0 in the padded heads)
+    params = _group_params(params_ref, st)
 
     def token(t, carry):
         q = _load_tile(q_ref, t, G, st.head_dim, (Gp, st.head_dim_p))  # [Gp, Dp]
-        qpos = qpos_ref[t] if st.has_alibi else None
+        qpos = qpos_ref[t] if st.bias is not None else None
 
         def chunk(c, state):
             m_prev, l_prev, acc = state
-            _, _, _, vc, s = _chunk(t, c, rows_ref, k_ref, v_ref, kvpos_ref, q, qpos, slope, st)
+            _, _, _, vc, s = _chunk(t, c, rows_ref, k_ref, v_ref, kvpos_ref, q, qpos, params, st)
             m_new = jnp.maximum(m_prev, s.max(axis=1))
             m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # heads with nothing valid yet
             p = jnp.exp(s - m_use[:, None])
@@ -301,16 +309,16 @@ def _fwd_kernel(*refs, st: _Static):
 
 
 def _bwd_kernel(*refs, st: _Static):
-    if st.has_alibi:
-        slopes_ref, qpos_ref, kvpos_ref, *refs = refs
+    if st.bias is not None:
+        params_ref, qpos_ref, kvpos_ref, *refs = refs
     else:
-        slopes_ref = qpos_ref = kvpos_ref = None
+        params_ref = qpos_ref = kvpos_ref = None
     # dk_ref / dv_ref alias the zero-initialised accumulator inputs (the two refs skipped here).
     rows_ref, q_ref, do_ref, lse_ref, di_ref, k_ref, v_ref, _, _, dq_ref, dk_ref, dv_ref = refs
     G, Gp, C = st.groups, st.groups_p, st.chunk
     D, Dp, Dv, Dvp = st.head_dim, st.head_dim_p, st.v_head_dim, st.v_head_dim_p
     dummy = dk_ref.shape[0] - 1  # accumulator row that takes the invalid slots' (zero) rows
-    slope = slopes_ref[...] if st.has_alibi else None
+    params = _group_params(params_ref, st)
     _, cols_k = _grid2(C, Dp)
     _, cols_v = _grid2(C, Dvp)
 
@@ -319,10 +327,10 @@ def _bwd_kernel(*refs, st: _Static):
         do = _load_tile(do_ref, t, G, Dv, (Gp, Dvp))  # [Gp, Dvp], 0 in the padded heads
         lse = _load_vec(lse_ref, t, G, Gp)  # finite (the wrapper zeroes -inf)
         di = _load_vec(di_ref, t, G, Gp)  # delta - dlse
-        qpos = qpos_ref[t] if st.has_alibi else None
+        qpos = qpos_ref[t] if st.bias is not None else None
 
         def chunk(c, dq):
-            valid, rows, kc, vc, s = _chunk(t, c, rows_ref, k_ref, v_ref, kvpos_ref, q, qpos, slope, st)
+            valid, rows, kc, vc, s = _chunk(t, c, rows_ref, k_ref, v_ref, kvpos_ref, q, qpos, params, st)
             p = jnp.exp(s - lse[:, None])  # masked s = -inf -> p = 0
             dp = _dot(do, vc, _NT)  # [Gp, C]
             ds = p * (dp - di[:, None]) * st.scale
@@ -343,7 +351,7 @@ def _bwd_kernel(*refs, st: _Static):
 # ----------------------------------------------------------------------------- pallas_call wrappers
 
 
-def _check_call_shapes(q, k, v, rows, q_pos, kv_pos, slopes, st: _Static):
+def _check_call_shapes(q, k, v, rows, q_pos, kv_pos, params, st: _Static):
     """Validate the operands the kernels see: q [Np, H, D], k/v [R, K, D(v)], rows [Np, kp] int32, ..."""
     Np, H, D = q.shape
     K, Dv = st.kv_heads, st.v_head_dim
@@ -356,11 +364,11 @@ def _check_call_shapes(q, k, v, rows, q_pos, kv_pos, slopes, st: _Static):
         raise ValueError(f"k rows {k.shape} / v rows {v.shape} must be ({R}, {K}, {D}) / ({R}, {K}, {Dv})")
     if rows.shape != (Np, st.k_pad) or rows.dtype != jnp.int32:
         raise ValueError(f"rows {rows.shape} {rows.dtype} must be int32 ({Np}, {st.k_pad})")
-    if st.has_alibi:
+    if st.bias is not None:
         if q_pos.shape != (Np,) or kv_pos.shape != (R,):
             raise ValueError(f"q_pos {q_pos.shape} / kv_pos {kv_pos.shape} must be ({Np},) / ({R},)")
-        if slopes.shape != (K, st.groups_p):
-            raise ValueError(f"slopes {slopes.shape} must be ({K}, {st.groups_p})")
+        if params.shape != (K, st.bias.num_params, st.groups_p):
+            raise ValueError(f"bias params {params.shape} must be ({K}, {st.bias.num_params}, {st.groups_p})")
 
 
 def _compiler_params(st: _Static):
@@ -376,24 +384,24 @@ def _specs(R: int, st: _Static):
         stats=pl.BlockSpec((bq, G), lambda i, h: (i, h)),
         table=lambda width: pl.BlockSpec((R, None, width), lambda i, h: (0, h, 0)),  # kv head h of every row
         acc=lambda width: pl.BlockSpec((R + 1, None, width), lambda i, h: (0, h, 0)),
-        alibi=[
-            pl.BlockSpec((None, st.groups_p), lambda i, h: (h, 0)),
+        bias=[
+            pl.BlockSpec((None, 0 if st.bias is None else st.bias.num_params, st.groups_p), lambda i, h: (h, 0, 0)),
             pl.BlockSpec((bq,), lambda i, h: (i,)),
             pl.BlockSpec((R,), lambda i, h: (0,)),
         ],
     )
 
 
-def _fwd_call(q, k, v, rows, q_pos, kv_pos, slopes, st: _Static):
+def _fwd_call(q, k, v, rows, q_pos, kv_pos, params, st: _Static):
     """out [Np, H, Dv], lse [Np, H] f32."""
-    _check_call_shapes(q, k, v, rows, q_pos, kv_pos, slopes, st)
+    _check_call_shapes(q, k, v, rows, q_pos, kv_pos, params, st)
     Np, H, D = q.shape
     Dv = st.v_head_dim
     sp = _specs(k.shape[0], st)
     in_specs = [sp["rows"], sp["heads"](D), sp["table"](D), sp["table"](Dv)]
     args = [rows, q, k, v]
-    if st.has_alibi:
-        in_specs, args = sp["alibi"] + in_specs, [slopes, q_pos, kv_pos] + args
+    if st.bias is not None:
+        in_specs, args = sp["bias"] + in_specs, [params, q_pos, kv_pos] + args
     return pl.pallas_call(
         functools.partial(_fwd_kernel, st=st),
         grid=(Np // st.block_q, st.kv_heads),
@@ -406,9 +414,9 @@ def _fwd_call(q, k, v, rows, q_pos, kv_pos, slopes, st: _Static):
     )(*args)
 
 
-def _bwd_call(q, k, v, do, lse, di, rows, q_pos, kv_pos, slopes, dk_acc, dv_acc, st: _Static):
+def _bwd_call(q, k, v, do, lse, di, rows, q_pos, kv_pos, params, dk_acc, dv_acc, st: _Static):
     """dq [Np, H, D] and the f32 accumulators dk [R + 1, K, Dp], dv [R + 1, K, Dvp] (row R: the dummy row)."""
-    _check_call_shapes(q, k, v, rows, q_pos, kv_pos, slopes, st)
+    _check_call_shapes(q, k, v, rows, q_pos, kv_pos, params, st)
     Np, H, D = q.shape
     R, K, Dv = k.shape[0], st.kv_heads, st.v_head_dim
     if do.shape != (Np, H, Dv) or lse.shape != (Np, H) or di.shape != (Np, H):
@@ -429,8 +437,8 @@ def _bwd_call(q, k, v, do, lse, di, rows, q_pos, kv_pos, slopes, dk_acc, dv_acc,
         *acc_specs,
     ]
     args = [rows, q, do, lse, di, k, v, dk_acc, dv_acc]
-    if st.has_alibi:
-        in_specs, args = sp["alibi"] + in_specs, [slopes, q_pos, kv_pos] + args
+    if st.bias is not None:
+        in_specs, args = sp["bias"] + in_specs, [params, q_pos, kv_pos] + args
     n_in = len(args)
     return pl.pallas_call(
         functools.partial(_bwd_kernel, st=st),
@@ -453,18 +461,18 @@ def _bwd_call(q, k, v, do, lse, di, rows, q_pos, kv_pos, slopes, dk_acc, dv_acc,
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _sparse(q, k, v, rows, q_pos, kv_pos, slopes, st):
-    return _fwd_call(q, k, v, rows, q_pos, kv_pos, slopes, st)
+def _sparse(q, k, v, rows, q_pos, kv_pos, params, st):
+    return _fwd_call(q, k, v, rows, q_pos, kv_pos, params, st)
 
 
-def _sparse_fwd(q, k, v, rows, q_pos, kv_pos, slopes, st):
-    """q [Np, H, D], k/v [R, K, D(v)], rows [Np, kp] int32 (-1 invalid), q_pos [Np], kv_pos [R], slopes [K, Gp]."""
-    out, lse = _fwd_call(q, k, v, rows, q_pos, kv_pos, slopes, st)
-    return (out, lse), (q, k, v, out, lse, rows, q_pos, kv_pos, slopes)
+def _sparse_fwd(q, k, v, rows, q_pos, kv_pos, params, st):
+    """q [Np, H, D], k/v [R, K, D(v)], rows [Np, kp] int32 (-1 invalid), q_pos [Np], kv_pos [R], params [K, P, Gp]."""
+    out, lse = _fwd_call(q, k, v, rows, q_pos, kv_pos, params, st)
+    return (out, lse), (q, k, v, out, lse, rows, q_pos, kv_pos, params)
 
 
 def _sparse_bwd(st, res, g):
-    q, k, v, out, lse, rows, q_pos, kv_pos, slopes = res
+    q, k, v, out, lse, rows, q_pos, kv_pos, params = res
     do, dlse = g
     do = do.astype(q.dtype)
     delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [Np, H]
@@ -473,12 +481,12 @@ def _sparse_bwd(st, res, g):
     R, K = k.shape[:2]
     zeros = tuple(jnp.zeros((R + 1, K, w), jnp.float32) for w in (st.head_dim_p, st.v_head_dim_p))
     acc = like_vma(zeros, q, k, v)  # shard_map-safe
-    dq, dk, dv = _bwd_call(q, k, v, do, lse_safe, di, rows, q_pos, kv_pos, slopes, *acc, st)
+    dq, dk, dv = _bwd_call(q, k, v, do, lse_safe, di, rows, q_pos, kv_pos, params, *acc, st)
     dk = dk[:R, :, : st.head_dim].astype(k.dtype)
     dv = dv[:R, :, : st.v_head_dim].astype(v.dtype)
-    # ALiBi slopes are fixed by the scheme, never trained: zero cotangent (as in the flash kernels).
-    dslopes = None if slopes is None else jnp.zeros_like(slopes)
-    return dq, dk, dv, None, None, None, dslopes
+    # Bias parameters (ALiBi slopes) are fixed by the scheme, never trained: zero cotangent (as in the flash kernels).
+    dparams = None if params is None else jnp.zeros_like(params)
+    return dq, dk, dv, None, None, None, dparams
 
 
 _sparse.defvjp(_sparse_fwd, _sparse_bwd)
@@ -487,7 +495,7 @@ _sparse.defvjp(_sparse_fwd, _sparse_bwd)
 # ----------------------------------------------------------------------------- public wrapper
 
 
-def _static(B, S, H, K, D, Dv, k_sel, dtype, scale, has_alibi, bs: BlockSizes, interpret: bool) -> _Static:
+def _static(B, S, H, K, D, Dv, k_sel, dtype, scale, bias, bs: BlockSizes, interpret: bool) -> _Static:
     """Validate sizes and pick the automatic chunk and warp count."""
     if k_sel < 1:
         raise ValueError(f"idx/valid must select k >= 1 keys per query, got k={k_sel}")
@@ -512,7 +520,7 @@ def _static(B, S, H, K, D, Dv, k_sel, dtype, scale, has_alibi, bs: BlockSizes, i
         head_dim=D,
         v_head_dim=Dv,
         scale=float(D**-0.5 if scale is None else scale),
-        has_alibi=has_alibi,
+        bias=bias,
         block_q=bs.block_q,
         chunk=C,
         n_chunks=-(-k_sel // C),
@@ -531,7 +539,8 @@ def sparse_attention(
     *,
     q_pos_BT,
     kv_pos_BS,
-    alibi_slopes_H=None,
+    bias: Bias | None = None,
+    bias_params_HP=None,
     scale=None,
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
@@ -548,11 +557,11 @@ def sparse_attention(
     bs = BlockSizes() if block_sizes is None else block_sizes
     if not isinstance(bs, BlockSizes):
         raise ValueError(f"block_sizes must be sparse_attention_gpu.BlockSizes or None, got {type(bs).__name__}")
-    B, T, S, H, K, D = check_selection(q_BTHD, k_BSKD, v_BSKD, idx_BTk, valid_BTk, q_pos_BT, kv_pos_BS,
-                                       alibi_slopes_H)
+    B, T, S, H, K, D = check_selection(q_BTHD, k_BSKD, v_BSKD, idx_BTk, valid_BTk, q_pos_BT, kv_pos_BS, bias,
+                                       bias_params_HP)
     Dv = v_BSKD.shape[3]
     k_sel = idx_BTk.shape[2]
-    st = _static(B, S, H, K, D, Dv, k_sel, q_BTHD.dtype, scale, alibi_slopes_H is not None, bs, interpret)
+    st = _static(B, S, H, K, D, Dv, k_sel, q_BTHD.dtype, scale, bias, bs, interpret)
     N = B * T
     Np = -(-N // st.block_q) * st.block_q
     pad_n, pad_k = Np - N, st.k_pad - k_sel
@@ -562,13 +571,14 @@ def sparse_attention(
     rows = jnp.where(valid_BTk, idx + (jnp.arange(B, dtype=jnp.int32) * S)[:, None, None], -1)
     rows = pad_axis(pad_axis(rows.reshape(N, k_sel), 1, pad_k, -1), 0, pad_n, -1)  # [Np, kp]
     q = pad_axis(q_BTHD.reshape(N, H, D), 0, pad_n, 0)
-    q_pos = kv_pos = slopes = None
-    if alibi_slopes_H is not None:
+    q_pos = kv_pos = params = None
+    if bias is not None:
         q_pos = pad_axis(q_pos_BT.astype(jnp.int32).reshape(N), 0, pad_n, 0)
         kv_pos = kv_pos_BS.astype(jnp.int32).reshape(B * S)
-        slopes = jnp.asarray(alibi_slopes_H, jnp.float32).reshape(K, H // K)
-        slopes = pad_axis(slopes, 1, st.groups_p - H // K, 0.0)  # [K, Gp]
+        P = bias.num_params
+        params = jnp.asarray(bias_params_HP, jnp.float32).reshape(K, H // K, P).transpose(0, 2, 1)
+        params = pad_axis(params, 2, st.groups_p - H // K, 0.0)  # [K, P, Gp]
     k = k_BSKD.reshape(B * S, K, D)
     v = v_BSKD.reshape(B * S, K, Dv)
-    out, lse = _sparse(q, k, v, rows, q_pos, kv_pos, slopes, st)
+    out, lse = _sparse(q, k, v, rows, q_pos, kv_pos, params, st)
     return out[:N].reshape(B, T, H, Dv), lse[:N].reshape(B, T, H)

@@ -3,8 +3,9 @@
 Same contract as `pallas_kernels/sparse_attention.py` (the XLA gather path):
 query t attends to its own k selected keys idx[t, :], shared by all heads of
 the query; under GQA query head h reads kv head h // (H // K) of those rows
-(K/V are never repeated in memory); ALiBi is computed in-kernel from q_pos and
-the selected keys' kv_pos; selections with valid=False are masked; the output
+(K/V are never repeated in memory); a `masks.Bias` (ALiBi) is computed
+in-kernel (`masks.scores`) from q_pos, the selected keys' kv_pos and the
+head's parameters; selections with valid=False are masked; the output
 is (out_BTHD, lse_BTH) with an f32 lse that is -inf (and a zero output) where a
 query has no valid selection; the `custom_vjp` backward also accepts a
 cotangent for lse (ds = p * (dp - delta + dlse)).
@@ -21,7 +22,7 @@ row (all kv heads) that a single `pltpu.make_async_copy` moves. The wrapper
 turns (idx, valid) into global row numbers b * S + idx, -1 where invalid,
 flattened int32, which reach the kernel by scalar prefetch (SMEM); the
 selected keys' positions and validity also travel as a small int32 VMEM block
-[tokens, chunks, 2, chunk] (vectors are needed for masks and ALiBi, scalars for
+[tokens, chunks, 2, chunk] (vectors are needed for masks and the bias, scalars for
 DMA addresses). bf16 tables are [rows, 1, K * D] (`_table_shape`: Mosaic
 cannot DMA one packed row to an odd row offset). Each program owns `block_q`
 tokens; for each token it walks the k selections in chunks of `block_k` rows
@@ -70,7 +71,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.flash_attention.masks import like_vma, out_struct, pad_axis
+from pallas_kernels.flash_attention.masks import Bias, like_vma, out_struct, pad_axis, scores
 from pallas_kernels.sparse_attention import check_selection
 
 _LANES = 128  # lane width: per-(token, head) statistics are broadcast along it
@@ -129,7 +130,7 @@ class _Static:
     head_dim: int  # D
     v_head_dim: int  # Dv
     scale: float
-    has_alibi: bool
+    bias: Bias | None
     block_q: int
     chunk: int  # C: rows per DMA chunk
     n_chunks: int  # k padded = n_chunks * chunk
@@ -222,18 +223,25 @@ def _pipeline(idx_ref, k_hbm, v_hbm, kbuf, vbuf, sem, st: _Static):
     return fetch, lambda: copies(0, 0, True)
 
 
-def _chunk_scores(qg, kc, sel, qpos, slope_col, st: _Static):
+def _group_params(params_ref, kh: int, st: _Static) -> tuple:
+    """The bias parameters of kv group kh's G query heads: P columns [G, 1] of the lane-broadcast [H, P * 128] table."""
+    if st.bias is None:
+        return ()
+    rows = slice(kh * st.groups, (kh + 1) * st.groups)
+    return tuple(params_ref[rows, p * _LANES:p * _LANES + 1] for p in range(st.bias.num_params))
+
+
+def _chunk_scores(qg, kc, sel, qpos, params, st: _Static):
     """Masked f32 scores [G, C] of one kv group over one chunk; sel [2, C] = (kv_pos, valid) of the chunk."""
     s = lax.dot_general(qg, kc, _NT, preferred_element_type=jnp.float32) * st.scale
-    if slope_col is not None:
-        dist = jnp.abs(qpos - sel[0:1, :]).astype(jnp.float32)  # [1, C]
-        s = s - slope_col * dist
+    s, _, _ = scores(s, qpos, sel[0:1, :], None, None, params, mask=None, bias=st.bias, soft_cap=None)
     return jnp.where(sel[1:2, :] != 0, s, -jnp.inf)
 
 
 def _fwd_kernel(idx_ref, qpos_ref, *refs, st: _Static):
-    if st.has_alibi:
-        slopes_ref, *refs = refs
+    params_ref = None
+    if st.bias is not None:
+        params_ref, *refs = refs
     q_ref, sel_ref, k_hbm, v_hbm, o_ref, lse_ref, kbuf, vbuf, sem = refs
     K, G, D, Dv = st.kv_heads, st.groups, st.head_dim, st.v_head_dim
     fetch, prefetch_first = _pipeline(idx_ref, k_hbm, v_hbm, kbuf, vbuf, sem, st)
@@ -249,8 +257,8 @@ def _fwd_kernel(idx_ref, qpos_ref, *refs, st: _Static):
             new = []
             for kh in range(K):
                 m, l, acc = state[kh]
-                slope = slopes_ref[kh * G:(kh + 1) * G, 0:1] if st.has_alibi else None
-                s = _chunk_scores(q[kh * G:(kh + 1) * G], kc[:, kh * D:(kh + 1) * D], sel, qpos, slope, st)
+                params = _group_params(params_ref, kh, st)
+                s = _chunk_scores(q[kh * G:(kh + 1) * G], kc[:, kh * D:(kh + 1) * D], sel, qpos, params, st)
                 m_new = jnp.maximum(m, s.max(-1, keepdims=True))
                 m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
                 p = jnp.exp(s - m_use)
@@ -274,8 +282,9 @@ def _fwd_kernel(idx_ref, qpos_ref, *refs, st: _Static):
 
 
 def _bwd_kernel(idx_ref, qpos_ref, *refs, st: _Static):
-    if st.has_alibi:
-        slopes_ref, *refs = refs
+    params_ref = None
+    if st.bias is not None:
+        params_ref, *refs = refs
     (q_ref, do_ref, lse_ref, di_ref, sel_ref, k_hbm, v_hbm,
      dq_ref, dk_ref, dv_ref, kbuf, vbuf, sem) = refs
     K, G, D, Dv = st.kv_heads, st.groups, st.head_dim, st.v_head_dim
@@ -293,10 +302,10 @@ def _bwd_kernel(idx_ref, qpos_ref, *refs, st: _Static):
             new = []
             for kh in range(K):
                 rows = slice(kh * G, (kh + 1) * G)
-                slope = slopes_ref[rows, 0:1] if st.has_alibi else None
+                params = _group_params(params_ref, kh, st)
                 qg, dog = q[rows], do[rows]
                 k, v = kc[:, kh * D:(kh + 1) * D], vc[:, kh * Dv:(kh + 1) * Dv]
-                s = _chunk_scores(qg, k, sel, qpos, slope, st)
+                s = _chunk_scores(qg, k, sel, qpos, params, st)
                 p = jnp.exp(s - lse[rows])  # masked s = -inf -> p = 0
                 dp = lax.dot_general(dog, v, _NT, preferred_element_type=jnp.float32)
                 ds = p * (dp - di[rows]) * st.scale  # [G, C]
@@ -350,11 +359,12 @@ def _table_shape(R: int, W: int, dtype) -> tuple[int, ...]:
 
 
 def _common_specs(st: _Static):
-    """Scratch (two-slot row buffers, DMA semaphores [K|V, slot]) and the per-token sel / slopes specs."""
+    """Scratch (two-slot row buffers, DMA semaphores [K|V, slot]) and the per-token sel / bias parameter specs."""
     C = st.chunk
+    P = 0 if st.bias is None else st.bias.num_params
     return dict(
         sel=pl.BlockSpec((st.block_q, st.n_chunks, 2, C), lambda i, *_: (i, 0, 0, 0)),
-        slopes=pl.BlockSpec((st.heads, _LANES), lambda i, *_: (0, 0)),
+        params=pl.BlockSpec((st.heads, P * _LANES), lambda i, *_: (0, 0)),
         hbm=pl.BlockSpec(memory_space=pl.ANY),
     )
 
@@ -368,7 +378,7 @@ def _scratch(k, v, st: _Static):
     return [_row_buffer(k, st), _row_buffer(v, st), pltpu.SemaphoreType.DMA((2, 2))]
 
 
-def _fwd_call(q, k, v, idx, sel, q_pos, slopes, st: _Static):
+def _fwd_call(q, k, v, idx, sel, q_pos, params, st: _Static):
     """One segment: out [Tc, H, Dv], lse rows [Tc, H, 128] f32."""
     _check_call_shapes(q, k, v, idx, sel, q_pos, st)
     Tc, H, D = q.shape
@@ -376,9 +386,9 @@ def _fwd_call(q, k, v, idx, sel, q_pos, slopes, st: _Static):
     specs = _common_specs(st)
     in_specs = [pl.BlockSpec((bq, H, D), lambda i, *_: (i, 0, 0)), specs["sel"], specs["hbm"], specs["hbm"]]
     args = [q, sel, k, v]
-    if st.has_alibi:
-        in_specs.insert(0, specs["slopes"])
-        args.insert(0, slopes)
+    if st.bias is not None:
+        in_specs.insert(0, specs["params"])
+        args.insert(0, params)
     return pl.pallas_call(
         functools.partial(_fwd_kernel, st=st),
         interpret=_interpret(st),
@@ -396,7 +406,7 @@ def _fwd_call(q, k, v, idx, sel, q_pos, slopes, st: _Static):
     )(idx, q_pos, *args)
 
 
-def _bwd_call(q, k, v, do, lse_rows, di_rows, idx, sel, q_pos, slopes, st: _Static):
+def _bwd_call(q, k, v, do, lse_rows, di_rows, idx, sel, q_pos, params, st: _Static):
     """One segment: dq [Tc, H, D] and the per-selection rows dk_sel [Tc, nc, C, K*D], dv_sel [Tc, nc, C, K*Dv]."""
     _check_call_shapes(q, k, v, idx, sel, q_pos, st)
     Tc, H, D = q.shape
@@ -415,9 +425,9 @@ def _bwd_call(q, k, v, do, lse_rows, di_rows, idx, sel, q_pos, slopes, st: _Stat
     in_specs = [per_token(D), per_token(Dv), per_token(_LANES), per_token(_LANES), specs["sel"], specs["hbm"],
                 specs["hbm"]]
     args = [q, do, lse_rows, di_rows, sel, k, v]
-    if st.has_alibi:
-        in_specs.insert(0, specs["slopes"])
-        args.insert(0, slopes)
+    if st.bias is not None:
+        in_specs.insert(0, specs["params"])
+        args.insert(0, params)
     return pl.pallas_call(
         functools.partial(_bwd_kernel, st=st),
         interpret=_interpret(st),
@@ -448,16 +458,16 @@ def _lse_rows(x_NH):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _sparse(q, k, v, idx, sel, q_pos, slopes, st):
-    return _sparse_fwd(q, k, v, idx, sel, q_pos, slopes, st)[0]
+def _sparse(q, k, v, idx, sel, q_pos, params, st):
+    return _sparse_fwd(q, k, v, idx, sel, q_pos, params, st)[0]
 
 
-def _sparse_fwd(q, k, v, idx, sel, q_pos, slopes, st):
+def _sparse_fwd(q, k, v, idx, sel, q_pos, params, st):
     """q [Np, H, D], k/v rows [B*S, K*D(v)], idx [Np, kp] int32 (-1 invalid), sel [Np, nc, 2, C], q_pos [Np]."""
 
     def call(a):
         q_s, idx_s, sel_s, qp_s = a
-        return _fwd_call(q_s, k, v, idx_s.reshape(-1), sel_s, qp_s, slopes, st)
+        return _fwd_call(q_s, k, v, idx_s.reshape(-1), sel_s, qp_s, params, st)
 
     segs = tuple(_segments(x, st) for x in (q, idx, sel, q_pos))
     if segs[0].shape[0] == 1:
@@ -466,11 +476,11 @@ def _sparse_fwd(q, k, v, idx, sel, q_pos, slopes, st):
         out, lse = lax.map(call, segs)
         out, lse = out.reshape(q.shape[0], *out.shape[2:]), lse.reshape(q.shape[0], *lse.shape[2:])
     lse = lse[..., 0]
-    return (out, lse), (q, k, v, out, lse, idx, sel, q_pos, slopes)
+    return (out, lse), (q, k, v, out, lse, idx, sel, q_pos, params)
 
 
 def _sparse_bwd(st, res, g):
-    q, k, v, out, lse, idx, sel, q_pos, slopes = res
+    q, k, v, out, lse, idx, sel, q_pos, params = res
     do, dlse = g
     do = do.astype(q.dtype)
     delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [Np, H]
@@ -482,7 +492,7 @@ def _sparse_bwd(st, res, g):
         dk_acc, dv_acc = acc
         q_s, do_s, lse_s, di_s, idx_s, sel_s, qp_s = a
         dq_s, dk_sel, dv_sel = _bwd_call(q_s, k, v, do_s, _lse_rows(lse_s), _lse_rows(di_s), idx_s.reshape(-1),
-                                         sel_s, qp_s, slopes, st)
+                                         sel_s, qp_s, params, st)
         rows = jnp.where(idx_s >= 0, idx_s, R).reshape(-1)  # invalid -> out of range, dropped
         dk_acc = dk_acc.at[rows].add(dk_sel.reshape(rows.shape[0], *k.shape[1:]).astype(jnp.float32), mode="drop")
         dv_acc = dv_acc.at[rows].add(dv_sel.reshape(rows.shape[0], *v.shape[1:]).astype(jnp.float32), mode="drop")
@@ -495,9 +505,9 @@ def _sparse_bwd(st, res, g):
     else:
         (dk, dv), dq = lax.scan(step, init, xs)
         dq = dq.reshape(q.shape)
-    # ALiBi slopes are fixed by the scheme, never trained: zero cotangent (as in the flash kernels).
-    dslopes = None if slopes is None else jnp.zeros_like(slopes)
-    return dq, dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, dslopes
+    # Bias parameters (ALiBi slopes) are fixed by the scheme, never trained: zero cotangent (as in the flash kernels).
+    dparams = None if params is None else jnp.zeros_like(params)
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, dparams
 
 
 _sparse.defvjp(_sparse_fwd, _sparse_bwd)
@@ -533,7 +543,7 @@ def _vmem_estimate(bq, H, D, Dv, K, kp, C, itemsize) -> int:
     return 2 * blocks + scratch
 
 
-def _static(B, T, S, H, K, D, Dv, k_sel, dtype, scale, has_alibi, bs: BlockSizes, interpret: bool) -> _Static:
+def _static(B, T, S, H, K, D, Dv, k_sel, dtype, scale, bias, bs: BlockSizes, interpret: bool) -> _Static:
     """Validate sizes against the chunk, SMEM (scalar prefetch) and VMEM budgets; pick the automatic sizes."""
     if k_sel < 1:
         raise ValueError(f"idx/valid must select k >= 1 keys per query, got k={k_sel}")
@@ -580,12 +590,12 @@ def _static(B, T, S, H, K, D, Dv, k_sel, dtype, scale, has_alibi, bs: BlockSizes
                              f"of {words} per call; at most {words // kp} tokens")
         tc = min(tc, n_tok)
     return _Static(heads=H, kv_heads=K, head_dim=D, v_head_dim=Dv, scale=float(D**-0.5 if scale is None else scale),
-                   has_alibi=has_alibi, block_q=bq, chunk=C, n_chunks=nc, tokens_per_call=tc,
+                   bias=bias, block_q=bq, chunk=C, n_chunks=nc, tokens_per_call=tc,
                    vmem_limit=max(16 << 20, vmem_max), interpret=interpret)
 
 
-def sparse_attention(q_BTHD, k_BSKD, v_BSKD, idx_BTk, valid_BTk, *, q_pos_BT, kv_pos_BS, alibi_slopes_H=None,
-                     scale=None, block_sizes: BlockSizes | None = None, interpret: bool = False):
+def sparse_attention(q_BTHD, k_BSKD, v_BSKD, idx_BTk, valid_BTk, *, q_pos_BT, kv_pos_BS, bias: Bias | None = None,
+                     bias_params_HP=None, scale=None, block_sizes: BlockSizes | None = None, interpret: bool = False):
     """Pallas TPU attention of each query to its selected keys; returns (out_BTHD, lse_BTH f32, -inf if none valid).
 
     Same contract as `pallas_kernels.sparse_attention.sparse_attention`:
@@ -597,11 +607,11 @@ def sparse_attention(q_BTHD, k_BSKD, v_BSKD, idx_BTk, valid_BTk, *, q_pos_BT, kv
     bs = BlockSizes() if block_sizes is None else block_sizes
     if not isinstance(bs, BlockSizes):
         raise ValueError(f"block_sizes must be sparse_attention_tpu.BlockSizes or None, got {type(bs).__name__}")
-    B, T, S, H, K, D = check_selection(q_BTHD, k_BSKD, v_BSKD, idx_BTk, valid_BTk, q_pos_BT, kv_pos_BS,
-                                       alibi_slopes_H)
+    B, T, S, H, K, D = check_selection(q_BTHD, k_BSKD, v_BSKD, idx_BTk, valid_BTk, q_pos_BT, kv_pos_BS, bias,
+                                       bias_params_HP)
     Dv = v_BSKD.shape[3]
     k_sel = idx_BTk.shape[2]
-    st = _static(B, T, S, H, K, D, Dv, k_sel, q_BTHD.dtype, scale, alibi_slopes_H is not None, bs, interpret)
+    st = _static(B, T, S, H, K, D, Dv, k_sel, q_BTHD.dtype, scale, bias, bs, interpret)
     N = B * T
     Np = -(-N // st.tokens_per_call) * st.tokens_per_call
     pad_n, pad_k = Np - N, st.k_pad - k_sel
@@ -616,10 +626,12 @@ def sparse_attention(q_BTHD, k_BSKD, v_BSKD, idx_BTk, valid_BTk, *, q_pos_BT, kv
     sel = sel.reshape(Np, 2, st.n_chunks, st.chunk).swapaxes(1, 2)  # [Np, nc, 2, C]
     q = pad_axis(q_BTHD.reshape(N, H, D), 0, pad_n, 0)
     q_pos = pad_axis(q_pos_BT.astype(jnp.int32).reshape(N), 0, pad_n, 0)
-    slopes = None
-    if alibi_slopes_H is not None:
-        slopes = jnp.broadcast_to(jnp.asarray(alibi_slopes_H, jnp.float32)[:, None], (H, _LANES))
+    params = None
+    if bias is not None:  # [H, P * 128]: parameter p of head h lane-broadcast in columns [128 p, 128 (p + 1))
+        P = bias.num_params
+        params = jnp.broadcast_to(jnp.asarray(bias_params_HP, jnp.float32)[:, :, None], (H, P, _LANES))
+        params = params.reshape(H, P * _LANES)
     k = k_BSKD.reshape(_table_shape(B * S, K * D, k_BSKD.dtype))
     v = v_BSKD.reshape(_table_shape(B * S, K * Dv, v_BSKD.dtype))
-    out, lse = _sparse(q, k, v, rows, sel, q_pos, slopes, st)
+    out, lse = _sparse(q, k, v, rows, sel, q_pos, params, st)
     return out[:N].reshape(B, T, H, Dv), lse[:N].reshape(B, T, H)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.flash_attention.masks import ALIBI, Bias
+
 
 def tolerances(dtype, tol=None) -> tuple[float, float]:
     """(atol for out / lse, atol for gradients), abs = rel: f32 1e-5 / 1e-4; bf16 inputs against the
@@ -27,3 +29,23 @@ def assert_grads_close(grads, grads_r, dtype, atol: float) -> None:
     for name, g, gr in zip("qkv", grads, grads_r):
         assert g.dtype == dtype, name
         np.testing.assert_allclose(g.astype(jnp.float32), gr, atol=atol, rtol=atol, err_msg=f"d{name}")
+
+
+def _affine_distance(q_pos, kv_pos, slope, offset):
+    return offset - slope * jnp.abs(q_pos - kv_pos).astype(jnp.float32)
+
+
+# A bias scheme no kernel knows: two parameters per head (the offset moves each head's lse), so that tests
+# check the [H, P] parameter plumbing of every kernel for P > 1.
+AFFINE = Bias("affine_distance", _affine_distance, 2)
+
+
+def affine(H: int) -> dict:
+    """AFFINE with distinct per-head slopes and offsets."""
+    h = np.arange(H, dtype=np.float32)
+    return dict(bias=AFFINE, bias_params_HP=jnp.asarray(np.stack([2.0 ** -(h + 1), 0.5 * h - 1.0], -1)))
+
+
+def alibi(slopes_H) -> dict:
+    """ALiBi as the kernels take it: `masks.ALIBI` with the slopes as bias_params_HP [H, 1] (numpy stays numpy)."""
+    return dict(bias=ALIBI, bias_params_HP=slopes_H[:, None])

@@ -7,9 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kernel_checks import alibi
 
 from lc_jax import ops
 from lc_jax.positions.alibi import alibi_slopes
+from pallas_kernels.flash_attention.masks import Mask
 from pallas_kernels.flash_attention.xla import BlockSizes, visited_blocks
 
 ATOL_OUT, ATOL_GRAD = 2e-5, 1e-4
@@ -61,10 +63,12 @@ def _compare(q, k, v, block_sizes=SMALL_BLOCKS, **kw):
 
 CASES = {
     "causal": dict(),
-    "sliding": dict(window=7),
-    "sliding_wide": dict(window=40),
-    "noncausal": dict(causal=False),
+    "sliding": dict(mask=Mask(window=7)),
+    "sliding_wide": dict(mask=Mask(window=40)),
+    "noncausal": dict(mask=Mask(causal=False)),
     "softcap": dict(logits_soft_cap=3.0),
+    "chunked": dict(mask=Mask(chunk=12)),  # chunk not a multiple of the 16-blocks
+    "chunked_window_noncausal": dict(mask=Mask(causal=False, window=9, chunk=20)),
 }
 
 
@@ -79,7 +83,7 @@ def test_masks(case):
 def test_gqa_mqa(H, K):
     q, k, v = _inputs(H=H, K=K)
     pos = _positions(2, 48)
-    _compare(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, window=20)
+    _compare(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, mask=Mask(window=20))
 
 
 def test_packed_segments():
@@ -92,20 +96,28 @@ def test_packed_segments():
 def test_alibi(H):
     q, k, v = _inputs(H=H, K=2)
     pos = _positions(2, 48)
-    _compare(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, alibi_slopes_H=jnp.asarray(alibi_slopes(H)) * 4)
+    _compare(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, **alibi(jnp.asarray(alibi_slopes(H)) * 4))
+
+
+def test_chunked_with_segments_gqa_alibi():
+    """Chunked local attention (chunks of 10 within each document) AND segments, a window, GQA and ALiBi."""
+    q, k, v = _inputs(T=64, H=8, K=2)
+    pos, seg = _packed(2, 64, cuts=[10, 33, 34])
+    _compare(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, q_seg_BT=seg, kv_seg_BS=seg, mask=Mask(window=7, chunk=10),
+             **alibi(jnp.asarray(alibi_slopes(8))))
 
 
 def test_lengths_not_multiple_of_block():
     q, k, v = _inputs(T=37)
     pos = _positions(2, 37)
-    _compare(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, block_sizes=BlockSizes(16, 8), window=9)
+    _compare(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, block_sizes=BlockSizes(16, 8), mask=Mask(window=9))
 
 
 def test_cross_attention_offset_positions():
     """Queries are the last 24 tokens of a 56-token context (chunked prefill against a cache)."""
     q, k, v = _inputs(T=24, S=56)
     q_pos = _positions(2, 24) + 32
-    _compare(q, k, v, q_pos_BT=q_pos, kv_pos_BS=_positions(2, 56), window=20)
+    _compare(q, k, v, q_pos_BT=q_pos, kv_pos_BS=_positions(2, 56), mask=Mask(window=20))
 
 
 def test_zigzag_positions():
@@ -138,11 +150,15 @@ def test_fully_masked_blocks_are_skipped():
     n = T // 256
     causal, total = visited_blocks(pos, pos, block_sizes=bs)
     assert total == n * n and causal == n * (n + 1) // 2
-    sliding, _ = visited_blocks(pos, pos, window=256, block_sizes=bs)
+    sliding, _ = visited_blocks(pos, pos, mask=Mask(window=256), block_sizes=bs)
     assert sliding == 2 * n - 1  # the diagonal block and the one before it
     doc_pos, seg = _packed(1, T, cuts=[1024, 2048, 3072])
     packed, _ = visited_blocks(doc_pos, doc_pos, seg, seg, block_sizes=bs)
     assert packed == 4 * (4 * 5 // 2)  # four independent causal triangles of 4 blocks
+    # Chunks of 1024 with 256 x 512 blocks: per chunk 4 q blocks x 2 kv blocks, of which q blocks 0 and 1 see only
+    # kv block 0 (causal), so 6 of 128 pairs per chunk: 24 / 128 = 19% (the chunked causal mask keeps 12.5% of pairs).
+    chunked, total = visited_blocks(pos, pos, mask=Mask(chunk=1024), block_sizes=BlockSizes(256, 512))
+    assert (chunked, total) == (4 * 6, 16 * 8)
 
 
 def test_bad_shapes_raise_clear_errors():
@@ -152,8 +168,37 @@ def test_bad_shapes_raise_clear_errors():
         ops.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos)
     q, k, v = _inputs()
     with pytest.raises(ValueError, match="window must be a positive"):
-        ops.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, window=0)
+        ops.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, mask=Mask(window=0))
     with pytest.raises(ValueError, match="impl"):
         ops.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, impl="flash9000")
     with pytest.raises(ValueError, match="q_pos"):
         ops.attention(q, k, v, q_pos_BT=pos[:, :10], kv_pos_BS=pos)
+
+
+def test_mask_semantics_against_brute_force():
+    """Mask.visible is the definition in words; block_visible never hides a visible pair; max_distance bounds it."""
+    qp, kp = np.arange(-3, 40)[:, None], np.arange(-3, 40)[None, :]
+    d = qp - kp
+    for causal in (True, False):
+        for window in (None, 1, 5):
+            for chunk in (None, 1, 7):
+                mask = Mask(causal=causal, window=window, chunk=chunk)
+                want = np.ones(d.shape, bool)
+                if causal:
+                    want &= d >= 0
+                if window is not None:
+                    want &= (d < window) if causal else (np.abs(d) < window)
+                if chunk is not None:
+                    want &= np.floor_divide(qp, chunk) == np.floor_divide(kp, chunk)
+                got = np.asarray(mask.visible(jnp.asarray(qp), jnp.asarray(kp)))
+                np.testing.assert_array_equal(got, want, err_msg=str(mask))
+                if causal and mask.max_distance is not None:
+                    assert d[got].max() == mask.max_distance
+                for lo_q, lo_k, n in ((0, 0, 5), (3, 9, 4), (12, 2, 6), (20, 27, 3)):  # ranges [lo, lo + n)
+                    pair = want[lo_q + 3:lo_q + 3 + n, lo_k + 3:lo_k + 3 + n].any()
+                    block = bool(mask.block_visible(lo_q, lo_q + n - 1, lo_k, lo_k + n - 1))
+                    assert block or not pair, (mask, lo_q, lo_k)
+    assert Mask().max_distance is None and Mask(window=8, chunk=4).max_distance == 3
+    for bad in (dict(window=0), dict(chunk=-2), dict(chunk=2.5), dict(window=True)):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a positive int or None"):
+            Mask(**bad)

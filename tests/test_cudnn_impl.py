@@ -14,6 +14,7 @@ import pytest
 
 from lc_jax import ops
 from pallas_kernels.flash_attention import reference
+from pallas_kernels.flash_attention.masks import ALIBI, Mask
 
 
 def _inputs(B=2, T=48, H=4, K=2, D=16, dtype=jnp.float32, seed=0):
@@ -33,8 +34,9 @@ def test_cudnn_in_impls():
 @pytest.mark.parametrize("causal,window", [(True, None), (True, 7), (False, None), (False, 7)])
 def test_jax_nn_helper_matches_reference(causal, window):
     q, k, v, pos = _inputs()
-    out = ops._jax_nn(q, k, v, causal=causal, window=window, scale=None, implementation="xla")
-    ref, _ = reference.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=causal, window=window)
+    mask = Mask(causal=causal, window=window)
+    out = ops._jax_nn(q, k, v, mask=mask, scale=None, implementation="xla")
+    ref, _ = reference.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, mask=mask)
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -45,8 +47,9 @@ def test_jax_nn_helper_grads_match_reference():
     def loss(fn):
         return lambda q, k, v: jnp.sum(fn(q, k, v) * do)
 
-    helper = loss(lambda q, k, v: ops._jax_nn(q, k, v, causal=True, window=7, scale=0.3, implementation="xla"))
-    ref = loss(lambda q, k, v: reference.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, window=7, scale=0.3)[0])
+    helper = loss(lambda q, k, v: ops._jax_nn(q, k, v, mask=Mask(window=7), scale=0.3, implementation="xla"))
+    ref = loss(lambda q, k, v: reference.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, mask=Mask(window=7),
+                                                   scale=0.3)[0])
     for a, b in zip(jax.grad(helper, (0, 1, 2))(q, k, v), jax.grad(ref, (0, 1, 2))(q, k, v)):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
@@ -55,7 +58,8 @@ def test_jax_nn_helper_grads_match_reference():
     "kw,match",
     [
         ({"q_seg_BT": "seg", "kv_seg_BS": "seg"}, "segment ids"),
-        ({"alibi_slopes_H": jnp.ones(4)}, "alibi_slopes_H"),
+        ({"bias": ALIBI, "bias_params_HP": jnp.ones((4, 1))}, "bias"),
+        ({"mask": Mask(chunk=16)}, "chunk"),
         ({"logits_soft_cap": 30.0}, "logits_soft_cap"),
         ({"return_lse": True}, "return_lse"),
     ],
@@ -77,7 +81,7 @@ def test_t_ne_s_raises():
 def test_non_causal_window_raises_for_cudnn():
     q, k, v, _ = _inputs()
     with pytest.raises(ValueError, match="causal=True"):
-        ops._jax_nn(q, k, v, causal=False, window=7, scale=None, implementation="cudnn")
+        ops._jax_nn(q, k, v, mask=Mask(causal=False, window=7), scale=None, implementation="cudnn")
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the non-GPU error")
@@ -94,10 +98,10 @@ def test_cudnn_on_gpu_bf16(window):
     do = jax.random.normal(jax.random.key(1), q.shape, jnp.float32)
 
     def cudnn(q, k, v):
-        return ops.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, window=window, impl="cudnn")
+        return ops.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, mask=Mask(window=window), impl="cudnn")
 
     def ref(q, k, v):
-        return reference.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, window=window)[0]
+        return reference.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, mask=Mask(window=window))[0]
 
     out = jax.jit(cudnn)(q, k, v)
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
@@ -114,12 +118,12 @@ def test_auto_on_a_gpu_takes_only_what_has_passed_there(monkeypatch):
     monkeypatch.setattr(ops, "platform", lambda: "gpu")
     monkeypatch.setattr(ops, "GPU_VERIFIED", {})
     q, k, v, pos = _inputs(T=64, dtype=jnp.bfloat16)
-    plain = dict(q_seg=None, alibi_slopes=None, logits_soft_cap=None, return_lse=False, causal=True, window=None)
+    plain = dict(q_seg=None, bias=None, logits_soft_cap=None, return_lse=False, mask=Mask())
     choose = lambda **kw: ops.choose_impl("auto", q, k, pos, pos, **(plain | kw))  # noqa: E731
-    assert choose() == "cudnn" and choose(window=16) == "cudnn"
+    assert choose() == "cudnn" and choose(mask=Mask(window=16)) == "cudnn"
     # What cuDNN cannot do: packed documents, positions not 0..T-1 (or not known while tracing), ALiBi, lse.
-    assert choose(q_seg=pos // 32) == "xla" and choose(alibi_slopes=np.ones(4)) == "xla"
-    assert choose(return_lse=True) == "xla" and choose(causal=False, window=16) == "xla"
+    assert choose(q_seg=pos // 32) == "xla" and choose(bias=ALIBI) == "xla" and choose(mask=Mask(chunk=16)) == "xla"
+    assert choose(return_lse=True) == "xla" and choose(mask=Mask(causal=False, window=16)) == "xla"
     assert ops.choose_impl("auto", q, k, pos + 1, pos + 1, **plain) == "xla"
     traced = []
     jax.jit(lambda p: traced.append(ops.choose_impl("auto", q, k, p, p, **plain)) or p)(pos)

@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from kernel_checks import alibi
 
 from lc_jax import state as state_lib
 from lc_jax import steps
@@ -19,7 +20,7 @@ from lc_jax.attention import dsa
 from lc_jax.config import ConfigError, validate
 from lc_jax.data import make_dataset
 from pallas_kernels.flash_attention import reference
-from pallas_kernels.flash_attention.masks import visible
+from pallas_kernels.flash_attention.masks import Mask
 from pallas_kernels.sparse_attention import sparse_attention
 
 B, T, H, K, D, J, DI = 2, 50, 4, 2, 8, 3, 6
@@ -37,9 +38,15 @@ def _tensors(seed=0):
     return q, k, v, iq, w, ik, dict(q_pos_BT=pos, kv_pos_BS=pos, q_seg_BT=seg, kv_seg_BS=seg)
 
 
+def _visible(m):
+    """The causal, same-document mask [B, T, S] DSA selects within."""
+    return Mask().visible(m["q_pos_BT"][:, :, None], m["kv_pos_BS"][:, None, :], m["q_seg_BT"][:, :, None],
+                          m["kv_seg_BS"][:, None, :])
+
+
 def _brute_scores(iq, w, ik, m):
     scores = jnp.einsum("btj,btjs->bts", w, jax.nn.relu(jnp.einsum("btjd,bsd->btjs", iq, ik)))
-    return jnp.where(visible(m["q_pos_BT"], m["kv_pos_BS"], m["q_seg_BT"], m["kv_seg_BS"]), scores, -jnp.inf)
+    return jnp.where(_visible(m), scores, -jnp.inf)
 
 
 @pytest.mark.parametrize("select", [dsa.streaming_topk, dsa.host_topk], ids=["streaming", "host"])
@@ -76,10 +83,10 @@ def test_sparse_attention_with_k_at_least_T_equals_full_attention():
 
     def sparse(q, k, v):
         return sparse_attention(q, k, v, idx, valid, q_pos_BT=m["q_pos_BT"], kv_pos_BS=m["kv_pos_BS"],
-                                alibi_slopes_H=slopes, block_q=16)
+                                **alibi(slopes), block_q=16)
 
     (out, lse), vjp = jax.vjp(sparse, q, k, v)
-    (out_r, lse_r), vjp_r = jax.vjp(lambda q, k, v: reference.attention(q, k, v, **m, alibi_slopes_H=slopes), q, k, v)
+    (out_r, lse_r), vjp_r = jax.vjp(lambda q, k, v: reference.attention(q, k, v, **m, **alibi(slopes)), q, k, v)
     np.testing.assert_allclose(out, out_r, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(lse, lse_r, atol=1e-5, rtol=1e-5)
     ct = (jnp.cos(out), jnp.sin(lse))
@@ -90,7 +97,7 @@ def test_sparse_attention_with_k_at_least_T_equals_full_attention():
 def test_dense_and_sparse_kl_match_brute_force():
     q, k, v, iq, w, ik, m = _tensors()
     _, lse = reference.attention(q, k, v, **m)
-    mask = visible(m["q_pos_BT"], m["kv_pos_BS"], m["q_seg_BT"], m["kv_seg_BS"])
+    mask = _visible(m)
     s = jnp.einsum("bthd,bshd->bhts", q, jnp.repeat(k, H // K, 2)) * D**-0.5
     p = jnp.where(mask[:, None], jax.nn.softmax(jnp.where(mask[:, None], s, -jnp.inf), -1), 0).mean(1)
 

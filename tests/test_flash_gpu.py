@@ -17,11 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kernel_checks import assert_grads_close, assert_outputs_close, tolerances
+from kernel_checks import affine, alibi, assert_grads_close, assert_outputs_close, tolerances
 from platforms import lower_for
 
 from pallas_kernels.flash_attention import gpu as flash_gpu
 from pallas_kernels.flash_attention import reference
+from pallas_kernels.flash_attention.masks import Mask
 
 
 def _bs(bq, bk):
@@ -73,31 +74,31 @@ def _arange(B, T, start=0):
 def test_causal():
     q, k, v = _inputs(1, 64, 64, 2, 2, 64, jnp.float32)
     pos = _arange(1, 64)
-    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, block_sizes=_bs(32, 16), check_zero_dlse=True)
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, block_sizes=_bs(32, 16), check_zero_dlse=True)
 
 
 def test_sliding_window():
     q, k, v = _inputs(1, 128, 128, 2, 1, 64, jnp.float32)
     pos = _arange(1, 128)
-    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, window=40, block_sizes=_bs(32, 32))
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, mask=Mask(window=40), block_sizes=_bs(32, 32))
 
 
 def test_bidirectional_window():
     q, k, v = _inputs(1, 64, 64, 2, 2, 64, jnp.float32)
     pos = _arange(1, 64)
-    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=False, window=24, block_sizes=_bs(16, 16))
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, mask=Mask(causal=False, window=24), block_sizes=_bs(16, 16))
 
 
 def test_gqa_8_q_heads_2_kv_heads():
     q, k, v = _inputs(1, 64, 64, 8, 2, 64, jnp.float32)
     pos = _arange(1, 64)
-    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, block_sizes=_bs(32, 32))
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, block_sizes=_bs(32, 32))
 
 
 def test_mqa():
     q, k, v = _inputs(2, 64, 64, 4, 1, 64, jnp.float32)
     pos = _arange(2, 64)
-    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, block_sizes=_bs(32, 32))
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, block_sizes=_bs(32, 32))
 
 
 def test_packed_segments():
@@ -108,7 +109,7 @@ def test_packed_segments():
     pos = jnp.asarray(np.concatenate([np.arange(n) for n in lens]), jnp.int32)
     seg, pos = jnp.broadcast_to(seg, (B, T)), jnp.broadcast_to(pos, (B, T))
     q, k, v = _inputs(B, T, T, 2, 1, 64, jnp.float32)
-    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, q_seg_BT=seg, kv_seg_BS=seg, causal=True,
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, q_seg_BT=seg, kv_seg_BS=seg,
            block_sizes=_bs(32, 32))
 
 
@@ -116,14 +117,17 @@ def test_alibi():
     q, k, v = _inputs(1, 64, 64, 4, 2, 64, jnp.float32)
     pos = _arange(1, 64)
     slopes = 2.0 ** (-8.0 * jnp.arange(1, 5, dtype=jnp.float32) / 4)
-    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, alibi_slopes_H=slopes, block_sizes=_bs(32, 32))
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, **alibi(slopes), block_sizes=_bs(32, 32))
 
 
-def test_soft_cap():
-    q, k, v = _inputs(1, 64, 64, 2, 2, 64, jnp.float32)
-    q = q * 4.0  # large logits so the cap actually bites
-    pos = _arange(1, 64)
-    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, logits_soft_cap=3.0, block_sizes=_bs(32, 32))
+def test_chunked_with_segments_window_gqa_two_param_bias():
+    # Chunks of 24 (not a multiple of the 16-blocks) AND two documents, a window and GQA, with a two-parameter
+    # bias (per-head slope and offset: the kernels' [H, P] parameter plumbing, dk/dv's per-group table too).
+    seg = jnp.asarray(np.repeat(np.arange(2), [40, 24]), jnp.int32)[None]
+    pos = jnp.asarray(np.concatenate([np.arange(40), np.arange(24)]), jnp.int32)[None]
+    q, k, v = _inputs(1, 64, 64, 4, 2, 64, jnp.float32)
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, q_seg_BT=seg, kv_seg_BS=seg, mask=Mask(window=20, chunk=24),
+           **affine(4), block_sizes=_bs(16, 16))
 
 
 def test_soft_cap_with_alibi_and_scale():
@@ -131,7 +135,7 @@ def test_soft_cap_with_alibi_and_scale():
     q = q * 4.0
     pos = _arange(1, 64)
     slopes = jnp.asarray([0.25, 0.0625], jnp.float32)
-    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, logits_soft_cap=5.0, alibi_slopes_H=slopes,
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, logits_soft_cap=5.0, **alibi(slopes),
            scale=0.2, block_sizes=_bs(32, 32))
 
 
@@ -139,7 +143,7 @@ def test_lengths_not_multiple_of_block_and_empty_rows():
     # T=50 queries at positions 30..79 against S=40 keys at positions 40..79:
     # padded to 64 (blocks of 32); queries at positions < 40 see no key (lse -inf, out 0).
     q, k, v = _inputs(1, 50, 40, 2, 1, 64, jnp.float32)
-    out, lse = _check(q, k, v, q_pos_BT=_arange(1, 50, 30), kv_pos_BS=_arange(1, 40, 40), causal=True,
+    out, lse = _check(q, k, v, q_pos_BT=_arange(1, 50, 30), kv_pos_BS=_arange(1, 40, 40),
                       block_sizes=_bs(32, 32))
     assert bool(jnp.all(jnp.isneginf(lse[:, :10]))) and bool(jnp.all(out[:, :10] == 0))
     assert bool(jnp.all(jnp.isfinite(lse[:, 10:])))
@@ -148,13 +152,13 @@ def test_lengths_not_multiple_of_block_and_empty_rows():
 def test_head_dim_128():
     q, k, v = _inputs(1, 64, 64, 2, 1, 128, jnp.float32)
     pos = _arange(1, 64)
-    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, block_sizes=_bs(32, 32))
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, block_sizes=_bs(32, 32))
 
 
 def test_bf16():
     q, k, v = _inputs(1, 128, 128, 4, 2, 64, jnp.bfloat16)
     pos = _arange(1, 128)
-    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, window=80, block_sizes=_bs(64, 64))
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, mask=Mask(window=80), block_sizes=_bs(64, 64))
 
 
 def test_under_jit_default_blocks():
@@ -175,16 +179,21 @@ def test_sliding_window_visits_about_two_blocks_per_query_block():
     # 8K tokens, 64-blocks, window 64: each q block needs its own and the previous kv block.
     T, bs = 8192, _bs(64, 64)
     pos = _arange(2, T)
-    visited, total = flash_gpu.visited_blocks(pos, pos, causal=True, window=64, block_sizes=bs)
+    visited, total = flash_gpu.visited_blocks(pos, pos, mask=Mask(window=64), block_sizes=bs)
     n = T // 64
     assert total == 2 * n * n
     assert visited == 2 * (2 * n - 1)
     # Causal alone: the lower triangle; packed equal-length documents: the diagonal blocks only.
-    visited_c, _ = flash_gpu.visited_blocks(pos, pos, causal=True, block_sizes=bs)
+    visited_c, _ = flash_gpu.visited_blocks(pos, pos, block_sizes=bs)
     assert visited_c == 2 * n * (n + 1) // 2
     seg = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32) // 64, (2, T))
-    visited_s, _ = flash_gpu.visited_blocks(pos, pos, seg, seg, causal=True, block_sizes=bs)
+    visited_s, _ = flash_gpu.visited_blocks(pos, pos, seg, seg, block_sizes=bs)
     assert visited_s == 2 * n
+    # Chunks of 1024 at 4K with 256 x 512 blocks: each chunk's q blocks 0-1 need kv block 0, q blocks 2-3 kv blocks
+    # 0-1: 24 of 128 pairs, against 72 for causal alone.
+    pos4k = _arange(1, 4096)
+    assert flash_gpu.visited_blocks(pos4k, pos4k, mask=Mask(chunk=1024), block_sizes=_bs(256, 512)) == (24, 128)
+    assert flash_gpu.visited_blocks(pos4k, pos4k, block_sizes=_bs(256, 512)) == (72, 128)
 
 
 def test_skipped_blocks_are_never_loaded():
@@ -199,8 +208,8 @@ def test_skipped_blocks_are_never_loaded():
     q_seg = jnp.zeros((B, T), jnp.int32)
     kv_seg = jnp.where(jnp.arange(S) < S_real, 0, 7)[None].astype(jnp.int32)
     bs = _bs(16, 16)
-    kw = dict(q_pos_BT=pos, kv_pos_BS=kv_pos, q_seg_BT=q_seg, kv_seg_BS=kv_seg, causal=False)
-    assert flash_gpu.visited_blocks(pos, kv_pos, q_seg, kv_seg, causal=False, block_sizes=bs) == (4, 8)
+    kw = dict(q_pos_BT=pos, kv_pos_BS=kv_pos, q_seg_BT=q_seg, kv_seg_BS=kv_seg, mask=Mask(causal=False))
+    assert flash_gpu.visited_blocks(pos, kv_pos, q_seg, kv_seg, mask=Mask(causal=False), block_sizes=bs) == (4, 8)
 
     def ours(q, k, v):
         return flash_gpu.attention(q, k, v, block_sizes=bs, interpret=True, **kw)
@@ -266,7 +275,7 @@ def test_bad_shapes_raise():
 def test_kernels_lower_to_triton_for_cuda():
     # No GPU needed: lowering for platform "cuda" runs the real Pallas -> Triton IR lowering
     # (power-of-two load shapes, supported primitives, dot precisions) of all three kernels,
-    # with GQA, a window, packed segments, ALiBi and soft-cap. It does not run Triton's PTX compiler.
+    # with GQA, a window, chunks, packed segments, ALiBi and soft-cap. It does not run Triton's PTX compiler.
     B, T, H, K, D = 1, 100, 8, 2, 64
     pos = _arange(B, T)
     seg = pos // 40
@@ -274,7 +283,7 @@ def test_kernels_lower_to_triton_for_cuda():
 
     def loss(q, k, v):
         out, lse = flash_gpu.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, q_seg_BT=seg, kv_seg_BS=seg,
-                                       window=50, alibi_slopes_H=slopes, logits_soft_cap=30.0,
+                                       mask=Mask(window=50, chunk=30), **alibi(slopes), logits_soft_cap=30.0,
                                        block_sizes=_bs(32, 64))
         return out.astype(jnp.float32).sum() + jnp.where(jnp.isfinite(lse), lse, 0.0).sum()
 
@@ -293,6 +302,6 @@ def test_compiled_on_gpu():
     slopes = 2.0 ** (-8.0 * jnp.arange(1, H + 1, dtype=jnp.float32) / H)
     for D, dtype in ((64, jnp.float32), (128, jnp.bfloat16)):
         q, k, v = _inputs(B, T, T, H, K, D, dtype)
-        _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, q_seg_BT=seg, kv_seg_BS=seg, causal=True, window=100,
-               alibi_slopes_H=slopes, logits_soft_cap=20.0, block_sizes=_bs(64, 64), interpret=False,
-               tol=(2e-4, 2e-3) if dtype == jnp.float32 else None)
+        _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, q_seg_BT=seg, kv_seg_BS=seg,
+               mask=Mask(window=100, chunk=70), **alibi(slopes), logits_soft_cap=20.0, block_sizes=_bs(64, 64),
+               interpret=False, tol=(2e-4, 2e-3) if dtype == jnp.float32 else None)

@@ -25,11 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kernel_checks import assert_grads_close, assert_outputs_close, tolerances
+from kernel_checks import affine, alibi, assert_grads_close, assert_outputs_close, tolerances
 from platforms import lower_for
 
 from pallas_kernels.flash_attention import mosaic_gpu as flash_mgpu
 from pallas_kernels.flash_attention import reference
+from pallas_kernels.flash_attention.masks import Mask
 
 pytestmark = pytest.mark.skipif(flash_mgpu.InterpretGPUParams is None,
                                 reason="this jax has no Mosaic GPU interpreter")
@@ -97,7 +98,7 @@ def test_causal():
     # 2 x 2 blocks: the upper-right kv block is skipped, the diagonal ones are masked element-wise.
     q, k, v = _inputs(1, 128, 128, 2, 2, 64, jnp.float32)
     pos = _arange(1, 128)
-    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, block_sizes=_bs(), check_zero_dlse=True)
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, block_sizes=_bs(), check_zero_dlse=True)
 
 
 def test_sliding_window_single_stage_ring():
@@ -105,19 +106,19 @@ def test_sliding_window_single_stage_ring():
     # a one-slot K/V ring (fetch, wait, compute).
     q, k, v = _inputs(1, 192, 192, 2, 1, 64, jnp.float32)
     pos = _arange(1, 192)
-    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, window=40, block_sizes=_bs(stages=1))
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, mask=Mask(window=40), block_sizes=_bs(stages=1))
 
 
 def test_bidirectional_window_three_stage_ring():
     q, k, v = _inputs(1, 192, 192, 2, 2, 64, jnp.float32)
     pos = _arange(1, 192)
-    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=False, window=90, block_sizes=_bs(stages=3))
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, mask=Mask(causal=False, window=90), block_sizes=_bs(stages=3))
 
 
 def test_mqa_batch_2():
     q, k, v = _inputs(2, 64, 64, 3, 1, 64, jnp.float32)
     pos = _arange(2, 64)
-    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, block_sizes=_bs())
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, block_sizes=_bs())
 
 
 def test_packed_segments():
@@ -128,7 +129,7 @@ def test_packed_segments():
     pos = jnp.asarray(np.concatenate([np.arange(n) for n in lens]), jnp.int32)
     seg, pos = jnp.broadcast_to(seg, (B, T)), jnp.broadcast_to(pos, (B, T))
     q, k, v = _inputs(B, T, T, 2, 1, 64, jnp.float32)
-    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, q_seg_BT=seg, kv_seg_BS=seg, causal=True, block_sizes=_bs())
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, q_seg_BT=seg, kv_seg_BS=seg, block_sizes=_bs())
 
 
 def test_gqa_8_q_heads_2_kv_heads_with_alibi():
@@ -136,7 +137,17 @@ def test_gqa_8_q_heads_2_kv_heads_with_alibi():
     q, k, v = _inputs(1, 64, 64, 8, 2, 64, jnp.float32)
     pos = _arange(1, 64)
     slopes = 2.0 ** (-8.0 * jnp.arange(1, 9, dtype=jnp.float32) / 8)
-    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, alibi_slopes_H=slopes, block_sizes=_bs())
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, **alibi(slopes), block_sizes=_bs())
+
+
+def test_chunked_with_segments_window_gqa_two_param_bias():
+    # Chunks of 48 (not a multiple of the 64-blocks) AND two documents, a window and GQA, with a two-parameter
+    # bias (per-head slope and offset: the kernels' [H, P] parameter plumbing).
+    seg = jnp.asarray(np.repeat(np.arange(2), [100, 28]), jnp.int32)[None]
+    pos = jnp.asarray(np.concatenate([np.arange(100), np.arange(28)]), jnp.int32)[None]
+    q, k, v = _inputs(1, 128, 128, 2, 1, 64, jnp.float32)
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, q_seg_BT=seg, kv_seg_BS=seg, mask=Mask(window=40, chunk=48),
+           **affine(2), block_sizes=_bs())
 
 
 def test_soft_cap_with_alibi_and_scale_head_dim_128():
@@ -144,7 +155,7 @@ def test_soft_cap_with_alibi_and_scale_head_dim_128():
     q = q * 4.0  # large logits so the cap actually bites
     pos = _arange(1, 64)
     slopes = jnp.asarray([0.25, 0.0625], jnp.float32)
-    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, logits_soft_cap=5.0, alibi_slopes_H=slopes,
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, logits_soft_cap=5.0, **alibi(slopes),
            scale=0.2, block_sizes=_bs())
 
 
@@ -152,7 +163,7 @@ def test_lengths_not_multiple_of_block_and_empty_rows():
     # T=50 queries at positions 30..79 against S=40 keys at positions 40..79, padded to one 64-block
     # each; queries at positions < 40 see no key (lse -inf, out 0, zero gradients).
     q, k, v = _inputs(1, 50, 40, 2, 1, 64, jnp.float32)
-    out, lse = _check(q, k, v, q_pos_BT=_arange(1, 50, 30), kv_pos_BS=_arange(1, 40, 40), causal=True,
+    out, lse = _check(q, k, v, q_pos_BT=_arange(1, 50, 30), kv_pos_BS=_arange(1, 40, 40),
                       block_sizes=_bs())
     assert bool(jnp.all(jnp.isneginf(lse[:, :10]))) and bool(jnp.all(out[:, :10] == 0))
     assert bool(jnp.all(jnp.isfinite(lse[:, 10:])))
@@ -162,7 +173,7 @@ def test_bf16_head_dim_128_block_q_128():
     # block_q=128: two 64-row wgmma groups per warpgroup; q and kv blocks of different sizes.
     q, k, v = _inputs(1, 128, 128, 2, 1, 128, jnp.bfloat16)
     pos = _arange(1, 128)
-    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, window=100, block_sizes=_bs(128, 64))
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, mask=Mask(window=100), block_sizes=_bs(128, 64))
 
 
 def test_pipeline_has_no_races():
@@ -175,7 +186,7 @@ def test_pipeline_has_no_races():
     params = flash_mgpu.InterpretGPUParams(detect_races=True)
 
     def loss(q, k, v):
-        out, lse = flash_mgpu.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=False, interpret=params,
+        out, lse = flash_mgpu.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, mask=Mask(causal=False), interpret=params,
                                         block_sizes=_bs(stages=2))
         return out.astype(jnp.float32).sum() + lse.sum()
 
@@ -190,16 +201,21 @@ def test_sliding_window_visits_about_two_blocks_per_query_block():
     # 8K tokens, 64-blocks, window 64: each q block needs its own and the previous kv block.
     T, bs = 8192, _bs()
     pos = _arange(2, T)
-    visited, total = flash_mgpu.visited_blocks(pos, pos, causal=True, window=64, block_sizes=bs)
+    visited, total = flash_mgpu.visited_blocks(pos, pos, mask=Mask(window=64), block_sizes=bs)
     n = T // 64
     assert total == 2 * n * n
     assert visited == 2 * (2 * n - 1)
     # Causal alone: the lower triangle; packed equal-length documents: the diagonal blocks only.
-    visited_c, _ = flash_mgpu.visited_blocks(pos, pos, causal=True, block_sizes=bs)
+    visited_c, _ = flash_mgpu.visited_blocks(pos, pos, block_sizes=bs)
     assert visited_c == 2 * n * (n + 1) // 2
     seg = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32) // 64, (2, T))
-    visited_s, _ = flash_mgpu.visited_blocks(pos, pos, seg, seg, causal=True, block_sizes=bs)
+    visited_s, _ = flash_mgpu.visited_blocks(pos, pos, seg, seg, block_sizes=bs)
     assert visited_s == 2 * n
+    # Chunks of 1024 at 4K with 256 x 256 blocks (its largest): each chunk is a causal triangle of 4 x 4 blocks,
+    # 10 pairs, so 40 of 256 pairs, against 136 for causal alone.
+    pos4k = _arange(1, 4096)
+    assert flash_mgpu.visited_blocks(pos4k, pos4k, mask=Mask(chunk=1024), block_sizes=_bs(256, 256)) == (40, 256)
+    assert flash_mgpu.visited_blocks(pos4k, pos4k, block_sizes=_bs(256, 256)) == (136, 256)
 
 
 def test_skipped_blocks_are_never_loaded():
@@ -216,8 +232,8 @@ def test_skipped_blocks_are_never_loaded():
     q_seg = jnp.where(jnp.arange(T) < 64, 0, 5)[None].astype(jnp.int32)
     kv_seg = jnp.where(jnp.arange(S) < S_real, 0, 7)[None].astype(jnp.int32)
     bs = _bs()
-    kw = dict(q_pos_BT=pos, kv_pos_BS=kv_pos, q_seg_BT=q_seg, kv_seg_BS=kv_seg, causal=False)
-    assert flash_mgpu.visited_blocks(pos, kv_pos, q_seg, kv_seg, causal=False, block_sizes=bs) == (1, 6)
+    kw = dict(q_pos_BT=pos, kv_pos_BS=kv_pos, q_seg_BT=q_seg, kv_seg_BS=kv_seg, mask=Mask(causal=False))
+    assert flash_mgpu.visited_blocks(pos, kv_pos, q_seg, kv_seg, mask=Mask(causal=False), block_sizes=bs) == (1, 6)
 
     def ours(q, k, v):
         return flash_mgpu.attention(q, k, v, block_sizes=bs, interpret=True, **kw)
@@ -277,7 +293,7 @@ def test_bad_shapes_and_dtypes_raise():
     with pytest.raises(ValueError, match="q dtype int8 is not supported"):
         flash_mgpu.attention(q.astype(jnp.int8), k, v, q_pos_BT=pos, kv_pos_BS=pos, interpret=True)
     with pytest.raises(ValueError, match="window must be a positive int"):
-        flash_mgpu.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, window=0, interpret=True)
+        flash_mgpu.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, mask=Mask(window=0), interpret=True)
 
 
 def test_shared_memory_budget_is_checked_when_compiling():
@@ -325,7 +341,7 @@ def test_ops_runs_mosaic_gpu_on_hopper_from_jax_0_11(monkeypatch, version, hoppe
 def test_kernels_lower_for_cuda(dtype, D, bs):
     # No GPU needed: lowering for platform "cuda" runs the real Pallas -> Mosaic GPU lowering of all
     # three kernels (wgmma operand layouts and swizzles, TMA descriptors, register layouts of the
-    # masks and softmax), with GQA, a window, packed segments, ALiBi and soft-cap. It stops at the
+    # masks and softmax), with GQA, a window, chunks, packed segments, ALiBi and soft-cap. It stops at the
     # serialized Mosaic GPU module: no PTX / cubin is produced.
     B, T, H, K = 1, 100, 8, 2
     pos = _arange(B, T)
@@ -334,7 +350,8 @@ def test_kernels_lower_for_cuda(dtype, D, bs):
 
     def loss(q, k, v):
         out, lse = flash_mgpu.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, q_seg_BT=seg, kv_seg_BS=seg,
-                                        window=50, alibi_slopes_H=slopes, logits_soft_cap=30.0, block_sizes=bs)
+                                        mask=Mask(window=50, chunk=30), **alibi(slopes), logits_soft_cap=30.0,
+                                        block_sizes=bs)
         return out.astype(jnp.float32).sum() + jnp.where(jnp.isfinite(lse), lse, 0.0).sum()
 
     text = lower_for("cuda", jax.grad(loss, argnums=(0, 1, 2)), *_inputs(B, T, T, H, K, D, dtype))
@@ -347,7 +364,7 @@ def test_kernels_lower_for_cuda(dtype, D, bs):
 @pytest.mark.parametrize("D, dtype, bq, stages", [(64, jnp.float32, 64, None), (64, jnp.bfloat16, 64, 1),
                                                   (128, jnp.bfloat16, 64, None), (128, jnp.bfloat16, 128, 2)])
 def test_compiled_on_gpu(D, dtype, bq, stages):
-    # The full feature matrix on hardware: GQA, packed segments, causal + window, ALiBi, soft-cap,
+    # The full feature matrix on hardware: GQA, packed segments, causal + window + chunks, ALiBi, soft-cap,
     # lengths that are not a multiple of the block, plus MQA / bidirectional / empty rows below.
     B, T, H, K = 2, 200, 8, 2
     pos = _arange(B, T)
@@ -356,8 +373,9 @@ def test_compiled_on_gpu(D, dtype, bq, stages):
     tol = (2e-4, 2e-3) if dtype == jnp.float32 else None
     bs = _bs(bq, 64, stages)
     q, k, v = _inputs(B, T, T, H, K, D, dtype)
-    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, q_seg_BT=seg, kv_seg_BS=seg, causal=True, window=100,
-           alibi_slopes_H=slopes, logits_soft_cap=20.0, block_sizes=bs, interpret=False, tol=tol)
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, q_seg_BT=seg, kv_seg_BS=seg,
+           mask=Mask(window=100, chunk=70), **alibi(slopes), logits_soft_cap=20.0, block_sizes=bs, interpret=False,
+           tol=tol)
     q, k, v = _inputs(1, 150, 130, 4, 1, D, dtype)
-    _check(q, k, v, q_pos_BT=_arange(1, 150, 20), kv_pos_BS=_arange(1, 130, 40), causal=False, window=60,
+    _check(q, k, v, q_pos_BT=_arange(1, 150, 20), kv_pos_BS=_arange(1, 130, 40), mask=Mask(causal=False, window=60),
            block_sizes=bs, interpret=False, tol=tol)

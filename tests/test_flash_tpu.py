@@ -17,11 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
-from kernel_checks import assert_grads_close, assert_outputs_close, tolerances
+from kernel_checks import affine, alibi, assert_grads_close, assert_outputs_close, tolerances
 from platforms import lower_for
 
 from pallas_kernels.flash_attention import reference
 from pallas_kernels.flash_attention import tpu as flash_tpu
+from pallas_kernels.flash_attention.masks import Mask
 
 
 @pytest.fixture(autouse=True)
@@ -80,31 +81,31 @@ def test_causal_default_blocks():
     # TPU-legal 128 x 128 blocks, 2 x 2 blocks; also checks a zero lse cotangent.
     q, k, v = _inputs(1, 256, 256, 2, 2, 64, jnp.float32)
     pos = _arange(1, 256)
-    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, block_sizes=None, check_zero_dlse=True)
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, block_sizes=None, check_zero_dlse=True)
 
 
 def test_sliding_window():
     q, k, v = _inputs(1, 192, 192, 2, 1, 64, jnp.float32)
     pos = _arange(1, 192)
-    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, window=40, block_sizes=_small(32, 32))
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, mask=Mask(window=40), block_sizes=_small(32, 32))
 
 
 def test_bidirectional_window():
     q, k, v = _inputs(1, 128, 128, 2, 2, 64, jnp.float32)
     pos = _arange(1, 128)
-    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=False, window=24, block_sizes=_small(32, 32))
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, mask=Mask(causal=False, window=24), block_sizes=_small(32, 32))
 
 
 def test_gqa_8_q_heads_2_kv_heads():
     q, k, v = _inputs(1, 128, 128, 8, 2, 64, jnp.float32)
     pos = _arange(1, 128)
-    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, block_sizes=_small(64, 64))
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, block_sizes=_small(64, 64))
 
 
 def test_mqa():
     q, k, v = _inputs(2, 64, 64, 4, 1, 64, jnp.float32)
     pos = _arange(2, 64)
-    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, block_sizes=_small(32, 32))
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, block_sizes=_small(32, 32))
 
 
 def test_packed_segments():
@@ -115,7 +116,7 @@ def test_packed_segments():
     pos = jnp.asarray(np.concatenate([np.arange(n) for n in lens]), jnp.int32)
     seg, pos = jnp.broadcast_to(seg, (B, T)), jnp.broadcast_to(pos, (B, T))
     q, k, v = _inputs(B, T, T, 2, 1, 64, jnp.float32)
-    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, q_seg_BT=seg, kv_seg_BS=seg, causal=True,
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, q_seg_BT=seg, kv_seg_BS=seg,
            block_sizes=_small(32, 32))
 
 
@@ -123,7 +124,7 @@ def test_alibi():
     q, k, v = _inputs(1, 128, 128, 4, 2, 64, jnp.float32)
     pos = _arange(1, 128)
     slopes = 2.0 ** (-8.0 * jnp.arange(1, 5, dtype=jnp.float32) / 4)
-    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, alibi_slopes_H=slopes, block_sizes=_small(64, 64))
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, **alibi(slopes), block_sizes=_small(64, 64))
 
 
 def test_soft_cap_with_alibi_and_scale():
@@ -131,22 +132,26 @@ def test_soft_cap_with_alibi_and_scale():
     q = q * 4.0  # large logits so the cap actually bites
     pos = _arange(1, 128)
     slopes = jnp.asarray([0.25, 0.0625], jnp.float32)
-    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, logits_soft_cap=5.0, alibi_slopes_H=slopes,
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, logits_soft_cap=5.0, **alibi(slopes),
            scale=0.2, block_sizes=_small(64, 64))
 
 
-def test_soft_cap():
-    q, k, v = _inputs(1, 128, 128, 2, 2, 64, jnp.float32)
-    q = q * 4.0
-    pos = _arange(1, 128)
-    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, logits_soft_cap=3.0, block_sizes=_small(64, 64))
+def test_chunked_with_segments_window_gqa_two_param_bias():
+    # Chunks of 40 (not a multiple of the 32-blocks) AND two documents, a window and GQA, with a two-parameter
+    # bias (per-head slope and offset: the kernels' [H, P] parameter plumbing).
+    B, T = 1, 128
+    seg = jnp.asarray(np.repeat(np.arange(2), [90, 38]), jnp.int32)[None]
+    pos = jnp.asarray(np.concatenate([np.arange(90), np.arange(38)]), jnp.int32)[None]
+    q, k, v = _inputs(B, T, T, 4, 2, 64, jnp.float32)
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, q_seg_BT=seg, kv_seg_BS=seg, mask=Mask(window=30, chunk=40),
+           **affine(4), block_sizes=_small(32, 32))
 
 
 def test_lengths_not_multiple_of_block_and_empty_rows():
     # T=100 queries at positions 60..159 against S=90 keys at positions 70..159:
     # both padded to 128 (blocks of 64); queries at positions < 70 see no key (lse -inf, out 0).
     q, k, v = _inputs(1, 100, 90, 2, 1, 64, jnp.float32)
-    out, lse = _check(q, k, v, q_pos_BT=_arange(1, 100, 60), kv_pos_BS=_arange(1, 90, 70), causal=True,
+    out, lse = _check(q, k, v, q_pos_BT=_arange(1, 100, 60), kv_pos_BS=_arange(1, 90, 70),
                       block_sizes=_small(64, 64))
     assert bool(jnp.all(jnp.isneginf(lse[:, :10]))) and bool(jnp.all(out[:, :10] == 0))
     assert bool(jnp.all(jnp.isfinite(lse[:, 10:])))
@@ -156,19 +161,19 @@ def test_default_blocks_with_short_unaligned_length():
     # T=70 with the TPU-legal default 128 blocks: one padded block.
     q, k, v = _inputs(1, 70, 70, 2, 1, 64, jnp.float32)
     pos = _arange(1, 70)
-    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, window=30, block_sizes=None)
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, mask=Mask(window=30), block_sizes=None)
 
 
 def test_head_dim_128():
     q, k, v = _inputs(1, 128, 128, 2, 1, 128, jnp.float32)
     pos = _arange(1, 128)
-    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, block_sizes=_small(64, 64))
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, block_sizes=_small(64, 64))
 
 
 def test_bf16():
     q, k, v = _inputs(1, 128, 128, 4, 2, 64, jnp.bfloat16)
     pos = _arange(1, 128)
-    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, causal=True, window=80, block_sizes=_small(64, 64))
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, mask=Mask(window=80), block_sizes=_small(64, 64))
 
 
 def test_under_jit():
@@ -190,16 +195,22 @@ def test_sliding_window_visits_about_two_blocks_per_query_block():
     # 8K tokens, 128-blocks, window 128: each q block needs its own and the previous kv block.
     T, bs = 8192, flash_tpu.BlockSizes()
     pos = _arange(2, T)
-    visited, total = flash_tpu.visited_blocks(pos, pos, causal=True, window=128, block_sizes=bs)
+    visited, total = flash_tpu.visited_blocks(pos, pos, mask=Mask(window=128), block_sizes=bs)
     n = T // 128
     assert total == 2 * n * n
     assert visited == 2 * (2 * n - 1)
     # Causal alone: the lower triangle; packed documents: only the diagonal blocks of each document.
-    visited_c, _ = flash_tpu.visited_blocks(pos, pos, causal=True, block_sizes=bs)
+    visited_c, _ = flash_tpu.visited_blocks(pos, pos, block_sizes=bs)
     assert visited_c == 2 * n * (n + 1) // 2
     seg = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32) // 128, (2, T))
-    visited_s, _ = flash_tpu.visited_blocks(pos, pos, seg, seg, causal=True, block_sizes=bs)
+    visited_s, _ = flash_tpu.visited_blocks(pos, pos, seg, seg, block_sizes=bs)
     assert visited_s == 2 * n
+    # Chunks of 1024 at 4K with 256 x 512 blocks: 6 of each chunk's 4 x 2 block pairs (the first two q blocks
+    # end before the chunk's second kv block), so 24 of 128 pairs per row, against 72 for causal alone.
+    pos4k = _arange(1, 4096)
+    chunk_bs = flash_tpu.BlockSizes(256, 512)
+    assert flash_tpu.visited_blocks(pos4k, pos4k, mask=Mask(chunk=1024), block_sizes=chunk_bs) == (24, 128)
+    assert flash_tpu.visited_blocks(pos4k, pos4k, block_sizes=chunk_bs) == (72, 128)
 
 
 def test_skipped_blocks_are_never_computed():
@@ -214,8 +225,8 @@ def test_skipped_blocks_are_never_computed():
     q_seg = jnp.zeros((B, T), jnp.int32)
     kv_seg = jnp.where(jnp.arange(S) < S_real, 0, 7)[None].astype(jnp.int32)
     bs = _small(32, 32)
-    kw = dict(q_pos_BT=pos, kv_pos_BS=kv_pos, q_seg_BT=q_seg, kv_seg_BS=kv_seg, causal=False)
-    visited, total = flash_tpu.visited_blocks(pos, kv_pos, q_seg, kv_seg, causal=False, block_sizes=bs)
+    kw = dict(q_pos_BT=pos, kv_pos_BS=kv_pos, q_seg_BT=q_seg, kv_seg_BS=kv_seg, mask=Mask(causal=False))
+    visited, total = flash_tpu.visited_blocks(pos, kv_pos, q_seg, kv_seg, mask=Mask(causal=False), block_sizes=bs)
     assert (visited, total) == (4, 8)
 
     def ours(q, k, v):
@@ -281,7 +292,7 @@ def test_kernels_lower_to_mosaic_for_tpu():
     slopes = np.full((H,), 0.1, np.float32)
 
     def loss(q, k, v):
-        out, lse = flash_tpu.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, window=150, alibi_slopes_H=slopes,
+        out, lse = flash_tpu.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, mask=Mask(window=150), **alibi(slopes),
                                        logits_soft_cap=30.0)
         return out.astype(jnp.float32).sum() + lse.sum()
 

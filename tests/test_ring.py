@@ -13,9 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from kernel_checks import alibi
 
 from pallas_kernels.flash_attention import reference
 from pallas_kernels.flash_attention import xla as flash_xla
+from pallas_kernels.flash_attention.masks import Mask
 from pallas_kernels.ring_attention import layout_order, ring_attention, ring_schedule
 
 
@@ -45,7 +47,7 @@ def _ring_fn(mesh, *, segments, slopes, **kw):
 
     def local(q, k, v, pos, seg):
         return ring_attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, q_seg_BT=seg, kv_seg_BS=seg,
-                              alibi_slopes_H=slopes, block_sizes=flash_xla.BlockSizes(8, 8), **kw)
+                              **({} if slopes is None else alibi(slopes)), block_sizes=flash_xla.BlockSizes(8, 8), **kw)
 
     if not segments:
         local_noseg = lambda q, k, v, pos: local(q, k, v, pos, None)  # noqa: E731
@@ -53,7 +55,10 @@ def _ring_fn(mesh, *, segments, slopes, **kw):
     return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 5, out_specs=(spec, spec)))
 
 
-def _compare(n, layout, *, window=None, H=4, K=2, packed=False, alibi=False, B=2, T=64, D=16):
+_alibi = alibi  # _compare's `alibi` flag shadows the helper
+
+
+def _compare(n, layout, *, window=None, chunk=None, H=4, K=2, packed=False, alibi=False, B=2, T=64, D=16):
     q, k, v = _inputs(B, T, H, K, D)
     if packed:
         pos, seg = _packed_segments(B, T)
@@ -63,12 +68,13 @@ def _compare(n, layout, *, window=None, H=4, K=2, packed=False, alibi=False, B=2
     q, k, v, pos = q[:, order], k[:, order], v[:, order], pos[:, order]
     seg = None if seg is None else seg[:, order]
     slopes = jnp.asarray(2.0 ** -np.arange(1, H + 1), jnp.float32) if alibi else None
-    ring = _ring_fn(_mesh(n), segments=packed, slopes=slopes, window=window)
+    mask = Mask(window=window, chunk=chunk)
+    ring = _ring_fn(_mesh(n), segments=packed, slopes=slopes, mask=mask)
     args = (q, k, v, pos) + ((seg,) if packed else ())
 
     def ref(q, k, v, pos, seg=None):
-        return reference.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, q_seg_BT=seg, kv_seg_BS=seg,
-                                   window=window, alibi_slopes_H=slopes)
+        return reference.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, q_seg_BT=seg, kv_seg_BS=seg, mask=mask,
+                                   **({} if slopes is None else _alibi(slopes)))
 
     (out, lse), vjp = jax.vjp(ring, *args)
     (out_r, lse_r), vjp_r = jax.vjp(ref, *args)
@@ -101,6 +107,12 @@ def test_ring_packed_segments_with_alibi():
     _compare(2, "contiguous", packed=True, window=9)
 
 
+def test_ring_chunked_matches_single_device():
+    # Chunks of 12 within each document (packed, zig-zag, ALiBi), and chunks of 20 with a window of 9.
+    _compare(4, "zigzag", packed=True, alibi=True, chunk=12)
+    _compare(4, "contiguous", window=9, chunk=20)
+
+
 def test_ring_pallas_tpu_kernel_interpret():
     """The ring with the Pallas TPU kernel per step (interpret mode): 2 zig-zag shards of 2 x 128 tokens.
 
@@ -129,12 +141,12 @@ def test_ring_pallas_tpu_kernel_interpret():
         np.testing.assert_allclose(g, g_r, atol=1e-4, rtol=1e-4)
 
 
-def _schedule(n, layout, T, window):
+def _schedule(n, layout, T, window, chunk=None):
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (1, T))[:, layout_order(T, n, layout)]
     spec = P(None, "context")
 
     def local(pos):
-        needed, steps = ring_schedule(pos, pos, window=window)
+        needed, steps = ring_schedule(pos, pos, mask=Mask(window=window, chunk=chunk))
         return needed[None], steps[None]
 
     needed, steps = jax.jit(jax.shard_map(local, mesh=_mesh(n), in_specs=spec, out_specs=(P("context"),) * 2))(pos)
@@ -154,6 +166,11 @@ def test_ring_skips_steps_outside_the_window_and_the_future():
     # Causal, zig-zag: every device computes every step.
     needed, steps = _schedule(4, "zigzag", 64, None)
     assert steps == 4 and needed.all()
+    # Chunks of 64 over contiguous shards of 32: a device shares its chunk with one neighbour only, the left one
+    # for odd devices; 2 of 8 steps run (causal alone: 8).
+    needed, steps = _schedule(8, "contiguous", 256, None, chunk=64)
+    assert steps == 2
+    assert needed.sum(1).tolist() == [1, 2] * 4 and not needed[:, 2:].any()
 
 
 def test_nan_in_skipped_shards_never_reaches_the_output():
@@ -163,7 +180,7 @@ def test_nan_in_skipped_shards_never_reaches_the_output():
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     # Poison shard 0's keys at positions that no query in shards 2..3 can see, then only look at those queries.
     k = k.at[:, :8].set(jnp.nan)
-    ring = _ring_fn(_mesh(n), segments=False, slopes=None, window=W)
+    ring = _ring_fn(_mesh(n), segments=False, slopes=None, mask=Mask(window=W))
     out, lse = ring(q, k, v, pos)
     assert np.isfinite(np.asarray(out[:, 32:])).all() and np.isfinite(np.asarray(lse[:, 32:])).all()
 
@@ -191,7 +208,8 @@ def test_ring_pallas_gpu_kernel_interpret():
     spec = P(None, "context")
 
     def local(q, k, v, pos):
-        return ring_attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, window=W, kernel="pallas_gpu", interpret=True,
+        return ring_attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, mask=Mask(window=W), kernel="pallas_gpu",
+                              interpret=True,
                               block_sizes=flash_gpu.BlockSizes(block_q=16, block_k=16))
 
     # check_vma=False: jax 0.10's generic Pallas interpreter slices with unvarying indices inside shard_map
@@ -199,7 +217,7 @@ def test_ring_pallas_gpu_kernel_interpret():
     ring = jax.jit(jax.shard_map(local, mesh=_mesh(n), in_specs=(spec,) * 4, out_specs=(spec, spec),
                                  check_vma=False))
     (out, lse), vjp = jax.vjp(ring, q, k, v, pos)
-    ref = lambda q, k, v: reference.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, window=W)  # noqa: E731
+    ref = lambda q, k, v: reference.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, mask=Mask(window=W))  # noqa: E731
     (out_r, lse_r), vjp_r = jax.vjp(ref, q, k, v)
     np.testing.assert_allclose(out, out_r, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(lse, lse_r, atol=1e-5, rtol=1e-5)

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kernel_checks import affine, alibi
 from platforms import abstract_mesh, lower_for
 from sparse_cases import check_against_xla, inputs, pos, select, value_and_vjp
 
@@ -55,13 +56,14 @@ def _check(q, k, v, idx, valid, *, block_sizes, interpret=True, tol=None, **kw):
 def test_gqa_invalid_slots_and_empty_query():
     # 4 q heads / 2 kv heads (G=2, padded to 16 in registers). Queries at positions -1, 1, 3, ..., 13 see
     # 0, 2, 4, ... keys: with k=8 (one 16-row chunk, 8 padded slots) the first four have invalid slots and
-    # query 0 has nothing valid. 3 tokens per program: 8 tokens padded to 9.
+    # query 0 has nothing valid. 3 tokens per program: 8 tokens padded to 9. A two-parameter bias (per-head
+    # slope and offset) checks the kernels' [K, P, Gp] parameter table.
     B, T, S = 1, 8, 16
     q, k, v = _inputs(B, T, S, 4, 2, 64, jnp.float32)
     q_pos, kv_pos = _pos(B, T, -1, 2), _pos(B, S)
     idx, valid = _select(q_pos, kv_pos, 8)
     assert not bool(valid[0, 0].any()) and bool(valid[0, -1].all())
-    out, lse, _ = _check(q, k, v, idx, valid, q_pos_BT=q_pos, kv_pos_BS=kv_pos, block_sizes=BS(block_q=3))
+    out, lse, _ = _check(q, k, v, idx, valid, q_pos_BT=q_pos, kv_pos_BS=kv_pos, **affine(4), block_sizes=BS(block_q=3))
     assert bool(jnp.all(jnp.isneginf(lse[:, 0]))) and bool(jnp.all(out[:, 0] == 0))
     assert bool(jnp.all(jnp.isfinite(lse[:, 1:])))
 
@@ -84,7 +86,7 @@ def test_mqa_alibi_chunks_batch_rows_odd_head_dims():
         valid,
         q_pos_BT=q_pos,
         kv_pos_BS=kv_pos,
-        alibi_slopes_H=slopes,
+        **alibi(slopes),
         scale=0.1,
         block_sizes=BS(block_q=2, block_k=16),
     )
@@ -97,7 +99,7 @@ def test_bf16_gqa_alibi():
     q_pos, kv_pos = _pos(B, T, 10, 7), _pos(B, S)
     idx, valid = _select(q_pos, kv_pos, 16, seed=8)
     slopes = jnp.asarray([0.25, 0.125, 0.0625, 0.03125], jnp.float32)
-    _check(q, k, v, idx, valid, q_pos_BT=q_pos, kv_pos_BS=kv_pos, alibi_slopes_H=slopes, block_sizes=None)
+    _check(q, k, v, idx, valid, q_pos_BT=q_pos, kv_pos_BS=kv_pos, **alibi(slopes), block_sizes=None)
 
 
 def test_unpadded_heads_and_dims():
@@ -131,7 +133,7 @@ def test_unselected_rows_are_never_loaded():
     valid = jnp.asarray(valid)
     poison = lambda x: jnp.where(jnp.asarray(used)[:, :, None, None], x, jnp.nan)  # noqa: E731
     kw = dict(
-        idx_BTk=idx, valid_BTk=valid, q_pos_BT=q_pos, kv_pos_BS=kv_pos, alibi_slopes_H=jnp.full((4,), 0.1, jnp.float32)
+        idx_BTk=idx, valid_BTk=valid, q_pos_BT=q_pos, kv_pos_BS=kv_pos, **alibi(jnp.full((4,), 0.1, jnp.float32))
     )
     ours = functools.partial(sparse_gpu.sparse_attention, block_sizes=BS(block_q=4), interpret=True, **kw)
     ref = functools.partial(xla_sparse.sparse_attention, **kw)
@@ -164,7 +166,7 @@ def test_under_shard_map():
     spec = jax.sharding.PartitionSpec("data")
 
     def loss(attn, q, k, v, idx, valid, q_pos, kv_pos):
-        out, lse = attn(q, k, v, idx, valid, q_pos_BT=q_pos, kv_pos_BS=kv_pos, alibi_slopes_H=slopes)
+        out, lse = attn(q, k, v, idx, valid, q_pos_BT=q_pos, kv_pos_BS=kv_pos, **alibi(slopes))
         return (out * out).sum() + jnp.where(jnp.isfinite(lse), lse, 0.0).sum()
 
     def sharded_grad(interpret, check_vma, mesh=mesh):
@@ -248,8 +250,8 @@ def test_bad_inputs_raise():
         call(k=k.astype(jnp.bfloat16))
     with pytest.raises(ValueError, match="k >= 1"):
         call(idx=idx[..., :0], valid=valid[..., :0])
-    with pytest.raises(ValueError, match=r"alibi_slopes_H must have shape \(4,\)"):
-        call(alibi_slopes_H=jnp.ones((2,), jnp.float32))
+    with pytest.raises(ValueError, match=r"bias_params_HP must have shape \(4, 1\)"):
+        call(**alibi(jnp.ones((2,), jnp.float32)))
     with pytest.raises(ValueError, match="block_sizes must be sparse_attention_gpu.BlockSizes"):
         call(block_sizes=(8, 128))
 
@@ -294,7 +296,7 @@ def test_kernels_lower_to_triton_for_cuda(dtype, H, K, D, Dv):
             valid,
             q_pos_BT=q_pos,
             kv_pos_BS=kv_pos,
-            alibi_slopes_H=slopes,
+            **alibi(slopes),
             block_sizes=BS(block_q=2, block_k=16),
         )
         return out.astype(jnp.float32).sum() + jnp.where(jnp.isfinite(lse), lse, 0.0).sum()
@@ -321,7 +323,7 @@ def test_compiled_on_gpu():
             valid,
             q_pos_BT=q_pos,
             kv_pos_BS=kv_pos,
-            alibi_slopes_H=slopes,
+            **alibi(slopes),
             block_sizes=None,
             interpret=False,
             tol=(2e-4, 2e-3) if dtype == jnp.float32 else None,

@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from kernel_checks import affine, alibi
 from platforms import lower_for
 from sparse_cases import check_against_xla, inputs, pos, select, value_and_vjp
 
@@ -53,13 +54,15 @@ def _check(q, k, v, idx, valid, *, block_sizes, **kw):
 
 def test_gqa_invalid_slots_and_empty_query():
     # 4 q heads / 2 kv heads. Queries at positions -1, 1, 3, ..., 13 see 0, 2, 4, ... keys: with k=8
-    # the first four have invalid slots and query 0 has nothing valid. 2 programs x 1 chunk.
+    # the first four have invalid slots and query 0 has nothing valid. 2 programs x 1 chunk. A two-parameter
+    # bias (per-head slope and offset) checks the kernels' lane-broadcast [H, P * 128] parameter table.
     B, T, S = 1, 8, 16
     q, k, v = _inputs(B, T, S, 4, 2, 128, jnp.float32)
     q_pos, kv_pos = _pos(B, T, -1, 2), _pos(B, S)
     idx, valid = _select(q_pos, kv_pos, 8)
     assert not bool(valid[0, 0].any()) and bool(valid[0, -1].all())
-    out, lse, _ = _check(q, k, v, idx, valid, q_pos_BT=q_pos, kv_pos_BS=kv_pos, block_sizes=BS(block_q=4, block_k=8))
+    out, lse, _ = _check(q, k, v, idx, valid, q_pos_BT=q_pos, kv_pos_BS=kv_pos, **affine(4),
+                         block_sizes=BS(block_q=4, block_k=8))
     assert bool(jnp.all(jnp.isneginf(lse[:, 0]))) and bool(jnp.all(out[:, 0] == 0))
     assert bool(jnp.all(jnp.isfinite(lse[:, 1:])))
 
@@ -75,7 +78,7 @@ def test_mqa_alibi_chunks_batch_rows_and_segments():
     idx, valid = _select(q_pos, kv_pos, 20, seed=4)
     assert not bool(valid[:, 0].all()) and bool(valid[:, -1].all())
     slopes = 2.0 ** (-8.0 * jnp.arange(1, 5, dtype=jnp.float32) / 4)
-    _check(q, k, v, idx, valid, q_pos_BT=q_pos, kv_pos_BS=kv_pos, alibi_slopes_H=slopes, scale=0.1,
+    _check(q, k, v, idx, valid, q_pos_BT=q_pos, kv_pos_BS=kv_pos, **alibi(slopes), scale=0.1,
            block_sizes=BS(block_q=2, block_k=8, tokens_per_call=4))
 
 
@@ -86,7 +89,7 @@ def test_bf16_gqa_alibi():
     q_pos, kv_pos = _pos(B, T, 10, 7), _pos(B, S)
     idx, valid = _select(q_pos, kv_pos, 16, seed=8)
     slopes = jnp.asarray([0.25, 0.125, 0.0625, 0.03125], jnp.float32)
-    _check(q, k, v, idx, valid, q_pos_BT=q_pos, kv_pos_BS=kv_pos, alibi_slopes_H=slopes,
+    _check(q, k, v, idx, valid, q_pos_BT=q_pos, kv_pos_BS=kv_pos, **alibi(slopes),
            block_sizes=BS(block_q=4, block_k=8))
 
 
@@ -106,7 +109,7 @@ def test_unselected_rows_are_never_loaded():
     valid = jnp.asarray(valid)
     poison = lambda x: jnp.where(jnp.asarray(used)[:, :, None, None], x, jnp.nan)  # noqa: E731
     kw = dict(idx_BTk=idx, valid_BTk=valid, q_pos_BT=q_pos, kv_pos_BS=kv_pos,
-              alibi_slopes_H=jnp.full((4,), 0.1, jnp.float32))
+              **alibi(jnp.full((4,), 0.1, jnp.float32)))
     ours = functools.partial(sparse_tpu.sparse_attention, block_sizes=BS(block_q=4, block_k=8), interpret=True, **kw)
     ref = functools.partial(xla_sparse.sparse_attention, **kw)
     do = jnp.ones((B, T, 4, 128), jnp.float32)
@@ -295,7 +298,7 @@ def _loss_fn(B, T, S, H, K, D, k, block_sizes=None):
 
     def loss(q, kk, v):
         out, lse = sparse_tpu.sparse_attention(q, kk, v, idx, valid, q_pos_BT=q_pos, kv_pos_BS=kv_pos,
-                                               alibi_slopes_H=slopes, block_sizes=block_sizes)
+                                               **alibi(slopes), block_sizes=block_sizes)
         return out.astype(jnp.float32).sum() + lse.sum()
 
     return jax.grad(loss, argnums=(0, 1, 2))

@@ -24,6 +24,7 @@ from lc_jax import config as config_lib
 from lc_jax.config import ConfigError
 from pallas_kernels import ring_attention, sparse_attention_tpu
 from pallas_kernels.flash_attention import tpu as flash_tpu
+from pallas_kernels.flash_attention.masks import ALIBI, Mask
 
 pytest.importorskip("libtpu", reason="deviceless TPU compilation needs libtpu (pip install -e '.[dev]')")
 
@@ -62,14 +63,16 @@ def _pos(T):
 
 
 def test_flash_kernel_forward_and_backward(chip):
-    # 512-wide blocks (the configs' choice), GQA, packed documents, a window, ALiBi and soft-capping.
+    # 512-wide blocks (the configs' choice), GQA, packed documents, a window, chunks (not a power of two: a real
+    # integer division), ALiBi and soft-capping.
     T, H, K, D = 2048, 4, 2, 128
     pos, seg = _pos(T), (np.arange(T, dtype=np.int32) // 700)[None]
     slopes = np.full((H,), 0.05, np.float32)
 
     def loss(q, k, v):
         out, lse = flash_tpu.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, q_seg_BT=seg, kv_seg_BS=seg,
-                                       window=1500, alibi_slopes_H=slopes, logits_soft_cap=30.0,
+                                       mask=Mask(window=1500, chunk=1000), bias=ALIBI,
+                                       bias_params_HP=slopes[:, None], logits_soft_cap=30.0,
                                        block_sizes=flash_tpu.BlockSizes(512, 512))
         return out.astype(jnp.float32).sum() + lse.sum()
 

@@ -20,6 +20,7 @@ from flax import nnx
 
 from lc_jax import fields, ops
 from pallas_kernels.flash_attention import tpu as flash_tpu
+from pallas_kernels.flash_attention.masks import CAUSAL, Mask
 from pallas_kernels.flash_attention.xla import BlockSizes
 
 
@@ -37,8 +38,9 @@ class AttentionVariant(nnx.Module):
     CACHE: ClassVar[bool] = True
     #: The stages of training, in order; each gets its own compiled train and eval step.
     STAGES: ClassVar[tuple[str, ...]] = ("main",)
-    #: Keys further back than this are never visible (None: unbounded). KV caches read it.
-    window: int | None = None
+    #: Which keys a query sees (`masks.Mask`, from positions and segments); variants set their own. KV caches
+    #: keep `mask.max_distance + 1` slots when it is bounded.
+    mask: Mask = CAUSAL
 
     @classmethod
     def check(cls, cfg, *, head_dim: int | None, itemsize: int | None, vmem_bytes: int | None) -> list[str]:
@@ -90,11 +92,15 @@ class AttentionVariant(nnx.Module):
         self.block_sizes = BlockSizes(block_q, block_k)
 
     def __call__(self, q_BTHD, k_BSKD, v_BSKD, *, q_pos_BT, kv_pos_BS, q_seg_BT=None, kv_seg_BS=None,
-                 alibi_slopes_H=None, x_BTE=None, stage: str | None = None, diagnostics: bool = False):
-        """(out_BTHD, aux): aux maps a name to an f32 [sum, count] pair, summed over layers by the model."""
+                 bias=None, x_BTE=None, stage: str | None = None, diagnostics: bool = False):
+        """(out_BTHD, aux): aux maps a name to an f32 [sum, count] pair, summed over layers by the model.
+
+        `bias`: the position scheme's (masks.Bias, params [H, P]) pair, or None.
+        """
         del x_BTE, stage, diagnostics  # for variants that score keys from the hidden state, or have stages
+        bias_fn, params = bias or (None, None)
         return ops.attention(
             q_BTHD, k_BSKD, v_BSKD, q_pos_BT=q_pos_BT, kv_pos_BS=kv_pos_BS, q_seg_BT=q_seg_BT,
-            kv_seg_BS=kv_seg_BS, causal=True, window=self.window, alibi_slopes_H=alibi_slopes_H,
+            kv_seg_BS=kv_seg_BS, mask=self.mask, bias=bias_fn, bias_params_HP=params,
             impl=self.impl, block_sizes=self.block_sizes,
         ), {}

@@ -60,7 +60,16 @@ from lc_jax import fields, ops
 from lc_jax.attention.base import AttentionVariant
 from lc_jax.positions.rope import apply_rope, rope_inv_freq
 from pallas_kernels import sparse_attention_gpu, sparse_attention_tpu
-from pallas_kernels.flash_attention.masks import block_visible, pad_axis, pad_positions, visible
+from pallas_kernels.flash_attention.masks import (
+    CAUSAL,
+    Bias,
+    Mask,
+    block_visible,
+    head_params,
+    pad_axis,
+    pad_positions,
+    scores,
+)
 from pallas_kernels.sparse_attention import default_block_q, gather_rows, query_blocks, sparse_attention
 
 WARMUP_MODES = ("joint", "frozen")
@@ -131,7 +140,7 @@ def index_scores(q_BQJd, w_BQJ, k_BKd):
 class _Blocks:
     """Queries and keys cut into blocks, with padded positions/segments (padding is never visible)."""
 
-    def __init__(self, q_pos, kv_pos, q_seg, kv_seg, block_q, block_k, causal=True):
+    def __init__(self, q_pos, kv_pos, q_seg, kv_seg, block_q, block_k, mask: Mask = CAUSAL):
         B, T = q_pos.shape
         S = kv_pos.shape[1]
         self.B, self.T, self.S = B, T, S
@@ -139,11 +148,11 @@ class _Blocks:
         self.qp, self.kp, self.qs, self.ks, self.pad_t, self.pad_s = pad_positions(
             q_pos, kv_pos, q_seg, kv_seg, self.bq, self.bk, always_segments=True)
         self.nq, self.nk = self.qp.shape[1] // self.bq, self.kp.shape[1] // self.bk
-        self.causal = causal
+        self.attn_mask = mask
         self.qpb, self.qsb = (x.reshape(B, self.nq, self.bq).swapaxes(0, 1) for x in (self.qp, self.qs))
         self.kpb, self.ksb = (x.reshape(B, self.nk, self.bk).swapaxes(0, 1) for x in (self.kp, self.ks))
         self.vis_NM = block_visible(self.qpb.swapaxes(0, 1), self.kpb.swapaxes(0, 1), self.qsb.swapaxes(0, 1),
-                                    self.ksb.swapaxes(0, 1), causal=causal)
+                                    self.ksb.swapaxes(0, 1), mask=mask)
 
     def q_blocks(self, x):  # [B, T, ...] -> [nq, B, bq, ...]
         x = pad_axis(x, 1, self.pad_t, 0)
@@ -157,7 +166,8 @@ class _Blocks:
         return x.swapaxes(0, 1).reshape(self.B, self.nq * self.bq, *x.shape[3:])[:, : self.T]
 
     def mask(self, i, j):  # [B, bq, bk] visibility of block pair (i, j)
-        return visible(self.qpb[i], self.kpb[j], self.qsb[i], self.ksb[j], causal=self.causal)
+        return self.attn_mask.visible(self.qpb[i][:, :, None], self.kpb[j][:, None, :], self.qsb[i][:, :, None],
+                                      self.ksb[j][:, None, :])
 
     def key_range(self):  # per query block, the key blocks [lo, hi) that hold every visible key
         any_N = self.vis_NM.any(1)
@@ -170,15 +180,19 @@ class _Blocks:
         return jnp.where(valid, jnp.minimum(idx, self.S - 1), 0), valid
 
 
-def _head_mean_probs(q_bQHD, k_bKKD, lse_bQH, qp, kp, slopes_KG, scale, mask):
+def _place(x_KG):
+    """Bias parameters [K, G] against scores [B, bq, K, G, keys]."""
+    return x_KG[None, None, :, :, None]
+
+
+def _head_mean_probs(q_bQHD, k_bKKD, lse_bQH, qp, kp, bias, params, scale, mask):
     """p[t, s] = mean_h softmax_h(t, s) (the main attention summed over heads, L1-normalised): [B, bq, bk]."""
     B, bq, H, D = q_bQHD.shape
     K = k_bKKD.shape[2]
     s = jnp.einsum("bqkgd,bskd->bqkgs", q_bQHD.reshape(B, bq, K, H // K, D), k_bKKD,
                    preferred_element_type=jnp.float32) * scale
-    if slopes_KG is not None:
-        dist = jnp.abs(qp[:, :, None] - kp[:, None, :]).astype(jnp.float32)
-        s = s - slopes_KG[None, None, :, :, None] * dist[:, :, None, None, :]
+    s, _, _ = scores(s, qp[:, :, None, None, None], kp[:, None, None, None, :], None, None, params, mask=None,
+                     bias=bias, soft_cap=None)
     lse = jnp.where(jnp.isfinite(lse_bQH), lse_bQH, 0.0).reshape(B, bq, K, H // K)
     p = jnp.exp(s - lse[..., None]).mean((2, 3))
     return jnp.where(mask, p, 0.0)
@@ -291,7 +305,7 @@ def select_topk(q_BTJd, w_BTJ, k_BSd, *, impl: str = "auto", **kwargs):
 
 
 def dense_kl(q_BTHD, k_BSKD, lse_BTH, iq_BTJd, w_BTJ, ik_BSd, *, q_pos_BT, kv_pos_BS, q_seg_BT=None,
-             kv_seg_BS=None, alibi_slopes_H=None, scale=None, block_q=128, block_k=512):
+             kv_seg_BS=None, bias: Bias | None = None, bias_params_HP=None, scale=None, block_q=128, block_k=512):
     """KL(p_t || softmax_s I[t, s]) per query [B, T], over all visible keys, one block pair at a time.
 
     KL = sum_s p log p - sum_s p I + logsumexp_s I (sum_s p = 1). The main
@@ -303,7 +317,7 @@ def dense_kl(q_BTHD, k_BSKD, lse_BTH, iq_BTJd, w_BTJ, ik_BSd, *, q_pos_BT, kv_po
     K = k_BSKD.shape[2]
     bl = _Blocks(q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, block_q, block_k)
     scale = D**-0.5 if scale is None else scale
-    slopes_KG = None if alibi_slopes_H is None else alibi_slopes_H.astype(jnp.float32).reshape(K, H // K)
+    params = head_params(bias_params_HP, K, _place)
     qb, lseb, kb, qpb, kpb = bl.q_blocks(sg(q_BTHD)), bl.q_blocks(sg(lse_BTH)), bl.k_blocks(sg(k_BSKD)), bl.qpb, bl.kpb
     iqb, wb, ikb = bl.q_blocks(iq_BTJd), bl.q_blocks(w_BTJ), bl.k_blocks(ik_BSd)
 
@@ -313,7 +327,7 @@ def dense_kl(q_BTHD, k_BSKD, lse_BTH, iq_BTJd, w_BTJ, ik_BSd, *, q_pos_BT, kv_po
             def compute(carry):
                 plogp, pI, m, l = carry
                 mask = bl.mask(i, j)
-                p = sg(_head_mean_probs(qb[i], kb[j], lseb[i], qpb[i], kpb[j], slopes_KG, scale, mask))
+                p = sg(_head_mean_probs(qb[i], kb[j], lseb[i], qpb[i], kpb[j], bias, params, scale, mask))
                 score = index_scores(iqb[i], wb[i], ikb[j])
                 s_m = jnp.where(mask, score, -jnp.inf)
                 m_new = jnp.maximum(m, s_m.max(-1))
@@ -333,7 +347,7 @@ def dense_kl(q_BTHD, k_BSKD, lse_BTH, iq_BTJd, w_BTJ, ik_BSd, *, q_pos_BT, kv_po
 
 
 def sparse_kl(q_BTHD, k_BSKD, lse_BTH, iq_BTJd, w_BTJ, ik_BSd, idx_BTk, valid_BTk, *, q_pos_BT, kv_pos_BS,
-              alibi_slopes_H=None, scale=None, block_q=None, probs_BTk=None):
+              bias: Bias | None = None, bias_params_HP=None, scale=None, block_q=None, probs_BTk=None):
     """KL(p_t || softmax I[t, selected]) per query [B, T], over the selected set only (sparse stage).
 
     p_t is the sparse main attention (its own lse), summed over heads and
@@ -343,12 +357,12 @@ def sparse_kl(q_BTHD, k_BSKD, lse_BTH, iq_BTJd, w_BTJ, ik_BSd, idx_BTk, valid_BT
     """
     T, kk = idx_BTk.shape[1:]
     row = ik_BSd.shape[-1]  # floats gathered per selected key
-    slopes_KG = None
+    params = ()
     if probs_BTk is None:
         _, _, H, D = q_BTHD.shape
         K = k_BSKD.shape[2]
         scale = D**-0.5 if scale is None else scale
-        slopes_KG = None if alibi_slopes_H is None else alibi_slopes_H.astype(jnp.float32).reshape(K, H // K)
+        params = head_params(bias_params_HP, K, _place)
         row += K * D
     blocks, unblock = query_blocks(T, block_q or default_block_q(kk, 1, row, 0, 4))
 
@@ -356,7 +370,7 @@ def sparse_kl(q_BTHD, k_BSKD, lse_BTH, iq_BTJd, w_BTJ, ik_BSd, idx_BTk, valid_BT
     def block(q_b, lse_b, qp_b, iq_b, w_b, idx_b, valid_b, p_b):
         if p_b is None:
             kp_sel = gather_rows(kv_pos_BS, idx_b)
-            p_b = _sel_probs(q_b, gather_rows(sg(k_BSKD), idx_b), lse_b, qp_b, kp_sel, slopes_KG, scale)
+            p_b = _sel_probs(q_b, gather_rows(sg(k_BSKD), idx_b), lse_b, qp_b, kp_sel, bias, params, scale)
         p = sg(jnp.where(valid_b, p_b, 0.0))  # [B, bq, k]
         ik_sel = gather_rows(ik_BSd, idx_b)  # [B, bq, k, d_I]
         score = jnp.einsum("bqj,bqjk->bqk", w_b, jax.nn.relu(jnp.einsum("bqjd,bqkd->bqjk", iq_b, ik_sel)))
@@ -375,8 +389,8 @@ def sparse_kl(q_BTHD, k_BSKD, lse_BTH, iq_BTJd, w_BTJ, ik_BSd, idx_BTk, valid_BT
 
 
 def mass_diagnostics(q_BTHD, k_BSKD, lse_BTH, idx_BTk, valid_BTk, *, q_pos_BT, kv_pos_BS, q_seg_BT=None,
-                     kv_seg_BS=None, alibi_slopes_H=None, scale=None, topk: int, window: int, block_q=128,
-                     block_k=512):
+                     kv_seg_BS=None, bias: Bias | None = None, bias_params_HP=None, scale=None, topk: int,
+                     window: int, block_q=128, block_k=512):
     """Per-query attention-mass recall of the selection and of three baselines, all [B, T] f32.
 
     Returns a dict: `recall` (dense mass inside the selected set), `recall_oracle`
@@ -392,14 +406,14 @@ def mass_diagnostics(q_BTHD, k_BSKD, lse_BTH, idx_BTk, valid_BTk, *, q_pos_BT, k
     bl = _Blocks(q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, block_q, block_k)
     kk = min(topk, bl.S)
     scale = D**-0.5 if scale is None else scale
-    slopes_KG = None if alibi_slopes_H is None else alibi_slopes_H.astype(jnp.float32).reshape(K, H // K)
+    params = head_params(bias_params_HP, K, _place)
     qb, lseb, kb, qpb, kpb = bl.q_blocks(q), bl.q_blocks(lse), bl.k_blocks(k), bl.qpb, bl.kpb
 
     def q_block(i):
         def step(carry, j):
             top, win, n = carry
             mask = bl.mask(i, j)
-            p = _head_mean_probs(qb[i], kb[j], lseb[i], qpb[i], kpb[j], slopes_KG, scale, mask)
+            p = _head_mean_probs(qb[i], kb[j], lseb[i], qpb[i], kpb[j], bias, params, scale, mask)
             near = (qpb[i][:, :, None] - kpb[j][:, None, :]) < topk
             top = lax.top_k(jnp.concatenate([top, jnp.where(mask, p, -1.0)], -1), kk)[0]
             return (top, win + jnp.where(near, p, 0.0).sum(-1), n + mask.sum(-1)), None
@@ -414,7 +428,7 @@ def mass_diagnostics(q_BTHD, k_BSKD, lse_BTH, idx_BTk, valid_BTk, *, q_pos_BT, k
     blocks, unblock = query_blocks(T, default_block_q(idx_BTk.shape[-1], K, D, 0, 4))
 
     def sel_block(q_b, lse_b, qp_b, idx_b, valid_b):
-        p = _sel_probs(q_b, gather_rows(k, idx_b), lse_b, qp_b, gather_rows(kv_pos_BS, idx_b), slopes_KG, scale)
+        p = _sel_probs(q_b, gather_rows(k, idx_b), lse_b, qp_b, gather_rows(kv_pos_BS, idx_b), bias, params, scale)
         return jnp.where(valid_b, p, 0.0).sum(-1)
 
     sel = unblock(lax.map(lambda a: sel_block(*a), tuple(blocks(x) for x in (q, lse, q_pos_BT, idx_BTk, valid_BTk))))
@@ -425,14 +439,13 @@ def mass_diagnostics(q_BTHD, k_BSKD, lse_BTH, idx_BTk, valid_BTk, *, q_pos_BT, k
             "older_than_window": older, "long": (n > kk).astype(jnp.float32)}
 
 
-def _sel_probs(q_bQHD, k_sel, lse_bQH, qp, kp_sel, slopes_KG, scale):
+def _sel_probs(q_bQHD, k_sel, lse_bQH, qp, kp_sel, bias, params, scale):
     B, bq, H, D = q_bQHD.shape
     K = k_sel.shape[3]
     s = jnp.einsum("bqkgd,bqjkd->bqkgj", q_bQHD.reshape(B, bq, K, H // K, D), k_sel,
                    preferred_element_type=jnp.float32) * scale
-    if slopes_KG is not None:
-        dist = jnp.abs(qp[:, :, None] - kp_sel).astype(jnp.float32)
-        s = s - slopes_KG[None, None, :, :, None] * dist[:, :, None, None, :]
+    s, _, _ = scores(s, qp[:, :, None, None, None], kp_sel[:, :, None, None, :], None, None, params, mask=None,
+                     bias=bias, soft_cap=None)
     lse = jnp.where(jnp.isfinite(lse_bQH), lse_bQH, 0.0).reshape(B, bq, K, H // K)
     return jnp.exp(s - lse[..., None]).mean((2, 3))
 
@@ -509,7 +522,7 @@ class DSA(AttentionVariant):
                                index_norm=dsa.get("index_norm", "layernorm"))
 
     def __call__(self, q_BTHD, k_BSKD, v_BSKD, *, q_pos_BT, kv_pos_BS, q_seg_BT=None, kv_seg_BS=None,
-                 alibi_slopes_H=None, x_BTE=None, stage: str | None = None, diagnostics: bool = False):
+                 bias=None, x_BTE=None, stage: str | None = None, diagnostics: bool = False):
         """(out, aux): aux holds the indexer KL ('dsa_kl', the loss) and, with `diagnostics`, the attention-mass
         recall measurements ('dsa_recall', ...), each an f32 [sum over scored queries, count] pair."""
         if stage not in (None, *self.STAGES):
@@ -520,25 +533,24 @@ class DSA(AttentionVariant):
         if k_BSKD.shape[1] != x_BTE.shape[1]:
             raise ValueError("DSA needs the hidden state of every key (T == S); cached decoding is not supported yet")
         iq, w, ik = self.indexer(sg(x_BTE), q_pos_BT)
+        bias_fn, params = bias or (None, None)
+        biased = dict(bias=bias_fn, bias_params_HP=params)
         pos = dict(q_pos_BT=q_pos_BT, kv_pos_BS=kv_pos_BS)
         segs = dict(q_seg_BT=q_seg_BT, kv_seg_BS=kv_seg_BS)
         blocks = dict(block_q=self.block_q)
         if sparse:
             idx, valid = select_topk(sg(iq), sg(w), sg(ik), impl=self.select, **pos, **segs, topk=self.topk,
                                      **blocks, block_k=self.block_k)
-            out, lse, probs = self._sparse_attention(q_BTHD, k_BSKD, v_BSKD, idx, valid, **pos,
-                                                     alibi_slopes_H=alibi_slopes_H)
-            kl = sparse_kl(q_BTHD, k_BSKD, lse, iq, w, ik, idx, valid, **pos, alibi_slopes_H=alibi_slopes_H,
-                           probs_BTk=probs)
+            out, lse, probs = self._sparse_attention(q_BTHD, k_BSKD, v_BSKD, idx, valid, **pos, **biased)
+            kl = sparse_kl(q_BTHD, k_BSKD, lse, iq, w, ik, idx, valid, **pos, **biased, probs_BTk=probs)
         else:
-            out, lse = ops.attention(q_BTHD, k_BSKD, v_BSKD, **pos, **segs, alibi_slopes_H=alibi_slopes_H,
+            out, lse = ops.attention(q_BTHD, k_BSKD, v_BSKD, **pos, **segs, mask=self.mask, **biased,
                                      impl=self.impl, block_sizes=self.block_sizes, return_lse=True)
-            kl = dense_kl(q_BTHD, k_BSKD, lse, iq, w, ik, **pos, **segs, alibi_slopes_H=alibi_slopes_H, **blocks,
-                          block_k=self.block_k)
+            kl = dense_kl(q_BTHD, k_BSKD, lse, iq, w, ik, **pos, **segs, **biased, **blocks, block_k=self.block_k)
         rows = jnp.ones(kl.shape, jnp.float32) if q_seg_BT is None else (q_seg_BT > 0).astype(jnp.float32)
         aux = {"dsa_kl": jnp.stack([(kl * rows).sum(), rows.sum()])}
         if diagnostics:
-            aux |= self._diagnose(q_BTHD, k_BSKD, iq, w, ik, pos, segs, alibi_slopes_H, rows, None if sparse else lse)
+            aux |= self._diagnose(q_BTHD, k_BSKD, iq, w, ik, pos, segs, biased, rows, None if sparse else lse)
         return out, aux
 
     def _sparse_attention(self, q, k, v, idx, valid, **kw):
@@ -549,25 +561,27 @@ class DSA(AttentionVariant):
         if kernel is None:  # GPU: the Triton kernel with impl='pallas'; like ops' GPU flash kernels, not 'auto'
             return sparse_attention(q, k, v, idx, valid, **kw, return_probs=True)
 
-        def call(q, k, v, idx, valid, q_pos, kv_pos, slopes):
-            return kernel.sparse_attention(q, k, v, idx, valid, q_pos_BT=q_pos, kv_pos_BS=kv_pos,
-                                           alibi_slopes_H=slopes)
+        bias = kw.get("bias")
+
+        def call(q, k, v, idx, valid, q_pos, kv_pos, params):
+            return kernel.sparse_attention(q, k, v, idx, valid, q_pos_BT=q_pos, kv_pos_BS=kv_pos, bias=bias,
+                                           bias_params_HP=params)
 
         rows, heads = ("batch", "seq"), ("batch", "seq", "heads")
         out, lse = ops.per_device(
-            call, (q, k, v, idx, valid, kw["q_pos_BT"], kw["kv_pos_BS"], kw.get("alibi_slopes_H")),
+            call, (q, k, v, idx, valid, kw["q_pos_BT"], kw["kv_pos_BS"], kw.get("bias_params_HP")),
             (heads + (None,), ("batch", "seq", "kv_heads", None), ("batch", "seq", "kv_heads", None),
-             rows + (None,), rows + (None,), rows, rows, ("heads",)),
+             rows + (None,), rows + (None,), rows, rows, ("heads", None)),
             (heads + (None,), heads))
         return out, lse, None
 
-    def _diagnose(self, q, k, iq, w, ik, pos, segs, slopes, rows, dense_lse):
+    def _diagnose(self, q, k, iq, w, ik, pos, segs, biased, rows, dense_lse):
         if dense_lse is None:  # sparse stage: the dense attention is needed only to measure against it
-            _, dense_lse = ops.attention(q, k, k, **pos, **segs, alibi_slopes_H=slopes, impl=self.impl,
+            _, dense_lse = ops.attention(q, k, k, **pos, **segs, mask=self.mask, **biased, impl=self.impl,
                                          block_sizes=self.block_sizes, return_lse=True)
         idx, valid = select_topk(iq, w, ik, impl=self.select, **pos, **segs, topk=self.topk, block_q=self.block_q,
                                  block_k=self.block_k)
-        d = mass_diagnostics(q, k, dense_lse, idx, valid, **pos, **segs, alibi_slopes_H=slopes, topk=self.topk,
+        d = mass_diagnostics(q, k, dense_lse, idx, valid, **pos, **segs, **biased, topk=self.topk,
                              window=self.topk, block_q=self.block_q, block_k=self.block_k)
         long = d.pop("long") * rows
         return {f"dsa_{name}": jnp.stack([(v * long).sum(), long.sum()]) for name, v in d.items()}

@@ -6,4 +6,4 @@ from lc_jax.attention.base import AttentionVariant
 
 
 class Full(AttentionVariant):
-    window = None
+    """The base variant as it is: causal attention within each document (`masks.CAUSAL`)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from lc_jax import fields
 from lc_jax.attention.base import AttentionVariant
+from pallas_kernels.flash_attention.masks import Mask
 
 
 class Sliding(AttentionVariant):
@@ -19,6 +20,4 @@ class Sliding(AttentionVariant):
 
     def __init__(self, *, window: int, **kwargs):
         super().__init__(**kwargs)
-        if not isinstance(window, int) or window <= 0:
-            raise ValueError(f"model.attention.window must be a positive int, got {window!r}")
-        self.window = window
+        self.mask = Mask(causal=True, window=window)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lc_jax.positions.base import PositionScheme
+from pallas_kernels.flash_attention.masks import ALIBI
 
 
 def _pow2_slopes(n: int) -> list[float]:
@@ -34,5 +35,5 @@ class ALiBi(PositionScheme):
     def __init__(self, *, num_heads: int):
         self.num_heads = num_heads
 
-    def alibi_slopes(self):
-        return jnp.asarray(alibi_slopes(self.num_heads))
+    def bias(self):
+        return ALIBI, jnp.asarray(alibi_slopes(self.num_heads))[:, None]

@@ -2,7 +2,8 @@
 
 A scheme may touch three places, each an identity by default: the token
 embeddings (learned, sinusoidal), q and k before attention (the RoPE family),
-and a bias inside attention (ALiBi, as per-head slopes the kernels consume).
+and a bias inside attention (ALiBi: a `masks.Bias` with fixed per-head parameters
+that the kernels consume).
 Positions are global token positions, so schemes stay right under packing
 (positions restart per document) and ring sharding (shards carry offsets).
 """
@@ -13,6 +14,8 @@ from typing import Any, ClassVar
 
 import jax
 from flax import nnx
+
+from pallas_kernels.flash_attention.masks import Bias
 
 
 class PositionScheme(nnx.Module):
@@ -43,5 +46,6 @@ class PositionScheme(nnx.Module):
     def rotate(self, q_BTHD, k_BSKD, q_pos_BT, kv_pos_BS):
         return q_BTHD, k_BSKD
 
-    def alibi_slopes(self) -> jax.Array | None:
+    def bias(self) -> tuple[Bias, jax.Array] | None:
+        """(attention bias, its fixed parameters [H, bias.num_params]) or None: what the kernels add to the logits."""
         return None

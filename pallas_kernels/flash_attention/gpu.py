@@ -1,15 +1,15 @@
 """Flash attention as Pallas kernels for NVIDIA GPUs (Triton lowering): forward, dq and dk/dv, with block skipping.
 
 Same contract as `reference.py` / `xla.py` / `tpu.py`: masks come from
-positions and segment ids (causal, sliding window, packed documents), GQA/MQA
-without repeating K/V in memory (query head h reads kv head h // (H // K),
-chosen in the BlockSpec index_map; the dk/dv kernel loops over the G query
-heads of its kv head in-kernel, so nothing of size G * S is ever allocated),
-ALiBi computed in-kernel (-slope * |q_pos - kv_pos|, added after the logit
-soft-cap), an f32 log-sum-exp that is -inf (with a zero output) for rows that
-see no key, bf16 / f32 inputs with f32 accumulation, and a `custom_vjp` whose
-backward also accepts a cotangent for the log-sum-exp
-(ds = p * (dp - delta + dlse)).
+positions and segment ids (`masks.Mask`: causal, sliding window, chunks;
+packed documents), GQA/MQA without repeating K/V in memory (query head h reads
+kv head h // (H // K), chosen in the BlockSpec index_map; the dk/dv kernel
+loops over the G query heads of its kv head in-kernel, so nothing of size
+G * S is ever allocated), a `masks.Bias` (ALiBi) computed in-kernel from head
+h's parameters and added after the logit soft-cap (`masks.scores`), an f32
+log-sum-exp that is -inf (with a zero output) for rows that see no key, bf16 /
+f32 inputs with f32 accumulation, and a `custom_vjp` whose backward also
+accepts a cotangent for the log-sum-exp (ds = p * (dp - delta + dlse)).
 
 Kernel structure (the classic Triton flash-attention shape).
   * forward / dq: grid (B, H, nq). Each program owns one query block and keeps
@@ -22,7 +22,7 @@ Block skipping: the wrapper summarises positions / segment ids per block
 first and one-past-last kv block that can be visible (and the transpose for
 the dk/dv kernel). These int32 [nq] / [nk] ranges are ordinary (tiny) kernel
 inputs; the loops never load a kv block outside them, so blocks beyond the
-causal triangle or the sliding window cost nothing. Blocks *inside* a range
+causal triangle, the sliding window or the chunk cost nothing. Blocks *inside* a range
 that happen to be fully masked (e.g. between packed documents) are still
 visited and masked element-wise. `visited_blocks` reports the work from the
 very same ranges.
@@ -64,7 +64,17 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flash_attention.masks import block_visible, check_qkv, out_struct, pad_axis, pad_positions
+from pallas_kernels.flash_attention.masks import (
+    CAUSAL,
+    Bias,
+    Mask,
+    block_visible,
+    check_qkv,
+    out_struct,
+    pad_axis,
+    pad_positions,
+    scores,
+)
 
 _MIN_BLOCK = 16  # tl.dot needs M, N, K >= 16
 
@@ -106,11 +116,10 @@ class BlockSizes:
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
-    causal: bool
-    window: int | None
+    mask: Mask
+    bias: Bias | None
     scale: float
     soft_cap: float | None
-    has_alibi: bool
     block_q: int
     block_k: int
     num_warps: int | None
@@ -130,38 +139,36 @@ def _dot(a, b, dims):
     return lax.dot_general(a, b, dims, precision=_HIGHEST, preferred_element_type=jnp.float32)
 
 
-def _scores(q, k, qp, qs, kp, ks, slope, st: _Static):
-    """f32 scores [bq, bk] (soft-capped, then ALiBi-biased), their mask, and tanh(s/cap) for the backward."""
+def _head_params(params_ref, h, st: _Static) -> tuple:
+    """Query head h's bias parameters from the flattened [H * P] (or [G * P]) table; () without a bias."""
+    if st.bias is None:
+        return ()
+    P = st.bias.num_params
+    return tuple(params_ref[h * P + p] for p in range(P))
+
+
+def _scores(q, k, qp, qs, kp, ks, params, st: _Static):
+    """f32 scores [bq, bk] (soft-capped, then biased), their mask, and tanh(s/cap) for the backward."""
     s = _dot(q, k, _NT) * st.scale
-    t = None
-    if st.soft_cap is not None:
-        t = jnp.tanh(s / st.soft_cap)
-        s = st.soft_cap * t
-    d = qp[:, None] - kp[None, :]  # q_pos - kv_pos, [bq, bk]
-    if slope is not None:
-        s = s - slope * jnp.abs(d).astype(jnp.float32)
-    mask = qs[:, None] == ks[None, :]
-    if st.causal:
-        mask &= d >= 0
-    if st.window is not None:
-        mask &= (d < st.window) if st.causal else (jnp.abs(d) < st.window)
-    return s, mask, t
+    return scores(s, qp[:, None], kp[None, :], qs[:, None], ks[None, :], params, mask=st.mask, bias=st.bias,
+                  soft_cap=st.soft_cap)
 
 
 def _fwd_kernel(lo_ref, hi_ref, *refs, st: _Static):
-    if st.has_alibi:
-        slopes_ref, *refs = refs
+    params_ref = None
+    if st.bias is not None:
+        params_ref, *refs = refs
     q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, o_ref, lse_ref = refs
     h, i = pl.program_id(1), pl.program_id(2)
     bq, bk = st.block_q, st.block_k
-    slope = slopes_ref[h] if st.has_alibi else None
+    params = _head_params(params_ref, h, st)
     q, qp, qs = q_ref[...], qp_ref[...], qs_ref[...]
 
     def body(j, carry):
         m_prev, l_prev, acc = carry
         kv = pl.ds(pl.multiple_of(j * bk, bk), bk)
         v = v_ref[kv, :]
-        s, mask, _ = _scores(q, k_ref[kv, :], qp, qs, kp_ref[kv], ks_ref[kv], slope, st)
+        s, mask, _ = _scores(q, k_ref[kv, :], qp, qs, kp_ref[kv], ks_ref[kv], params, st)
         s = jnp.where(mask, s, -jnp.inf)
         m_new = jnp.maximum(m_prev, s.max(axis=1))
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing visible yet
@@ -183,9 +190,9 @@ def _fwd_kernel(lo_ref, hi_ref, *refs, st: _Static):
     lse_ref[...] = jnp.where(empty, -jnp.inf, m + jnp.log(safe_l))
 
 
-def _probs_and_dscores(q, k, v, do, lse, di, qp, qs, kp, ks, slope, st: _Static):
+def _probs_and_dscores(q, k, v, do, lse, di, qp, qs, kp, ks, params, st: _Static):
     """Recompute p from the saved lse; ds = p * (dp - (delta - dlse)), through the soft-cap, times scale."""
-    s, mask, t = _scores(q, k, qp, qs, kp, ks, slope, st)
+    s, mask, t = _scores(q, k, qp, qs, kp, ks, params, st)
     p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
     dp = _dot(do, v, _NT)
     ds = p * (dp - di[:, None])
@@ -195,18 +202,19 @@ def _probs_and_dscores(q, k, v, do, lse, di, qp, qs, kp, ks, slope, st: _Static)
 
 
 def _dq_kernel(lo_ref, hi_ref, *refs, st: _Static):
-    if st.has_alibi:
-        slopes_ref, *refs = refs
+    params_ref = None
+    if st.bias is not None:
+        params_ref, *refs = refs
     q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qp_ref, qs_ref, kp_ref, ks_ref, dq_ref = refs
     h, i = pl.program_id(1), pl.program_id(2)
     bk = st.block_k
-    slope = slopes_ref[h] if st.has_alibi else None
+    params = _head_params(params_ref, h, st)
     q, do, lse, di, qp, qs = q_ref[...], do_ref[...], lse_ref[...], di_ref[...], qp_ref[...], qs_ref[...]
 
     def body(j, dq):
         kv = pl.ds(pl.multiple_of(j * bk, bk), bk)
         k = k_ref[kv, :]
-        _, ds = _probs_and_dscores(q, k, v_ref[kv, :], do, lse, di, qp, qs, kp_ref[kv], ks_ref[kv], slope, st)
+        _, ds = _probs_and_dscores(q, k, v_ref[kv, :], do, lse, di, qp, qs, kp_ref[kv], ks_ref[kv], params, st)
         return dq + _dot(ds.astype(k.dtype), k, _NN)
 
     dq = lax.fori_loop(lo_ref[i], hi_ref[i], body, jnp.zeros(dq_ref.shape, jnp.float32))
@@ -214,8 +222,9 @@ def _dq_kernel(lo_ref, hi_ref, *refs, st: _Static):
 
 
 def _dkv_kernel(lo_ref, hi_ref, *refs, st: _Static, groups: int):
-    if st.has_alibi:
-        slopes_ref, *refs = refs
+    params_ref = None
+    if st.bias is not None:
+        params_ref, *refs = refs
     q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qp_ref, qs_ref, kp_ref, ks_ref, dk_ref, dv_ref = refs
     j = pl.program_id(2)
     bq = st.block_q
@@ -223,14 +232,14 @@ def _dkv_kernel(lo_ref, hi_ref, *refs, st: _Static, groups: int):
     lo, hi = lo_ref[j], hi_ref[j]
 
     def per_head(g, carry):  # the G query heads that share this kv head
-        slope = slopes_ref[g] if st.has_alibi else None
+        params = _head_params(params_ref, g, st)  # this kv head's block of the table
 
         def per_q_block(t, carry):
             dk, dv = carry
             rows = pl.ds(pl.multiple_of(t * bq, bq), bq)
             q, do = q_ref[rows, g, :], do_ref[rows, g, :]
             p, ds = _probs_and_dscores(
-                q, k, v, do, lse_ref[g, rows], di_ref[g, rows], qp_ref[rows], qs_ref[rows], kp, ks, slope, st
+                q, k, v, do, lse_ref[g, rows], di_ref[g, rows], qp_ref[rows], qs_ref[rows], kp, ks, params, st
             )
             dv = dv + _dot(p.astype(do.dtype), do, _TN)
             dk = dk + _dot(ds.astype(q.dtype), q, _TN)
@@ -295,12 +304,12 @@ def _block_ranges(q_pos, kv_pos, q_seg, kv_seg, st: _Static):
     vis_NM = block_visible(
         q_pos.reshape(B, nq, st.block_q), kv_pos.reshape(B, nk, st.block_k),
         q_seg.reshape(B, nq, st.block_q), kv_seg.reshape(B, nk, st.block_k),
-        causal=st.causal, window=st.window,
+        mask=st.mask,
     )  # [nq, nk], any over the batch
     return (*_span(vis_NM), *_span(vis_NM.T))
 
 
-def _fwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes, ranges, st: _Static):
+def _fwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, params, ranges, st: _Static):
     _check_blocked_shapes(q, k, v, q_pos, kv_pos, q_seg, kv_seg, st)
     B, T, H, D = q.shape
     S, K, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -320,9 +329,9 @@ def _fwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes, ranges, st: _Static
         pl.BlockSpec((None, S), lambda b, h, i: (b, 0)),
     ]
     args = [kv_lo, kv_hi, q, k, v, q_pos, q_seg, kv_pos, kv_seg]
-    if st.has_alibi:
-        in_specs.insert(2, pl.BlockSpec((H,), lambda b, h, i: (0,)))
-        args.insert(2, slopes)
+    if st.bias is not None:  # [H * P] f32
+        in_specs.insert(2, pl.BlockSpec((H * st.bias.num_params,), lambda b, h, i: (0,)))
+        args.insert(2, params.reshape(-1))
     out, lse = pl.pallas_call(
         functools.partial(_fwd_kernel, st=st),
         grid=(B, H, nq),
@@ -339,7 +348,7 @@ def _fwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes, ranges, st: _Static
     return out, lse
 
 
-def _dq_call(q, k, v, do, lse, di, q_pos, kv_pos, q_seg, kv_seg, slopes, ranges, st: _Static):
+def _dq_call(q, k, v, do, lse, di, q_pos, kv_pos, q_seg, kv_seg, params, ranges, st: _Static):
     _check_blocked_shapes(q, k, v, q_pos, kv_pos, q_seg, kv_seg, st)
     B, T, H, D = q.shape
     S, K, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -364,9 +373,9 @@ def _dq_call(q, k, v, do, lse, di, q_pos, kv_pos, q_seg, kv_seg, slopes, ranges,
         pl.BlockSpec((None, S), lambda b, h, i: (b, 0)),
     ]
     args = [kv_lo, kv_hi, q, k, v, do, lse, di, q_pos, q_seg, kv_pos, kv_seg]
-    if st.has_alibi:
-        in_specs.insert(2, pl.BlockSpec((H,), lambda b, h, i: (0,)))
-        args.insert(2, slopes)
+    if st.bias is not None:  # [H * P] f32
+        in_specs.insert(2, pl.BlockSpec((H * st.bias.num_params,), lambda b, h, i: (0,)))
+        args.insert(2, params.reshape(-1))
     return pl.pallas_call(
         functools.partial(_dq_kernel, st=st),
         grid=(B, H, nq),
@@ -379,7 +388,7 @@ def _dq_call(q, k, v, do, lse, di, q_pos, kv_pos, q_seg, kv_seg, slopes, ranges,
     )(*args)
 
 
-def _dkv_call(q, k, v, do, lse, di, q_pos, kv_pos, q_seg, kv_seg, slopes, ranges, st: _Static):
+def _dkv_call(q, k, v, do, lse, di, q_pos, kv_pos, q_seg, kv_seg, params, ranges, st: _Static):
     _check_blocked_shapes(q, k, v, q_pos, kv_pos, q_seg, kv_seg, st)
     B, T, H, D = q.shape
     S, K, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -405,9 +414,9 @@ def _dkv_call(q, k, v, do, lse, di, q_pos, kv_pos, q_seg, kv_seg, slopes, ranges
         pl.BlockSpec((None, bk), lambda b, kh, j: (b, j)),
     ]
     args = [q_lo, q_hi, q, k, v, do, lse, di, q_pos, q_seg, kv_pos, kv_seg]
-    if st.has_alibi:
-        in_specs.insert(2, pl.BlockSpec((G,), lambda b, kh, j: (kh,)))
-        args.insert(2, slopes)
+    if st.bias is not None:  # the [G * P] parameters of kv head kh's query heads
+        in_specs.insert(2, pl.BlockSpec((G * st.bias.num_params,), lambda b, kh, j: (kh,)))
+        args.insert(2, params.reshape(-1))
     return pl.pallas_call(
         functools.partial(_dkv_kernel, st=st, groups=G),
         grid=(B, K, nk),
@@ -427,28 +436,28 @@ def _dkv_call(q, k, v, do, lse, di, q_pos, kv_pos, q_seg, kv_seg, slopes, ranges
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
-def _flash(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes, ranges, st):
-    return _fwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes, ranges, st)
+def _flash(q, k, v, q_pos, kv_pos, q_seg, kv_seg, params, ranges, st):
+    return _fwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, params, ranges, st)
 
 
-def _flash_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes, ranges, st):
-    out, lse = _fwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes, ranges, st)
-    return (out, lse), (q, k, v, out, lse, q_pos, kv_pos, q_seg, kv_seg, slopes, ranges)
+def _flash_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, params, ranges, st):
+    out, lse = _fwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, params, ranges, st)
+    return (out, lse), (q, k, v, out, lse, q_pos, kv_pos, q_seg, kv_seg, params, ranges)
 
 
 def _flash_bwd(st, res, g):
-    q, k, v, out, lse, q_pos, kv_pos, q_seg, kv_seg, slopes, ranges = res
+    q, k, v, out, lse, q_pos, kv_pos, q_seg, kv_seg, params, ranges = res
     do, dlse = g  # [B, T, H, Dv], [B, H, T]
     do = do.astype(q.dtype)
     delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1).transpose(0, 2, 1)  # [B, H, T]
     di = delta - dlse.astype(jnp.float32)
     lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)  # rows that see nothing have p == 0 anyway
-    args = (q, k, v, do, lse_safe, di, q_pos, kv_pos, q_seg, kv_seg, slopes, ranges, st)
+    args = (q, k, v, do, lse_safe, di, q_pos, kv_pos, q_seg, kv_seg, params, ranges, st)
     dq = _dq_call(*args)
     dk, dv = _dkv_call(*args)
-    # ALiBi slopes are fixed by the scheme, never trained: zero cotangent (as in xla.py / tpu.py).
-    dslopes = None if slopes is None else jnp.zeros_like(slopes)
-    return dq, dk, dv, None, None, None, None, dslopes, None
+    # Bias parameters (ALiBi slopes) are fixed by the scheme, never trained: zero cotangent (as in xla.py / tpu.py).
+    dparams = None if params is None else jnp.zeros_like(params)
+    return dq, dk, dv, None, None, None, None, dparams, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -466,15 +475,12 @@ def _as_block_sizes(block_sizes) -> BlockSizes:
     return BlockSizes(block_q=block_sizes.block_q, block_k=block_sizes.block_k)
 
 
-def _static(D, causal, window, scale, logits_soft_cap, has_alibi, bs: BlockSizes, interpret: bool = False):
-    if window is not None and int(window) <= 0:
-        raise ValueError(f"window must be a positive int or None, got {window}")
+def _static(D, mask: Mask, bias: Bias | None, scale, logits_soft_cap, bs: BlockSizes, interpret: bool = False):
     return _Static(
-        causal=bool(causal),
-        window=None if window is None else int(window),
+        mask=mask,
+        bias=bias,
         scale=float(D**-0.5 if scale is None else scale),
         soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
-        has_alibi=has_alibi,
         block_q=bs.block_q,
         block_k=bs.block_k,
         num_warps=bs.num_warps,
@@ -483,23 +489,23 @@ def _static(D, causal, window, scale, logits_soft_cap, has_alibi, bs: BlockSizes
     )
 
 
-def _prepare(q_BTHD, k_BSKD, v_BSKD, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, causal, window, alibi_slopes_H,
+def _prepare(q_BTHD, k_BSKD, v_BSKD, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, mask, bias, bias_params_HP,
              scale, logits_soft_cap, block_sizes, interpret):
     """Shape checks, padding to whole blocks and block ranges, shared by the forward and `attention_bwd`.
 
     Returns ((T, S), padded (q_pos, kv_pos, q_seg, kv_seg), padding functions (rows: pad the T axis, cols: pad
-    the S axis), slopes, ranges, static).
+    the S axis), bias params, ranges, static).
     """
     bs = _as_block_sizes(block_sizes)
-    B, T, S, H, K, D = check_qkv(q_BTHD, k_BSKD, v_BSKD, alibi_slopes_H)
+    B, T, S, H, K, D = check_qkv(q_BTHD, k_BSKD, v_BSKD, bias, bias_params_HP)
     q_pos, kv_pos, q_seg, kv_seg, pad_t, pad_s = pad_positions(
         q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, bs.block_q, bs.block_k, always_segments=True, shape_BTS=(B, T, S))
-    st = _static(D, causal, window, scale, logits_soft_cap, alibi_slopes_H is not None, bs, interpret)
+    st = _static(D, mask, bias, scale, logits_soft_cap, bs, interpret)
     ranges = _block_ranges(q_pos, kv_pos, q_seg, kv_seg, st)
     rows = lambda x: pad_axis(x, 1, pad_t, 0)  # noqa: E731
     cols = lambda x: pad_axis(x, 1, pad_s, 0)  # noqa: E731
-    slopes = None if alibi_slopes_H is None else jnp.asarray(alibi_slopes_H, jnp.float32)
-    return (T, S), (q_pos, kv_pos, q_seg, kv_seg), (rows, cols), slopes, ranges, st
+    params = None if bias_params_HP is None else jnp.asarray(bias_params_HP, jnp.float32)
+    return (T, S), (q_pos, kv_pos, q_seg, kv_seg), (rows, cols), params, ranges, st
 
 
 def attention(
@@ -511,9 +517,9 @@ def attention(
     kv_pos_BS,
     q_seg_BT=None,
     kv_seg_BS=None,
-    causal=True,
-    window=None,
-    alibi_slopes_H=None,
+    mask: Mask = CAUSAL,
+    bias: Bias | None = None,
+    bias_params_HP=None,
     scale=None,
     logits_soft_cap=None,
     block_sizes: BlockSizes | None = None,
@@ -523,27 +529,28 @@ def attention(
 
     `interpret=True` runs every kernel (forward and backward) in the generic Pallas interpreter, on any backend.
     """
-    (T, _), (q_pos, kv_pos, q_seg, kv_seg), (rows, cols), slopes, ranges, st = _prepare(
-        q_BTHD, k_BSKD, v_BSKD, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, causal, window, alibi_slopes_H, scale,
+    (T, _), (q_pos, kv_pos, q_seg, kv_seg), (rows, cols), params, ranges, st = _prepare(
+        q_BTHD, k_BSKD, v_BSKD, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, mask, bias, bias_params_HP, scale,
         logits_soft_cap, block_sizes, interpret)
-    out, lse = _flash(rows(q_BTHD), cols(k_BSKD), cols(v_BSKD), q_pos, kv_pos, q_seg, kv_seg, slopes, ranges, st)
+    out, lse = _flash(rows(q_BTHD), cols(k_BSKD), cols(v_BSKD), q_pos, kv_pos, q_seg, kv_seg, params, ranges, st)
     return out[:, :T], lse.transpose(0, 2, 1)[:, :T]
 
 
 def attention_bwd(q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BTH, do_BTHD, dlse_BTH, *, q_pos_BT, kv_pos_BS,
-                  q_seg_BT=None, kv_seg_BS=None, causal=True, window=None, alibi_slopes_H=None, scale=None,
-                  logits_soft_cap=None, block_sizes: BlockSizes | None = None, interpret: bool = False):
+                  q_seg_BT=None, kv_seg_BS=None, mask: Mask = CAUSAL, bias: Bias | None = None,
+                  bias_params_HP=None, scale=None, logits_soft_cap=None, block_sizes: BlockSizes | None = None,
+                  interpret: bool = False):
     """(dq, dk, dv) of one key shard given the rows' final out and lse (ring attention; see xla.attention_bwd)."""
-    (T, S), (q_pos, kv_pos, q_seg, kv_seg), (rows, cols), slopes, ranges, st = _prepare(
-        q_BTHD, k_BSKD, v_BSKD, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, causal, window, alibi_slopes_H, scale,
+    (T, S), (q_pos, kv_pos, q_seg, kv_seg), (rows, cols), params, ranges, st = _prepare(
+        q_BTHD, k_BSKD, v_BSKD, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, mask, bias, bias_params_HP, scale,
         logits_soft_cap, block_sizes, interpret)
     res = (rows(q_BTHD), cols(k_BSKD), cols(v_BSKD), rows(out_BTHD), rows(lse_BTH).transpose(0, 2, 1), q_pos, kv_pos,
-           q_seg, kv_seg, slopes, ranges)
+           q_seg, kv_seg, params, ranges)
     dq, dk, dv = _flash_bwd(st, res, (rows(do_BTHD), rows(dlse_BTH).transpose(0, 2, 1)))[:3]
     return dq[:, :T], dk[:, :S], dv[:, :S]
 
 
-def visited_blocks(q_pos_BT, kv_pos_BS, q_seg_BT=None, kv_seg_BS=None, *, causal=True, window=None,
+def visited_blocks(q_pos_BT, kv_pos_BS, q_seg_BT=None, kv_seg_BS=None, *, mask: Mask = CAUSAL,
                    block_sizes: BlockSizes | None = None):
     """(visited, total) (batch row, q block, kv block) triples walked by the forward / dq kernels (per head).
 
@@ -555,7 +562,7 @@ def visited_blocks(q_pos_BT, kv_pos_BS, q_seg_BT=None, kv_seg_BS=None, *, causal
     S = kv_pos_BS.shape[1]
     q_pos, kv_pos, q_seg, kv_seg, _, _ = pad_positions(
         q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, bs.block_q, bs.block_k, always_segments=True, shape_BTS=(B, T, S))
-    st = _static(1, causal, window, None, None, False, bs)
+    st = _static(1, mask, None, None, None, bs)
     kv_lo, kv_hi, _, _ = _block_ranges(q_pos, kv_pos, q_seg, kv_seg, st)
     nq, nk = q_pos.shape[1] // bs.block_q, kv_pos.shape[1] // bs.block_k
     return B * int((kv_hi - kv_lo).sum()), B * nq * nk

@@ -1,36 +1,151 @@
-"""Masks and biases shared by every attention implementation.
+"""Masks and biases shared by every attention implementation: the one place that computes them.
 
 Visibility is a function of *positions and segment ids*, never of array
 indices, so that packed documents, ring shards, zig-zag layouts and chunked
 prefill against a KV cache all reuse one definition.
+
+* `Mask` (static, hashable): which keys a query sees (causal, sliding window,
+  chunked local attention) as `visible` on broadcastable arrays (kernels call it
+  on [bq, 1] / [1, bk] block views) and as a conservative `block_visible` on
+  position ranges, which every block-skipping table uses.
+* `Bias` (static, hashable): an additive logit bias fn(q_pos, kv_pos, *params)
+  with `num_params` fixed f32 scalars per head (`ALIBI`). The kernels take the
+  parameters as one f32 array bias_params_HP [H, num_params], load head h's row
+  and call `fn`; their cotangent is zero: trainable bias parameters are not
+  supported by the kernels.
+* `scores`: soft-cap, bias, visibility of raw scaled logits, in that order; every
+  implementation calls it, so a new mask shape or bias scheme needs no kernel change.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
-def visible(q_pos_BT, kv_pos_BS, q_seg_BT=None, kv_seg_BS=None, *, causal=True, window=None):
-    """Boolean [B, T, S]: may query t attend to key s."""
-    d_BTS = q_pos_BT[:, :, None] - kv_pos_BS[:, None, :]
-    ok_BTS = jnp.ones(d_BTS.shape, dtype=bool)
-    if causal:
-        ok_BTS &= d_BTS >= 0
-    if window is not None:
-        ok_BTS &= (d_BTS < window) if causal else (jnp.abs(d_BTS) < window)
-    if q_seg_BT is not None:
-        ok_BTS &= q_seg_BT[:, :, None] == kv_seg_BS[:, None, :]
-    return ok_BTS
+def _and(a, b):
+    return b if a is None else a & b
 
 
-def alibi_bias(q_pos_BT, kv_pos_BS, slopes_H):
-    """ALiBi bias [B, H, T, S] = -slope_h * |q_pos - kv_pos| (Press et al., 2022)."""
-    dist_BTS = jnp.abs(q_pos_BT[:, :, None] - kv_pos_BS[:, None, :]).astype(jnp.float32)
-    return -slopes_H.astype(jnp.float32)[None, :, None, None] * dist_BTS[:, None]
+@dataclasses.dataclass(frozen=True)
+class Mask:
+    """Which keys a query sees, from positions (and segment ids: equal ids only), all terms combined by AND.
+
+    causal: kv_pos <= q_pos. window W: 0 <= q_pos - kv_pos < W when causal, |q_pos - kv_pos| < W when not.
+    chunk C (chunked local attention, Llama 4 iRoPE style): q_pos // C == kv_pos // C, positions being
+    global token positions within a document.
+    """
+
+    causal: bool = True
+    window: int | None = None
+    chunk: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "causal", bool(self.causal))
+        for name in ("window", "chunk"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int | np.integer) or v <= 0:
+                raise ValueError(f"Mask.{name}={v!r}: {name} must be a positive int or None")
+            object.__setattr__(self, name, int(v))
+
+    def visible(self, q_pos, kv_pos, q_seg=None, kv_seg=None):
+        """Bool, elementwise on broadcastable arrays: may a query at q_pos see the key at kv_pos."""
+        d = q_pos - kv_pos
+        ok = None
+        if self.causal:
+            ok = d >= 0
+        if self.window is not None:
+            ok = _and(ok, (d < self.window) if self.causal else (jnp.abs(d) < self.window))
+        if self.chunk is not None:
+            ok = _and(ok, q_pos // self.chunk == kv_pos // self.chunk)
+        if q_seg is not None:
+            ok = _and(ok, q_seg == kv_seg)
+        return jnp.ones(jnp.shape(d), bool) if ok is None else ok
+
+    def block_visible(self, q_lo, q_hi, k_lo, k_hi):
+        """Conservative bool for position ranges: False only if no (query, key) pair in them can be visible."""
+        q_lo, q_hi, k_lo, k_hi = (jnp.asarray(x) for x in (q_lo, q_hi, k_lo, k_hi))
+        ok = None
+        if self.causal:
+            ok = k_lo <= q_hi
+        if self.window is not None:
+            ok = _and(ok, q_lo - k_hi < self.window)
+            if not self.causal:
+                ok = _and(ok, k_lo - q_hi < self.window)
+        if self.chunk is not None:
+            c = self.chunk
+            ok = _and(ok, (k_hi // c >= q_lo // c) & (k_lo // c <= q_hi // c))
+        shape = jnp.broadcast_shapes(q_lo.shape, q_hi.shape, k_lo.shape, k_hi.shape)
+        return jnp.ones(shape, bool) if ok is None else jnp.broadcast_to(ok, shape)
+
+    @property
+    def max_distance(self) -> int | None:
+        """The largest q_pos - kv_pos that can be visible, or None (unbounded): what a KV cache must keep."""
+        bounds = [x - 1 for x in (self.window, self.chunk) if x is not None]
+        return min(bounds) if bounds else None
 
 
-def block_visible(q_pos_BNb, kv_pos_BMb, q_seg_BNb=None, kv_seg_BMb=None, *, causal=True, window=None):
+#: The default: causal, no window, no chunks.
+CAUSAL = Mask()
+
+
+@dataclasses.dataclass(frozen=True)
+class Bias:
+    """An additive logit bias b = fn(q_pos, kv_pos, *params): `num_params` fixed f32 values per head.
+
+    `fn` is elementwise jnp that lowers inside Pallas TPU / Triton / Mosaic GPU kernels (arithmetic, abs,
+    where, log, ...); positions arrive as int32 arrays, params as f32 scalars or broadcastable arrays.
+    """
+
+    name: str
+    fn: Callable
+    num_params: int
+
+    def __call__(self, q_pos, kv_pos, *params):
+        return self.fn(q_pos, kv_pos, *params)
+
+
+def _alibi(q_pos, kv_pos, slope):
+    return -slope * jnp.abs(q_pos - kv_pos).astype(jnp.float32)
+
+
+#: ALiBi (Press et al., 2022): -slope_h * |q_pos - kv_pos|; bias_params_HP = slopes[:, None].
+ALIBI = Bias("alibi", _alibi, 1)
+
+
+def scores(s, q_pos, kv_pos, q_seg, kv_seg, params, *, mask: Mask | None, bias: Bias | None,
+           soft_cap: float | None):
+    """(s, visible, t) from raw scaled f32 logits s: soft-capped, then biased; visible is `mask.visible`.
+
+    t = tanh(s / cap) for the soft-cap backward (None without a cap). `mask` None (the sparse kernels,
+    whose selection decides visibility) gives visible None. `params` is the head's bias parameters.
+    """
+    t = None
+    if soft_cap is not None:
+        t = jnp.tanh(s / soft_cap)
+        s = soft_cap * t
+    if bias is not None:
+        s = s + bias(q_pos, kv_pos, *params)
+    vis = None if mask is None else mask.visible(q_pos, kv_pos, q_seg, kv_seg)
+    return s, vis, t
+
+
+def head_params(bias_params_HP, kv_heads: int, place: Callable) -> tuple:
+    """The bias parameters as P f32 arrays [K, G] (kv head, group member), each put in place by `place`."""
+    if bias_params_HP is None:
+        return ()
+    H, P = bias_params_HP.shape
+    x_KGP = jnp.asarray(bias_params_HP, jnp.float32).reshape(kv_heads, H // kv_heads, P)
+    return tuple(place(x_KGP[..., p]) for p in range(P))
+
+
+def block_visible(q_pos_BNb, kv_pos_BMb, q_seg_BNb=None, kv_seg_BMb=None, *, mask: Mask):
     """Conservative [N, M] table: False only if block pair (n, m) is fully masked for every batch row.
 
     Works on per-block min/max summaries, so it is exact for the usual monotone
@@ -40,13 +155,7 @@ def block_visible(q_pos_BNb, kv_pos_BMb, q_seg_BNb=None, kv_seg_BMb=None, *, cau
     q_pos_BNb, kv_pos_BMb = jnp.asarray(q_pos_BNb), jnp.asarray(kv_pos_BMb)  # traced indexing needs jax arrays
     q_lo, q_hi = q_pos_BNb.min(-1)[:, :, None], q_pos_BNb.max(-1)[:, :, None]
     k_lo, k_hi = kv_pos_BMb.min(-1)[:, None, :], kv_pos_BMb.max(-1)[:, None, :]
-    vis_BNM = jnp.ones(jnp.broadcast_shapes(q_lo.shape, k_lo.shape), dtype=bool)
-    if causal:
-        vis_BNM &= k_lo <= q_hi
-    if window is not None:
-        vis_BNM &= q_lo - k_hi < window
-        if not causal:
-            vis_BNM &= k_lo - q_hi < window
+    vis_BNM = mask.block_visible(q_lo, q_hi, k_lo, k_hi)
     if q_seg_BNb is not None:
         qs_lo, qs_hi = q_seg_BNb.min(-1)[:, :, None], q_seg_BNb.max(-1)[:, :, None]
         ks_lo, ks_hi = kv_seg_BMb.min(-1)[:, None, :], kv_seg_BMb.max(-1)[:, None, :]
@@ -86,8 +195,8 @@ def pad_positions(q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, block_q: int, block_
             pad_axis(as_int(q_seg_BT), 1, pad_t, -2), pad_axis(as_int(kv_seg_BS), 1, pad_s, -1), pad_t, pad_s)
 
 
-def check_qkv(q_BTHD, k_BSKD, v_BSKD, alibi_slopes_H=None) -> tuple[int, int, int, int, int, int]:
-    """Validate a kernel's q/k/v (and ALiBi slopes) shapes; returns (B, T, S, H, K, D)."""
+def check_qkv(q_BTHD, k_BSKD, v_BSKD, bias=None, bias_params_HP=None) -> tuple[int, int, int, int, int, int]:
+    """Validate a kernel's q/k/v (and bias parameter) shapes; returns (B, T, S, H, K, D)."""
     if q_BTHD.ndim != 4 or k_BSKD.ndim != 4 or v_BSKD.ndim != 4:
         raise ValueError(f"q {q_BTHD.shape}, k {k_BSKD.shape}, v {v_BSKD.shape} must be rank 4 [B, len, heads, D]")
     B, T, H, D = q_BTHD.shape
@@ -96,9 +205,19 @@ def check_qkv(q_BTHD, k_BSKD, v_BSKD, alibi_slopes_H=None) -> tuple[int, int, in
         raise ValueError(f"k {k_BSKD.shape} / v {v_BSKD.shape} do not match q {q_BTHD.shape}")
     if K == 0 or H % K:
         raise ValueError(f"query heads {H} must be a multiple of kv heads {K}")
-    if alibi_slopes_H is not None and alibi_slopes_H.shape != (H,):
-        raise ValueError(f"alibi_slopes_H must have shape ({H},), got {alibi_slopes_H.shape}")
+    check_bias(bias, bias_params_HP, H)
     return B, T, S, H, K, D
+
+
+def check_bias(bias, bias_params_HP, H: int) -> None:
+    """A bias comes with its [H, num_params] parameters, and parameters only with a bias."""
+    if bias is not None and not isinstance(bias, Bias):
+        raise ValueError(f"bias must be a masks.Bias or None, got {type(bias).__name__}")
+    if (bias is None) != (bias_params_HP is None):
+        raise ValueError("bias and bias_params_HP must be given together")
+    if bias is not None and jnp.shape(bias_params_HP) != (H, bias.num_params):
+        raise ValueError(f"bias_params_HP must have shape ({H}, {bias.num_params}) for bias {bias.name!r}, "
+                         f"got {jnp.shape(bias_params_HP)}")
 
 
 def _varying(x) -> frozenset:

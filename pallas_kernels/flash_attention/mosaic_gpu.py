@@ -6,10 +6,11 @@ Mosaic GPU port: same contract and public interface as `gpu.attention`, so
 `lc_jax.ops` can switch between them (see `ops._pallas`).
 
 Contract (as `reference.py` / `xla.py` / `tpu.py` / `gpu.py`): masks come from
-positions and segment ids (causal, sliding window, packed documents), GQA/MQA
-without repeating K/V in memory (query head h reads kv head h // (H // K); the
-dk/dv kernel loops over the G query heads of its kv head), ALiBi computed
-in-kernel (-slope * |q_pos - kv_pos|, added after the logit soft-cap), an f32
+positions and segment ids (`masks.Mask`: causal, sliding window, chunks; packed
+documents), GQA/MQA without repeating K/V in memory (query head h reads kv head
+h // (H // K); the dk/dv kernel loops over the G query heads of its kv head), a
+`masks.Bias` (ALiBi) computed in-kernel from head h's parameters (GMEM scalars)
+and added after the logit soft-cap (`masks.scores`), an f32
 log-sum-exp that is -inf (with a zero output) for rows that see no key, bf16 /
 f16 / f32 inputs with f32 accumulation, and a `custom_vjp` whose backward also
 accepts a cotangent for the log-sum-exp (ds = p * (dp - delta + dlse)).
@@ -86,7 +87,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.flash_attention.masks import block_visible, check_qkv, pad_axis, pad_positions
+from pallas_kernels.flash_attention.masks import (
+    CAUSAL,
+    Bias,
+    Mask,
+    block_visible,
+    check_qkv,
+    pad_axis,
+    pad_positions,
+    scores,
+)
 
 try:  # private in jax 0.10: the Mosaic GPU interpreter (SMEM / TMA / barrier / wgmma simulation on CPU)
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
@@ -156,11 +166,10 @@ class BlockSizes:
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
-    causal: bool
-    window: int | None
+    mask: Mask
+    bias: Bias | None
     scale: float
     soft_cap: float | None
-    has_alibi: bool
     block_q: int
     block_k: int
     num_stages: int | None
@@ -216,25 +225,20 @@ def _store_parts(ref, x, parts: int):
             x = x - term.astype(jnp.float32)
 
 
-def _scores(s, qp, qs, kp, ks, slope, st: _Static):
-    """Scaled, soft-capped, ALiBi-biased f32 scores, their mask and tanh(s/cap) for the backward.
+def _head_params(params_ref, h, st: _Static) -> tuple:
+    """Query head h's bias parameters: scalars of the flattened [H * P] GMEM table (() without a bias)."""
+    if st.bias is None:
+        return ()
+    P = st.bias.num_params
+    return tuple(params_ref[h * P + p] for p in range(P))
+
+
+def _scores(s, qp, qs, kp, ks, params, st: _Static):
+    """Scaled, soft-capped, biased f32 scores, their mask and tanh(s/cap) for the backward.
 
     All operands are tiles of one shape: [bq, bk] in the forward / dq, [bk, bq] in the dk/dv kernel.
     """
-    s = s * st.scale
-    t = None
-    if st.soft_cap is not None:
-        t = jnp.tanh(s / st.soft_cap)
-        s = st.soft_cap * t
-    d = qp - kp  # q_pos - kv_pos
-    if slope is not None:
-        s = s - slope * jnp.abs(d).astype(jnp.float32)
-    mask = qs == ks
-    if st.causal:
-        mask = mask & (d >= 0)
-    if st.window is not None:
-        mask = mask & ((d < st.window) if st.causal else (jnp.abs(d) < st.window))
-    return s, mask, t
+    return scores(s * st.scale, qp, kp, qs, ks, params, mask=st.mask, bias=st.bias, soft_cap=st.soft_cap)
 
 
 def _ring(n, stages: int, fetch, compute, carry):
@@ -278,8 +282,9 @@ def _barriers(names, n: int, parts: int, operands) -> dict:
 
 
 def _fwd_kernel(kv_range_ref, *refs, st: _Static, groups: int, stages: int, **smem):
-    if st.has_alibi:
-        slopes_ref, *refs = refs
+    params_ref = None
+    if st.bias is not None:
+        params_ref, *refs = refs
     q_ref, kT_ref, v_ref, qpos_ref, kvpos_ref, o_ref, lse_ref = refs
     i, h, b = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
     kh = lax.div(h, groups)
@@ -289,7 +294,7 @@ def _fwd_kernel(kv_range_ref, *refs, st: _Static, groups: int, stages: int, **sm
     _copy_in(q_ref.at[:, b, rows, h], smem, "q", parts=P)
     _copy_in(qpos_ref.at[b, :, rows], smem, "qpos")
     lo, hi = kv_range_ref[0, i], kv_range_ref[1, i]
-    slope = slopes_ref[h] if st.has_alibi else None
+    params = _head_params(params_ref, h, st)
 
     def fetch(t, slot):
         cols = pl.ds((lo + t) * bk, bk)
@@ -306,7 +311,7 @@ def _fwd_kernel(kv_range_ref, *refs, st: _Static, groups: int, stages: int, **sm
         _wait(smem, ("kT", "v", "kvpos"), slot)
         kp, ks = (_hint(smem["kvpos"][slot, n], _COL, st) for n in range(2))
         s = _matmul(smem["q"], smem["kT"].at[slot], shape, P)
-        s, mask, _ = _scores(s, _rows(qp, shape), _rows(qs, shape), _cols(kp, shape), _cols(ks, shape), slope, st)
+        s, mask, _ = _scores(s, _rows(qp, shape), _rows(qs, shape), _cols(kp, shape), _cols(ks, shape), params, st)
         s = jnp.where(mask, s, -jnp.inf)
         m_new = jnp.maximum(m_prev, s.max(axis=1))
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing visible yet
@@ -334,9 +339,9 @@ def _fwd_kernel(kv_range_ref, *refs, st: _Static, groups: int, stages: int, **sm
     plgpu.wait_smem_to_gmem(0)
 
 
-def _dscores(s, dp, lse, di, qp, qs, kp, ks, slope, st: _Static):
+def _dscores(s, dp, lse, di, qp, qs, kp, ks, params, st: _Static):
     """Recompute p from the saved lse; ds = p * (dp - (delta - dlse)), through the soft-cap, times scale."""
-    s, mask, t = _scores(s, qp, qs, kp, ks, slope, st)
+    s, mask, t = _scores(s, qp, qs, kp, ks, params, st)
     p = jnp.where(mask, jnp.exp(s - lse), 0.0)
     ds = p * (dp - di)
     if t is not None:
@@ -345,8 +350,9 @@ def _dscores(s, dp, lse, di, qp, qs, kp, ks, slope, st: _Static):
 
 
 def _dq_kernel(kv_range_ref, *refs, st: _Static, groups: int, stages: int, **smem):
-    if st.has_alibi:
-        slopes_ref, *refs = refs
+    params_ref = None
+    if st.bias is not None:
+        params_ref, *refs = refs
     q_ref, do_ref, kT_ref, vT_ref, k_ref, qpos_ref, kvpos_ref, stats_ref, dq_ref = refs
     i, h, b = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
     kh = lax.div(h, groups)
@@ -358,7 +364,7 @@ def _dq_kernel(kv_range_ref, *refs, st: _Static, groups: int, stages: int, **sme
     _copy_in(qpos_ref.at[b, :, rows], smem, "qpos")
     _copy_in(stats_ref.at[b, h, :, rows], smem, "stats")
     lo, hi = kv_range_ref[0, i], kv_range_ref[1, i]
-    slope = slopes_ref[h] if st.has_alibi else None
+    params = _head_params(params_ref, h, st)
 
     def fetch(t, slot):
         cols = pl.ds((lo + t) * bk, bk)
@@ -379,7 +385,7 @@ def _dq_kernel(kv_range_ref, *refs, st: _Static, groups: int, stages: int, **sme
             s = _matmul(smem["q"], smem["kT"].at[slot], shape, P)
             dp = _matmul(smem["do"], smem["vT"].at[slot], shape, P)
             _, ds = _dscores(s, dp, _rows(lse, shape), _rows(di, shape), _rows(qp, shape), _rows(qs, shape),
-                             _cols(kp, shape), _cols(ks, shape), slope, st)
+                             _cols(kp, shape), _cols(ks, shape), params, st)
             _store_parts(smem["ds"], ds, P)
             plgpu.commit_smem()
             _mma(dq_acc, smem["ds"], smem["k"].at[slot], P)
@@ -397,8 +403,9 @@ def _dq_kernel(kv_range_ref, *refs, st: _Static, groups: int, stages: int, **sme
 
 
 def _dkv_kernel(q_range_ref, *refs, st: _Static, groups: int, stages: int, **smem):
-    if st.has_alibi:
-        slopes_ref, *refs = refs
+    params_ref = None
+    if st.bias is not None:
+        params_ref, *refs = refs
     k_ref, v_ref, qT_ref, q_ref, doT_ref, do_ref, qpos_ref, kvpos_ref, stats_ref, dk_ref, dv_ref = refs
     j, kh, b = lax.axis_index("k"), lax.axis_index("h"), lax.axis_index("b")
     bq, bk, P = st.block_q, st.block_k, st.parts
@@ -428,13 +435,13 @@ def _dkv_kernel(q_range_ref, *refs, st: _Static, groups: int, stages: int, **sme
     def with_acc(dk_acc, dv_acc):
         def compute(t, slot, carry):
             _wait(smem, ("qT", "q", "doT", "do", "qpos", "stats"), slot)
-            slope = slopes_ref[head_and_rows(t)[0]] if st.has_alibi else None
+            params = _head_params(params_ref, head_and_rows(t)[0], st)
             qp, qs = (_hint(smem["qpos"][slot, n], _COL, st) for n in range(2))
             lse, di = (_hint(smem["stats"][slot, n], _COL, st) for n in range(2))
             sT = _matmul(smem["k"], smem["qT"].at[slot], shape, P)
             dpT = _matmul(smem["v"], smem["doT"].at[slot], shape, P)
             pT, dsT = _dscores(sT, dpT, _cols(lse, shape), _cols(di, shape), _cols(qp, shape), _cols(qs, shape),
-                               _rows(kp, shape), _rows(ks, shape), slope, st)
+                               _rows(kp, shape), _rows(ks, shape), params, st)
             _store_parts(smem["pT"], pT, P)
             _store_parts(smem["dsT"], dsT, P)
             plgpu.commit_smem()
@@ -531,7 +538,7 @@ def _run(body, name: str, grid, grid_names, out_type, smem: dict, st: _Static, *
     )(*args)
 
 
-def _fwd_call(q, kT, v, qpos, kvpos, slopes, ranges, st: _Static):
+def _fwd_call(q, kT, v, qpos, kvpos, params, ranges, st: _Static):
     P, B, T, H, D, S, K, Dv = _check_blocked_shapes(q.shape, _untransposed(kT.shape), v.shape, qpos, kvpos, st)
     bq, bk, dt = st.block_q, st.block_k, st.mma_dtype
     out_dtype = jnp.float32 if P > 1 else dt
@@ -547,13 +554,13 @@ def _fwd_call(q, kT, v, qpos, kvpos, slopes, ranges, st: _Static):
     stages, smem = _pick_stages("forward", make_smem, st)
     body = functools.partial(_fwd_kernel, st=st, groups=H // K, stages=stages)
     args = [ranges[0], q, kT, v, qpos, kvpos]
-    if st.has_alibi:
-        args.insert(1, slopes)
+    if st.bias is not None:  # [H * P] f32
+        args.insert(1, params.reshape(-1))
     out_type = (jax.ShapeDtypeStruct((B, T, H, Dv), out_dtype), jax.ShapeDtypeStruct((B, H, T), jnp.float32))
     return _run(body, "flash_attention_mgpu_fwd", (T // bq, H, B), ("q", "h", "b"), out_type, smem, st, *args)
 
 
-def _dq_call(q, do, kT, vT, k, qpos, kvpos, stats, slopes, ranges, st: _Static):
+def _dq_call(q, do, kT, vT, k, qpos, kvpos, stats, params, ranges, st: _Static):
     P, B, T, H, D, S, K, Dv = _check_blocked_shapes(q.shape, k.shape, _untransposed(vT.shape), qpos, kvpos, st)
     if do.shape != (P, B, T, H, Dv) or stats.shape != (B, H, 2, T):
         raise ValueError(f"dout {do.shape} / lse+delta {stats.shape} do not match q {q.shape}")
@@ -573,13 +580,13 @@ def _dq_call(q, do, kT, vT, k, qpos, kvpos, stats, slopes, ranges, st: _Static):
     stages, smem = _pick_stages("dq", make_smem, st)
     body = functools.partial(_dq_kernel, st=st, groups=H // K, stages=stages)
     args = [ranges[0], q, do, kT, vT, k, qpos, kvpos, stats]
-    if st.has_alibi:
-        args.insert(1, slopes)
+    if st.bias is not None:  # [H * P] f32
+        args.insert(1, params.reshape(-1))
     out_type = jax.ShapeDtypeStruct((B, T, H, D), out_dtype)
     return _run(body, "flash_attention_mgpu_dq", (T // bq, H, B), ("q", "h", "b"), out_type, smem, st, *args)
 
 
-def _dkv_call(k, v, qT, q, doT, do, qpos, kvpos, stats, slopes, ranges, st: _Static):
+def _dkv_call(k, v, qT, q, doT, do, qpos, kvpos, stats, params, ranges, st: _Static):
     P, B, T, H, D, S, K, Dv = _check_blocked_shapes(q.shape, k.shape, v.shape, qpos, kvpos, st)
     if do.shape != (P, B, T, H, Dv) or stats.shape != (B, H, 2, T):
         raise ValueError(f"dout {do.shape} / lse+delta {stats.shape} do not match q {q.shape}")
@@ -601,8 +608,8 @@ def _dkv_call(k, v, qT, q, doT, do, qpos, kvpos, stats, slopes, ranges, st: _Sta
     stages, smem = _pick_stages("dk/dv", make_smem, st)
     body = functools.partial(_dkv_kernel, st=st, groups=H // K, stages=stages)
     args = [ranges[1], k, v, qT, q, doT, do, qpos, kvpos, stats]
-    if st.has_alibi:
-        args.insert(1, slopes)
+    if st.bias is not None:  # [H * P] f32
+        args.insert(1, params.reshape(-1))
     out_type = (jax.ShapeDtypeStruct((B, S, K, D), out_dtype), jax.ShapeDtypeStruct((B, S, K, Dv), out_dtype))
     return _run(body, "flash_attention_mgpu_dkv", (S // bk, K, B), ("k", "h", "b"), out_type, smem, st, *args)
 
@@ -626,29 +633,29 @@ def _t(x):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _flash(q, k, v, qpos, kvpos, slopes, ranges, st):
-    return _flash_fwd(q, k, v, qpos, kvpos, slopes, ranges, st)[0]
+def _flash(q, k, v, qpos, kvpos, params, ranges, st):
+    return _flash_fwd(q, k, v, qpos, kvpos, params, ranges, st)[0]
 
 
-def _flash_fwd(q, k, v, qpos, kvpos, slopes, ranges, st):
+def _flash_fwd(q, k, v, qpos, kvpos, params, ranges, st):
     qs, ks, vs = _split(q, st), _split(k, st), _split(v, st)
-    out, lse = _fwd_call(qs, _t(ks), vs, qpos, kvpos, slopes, ranges, st)
+    out, lse = _fwd_call(qs, _t(ks), vs, qpos, kvpos, params, ranges, st)
     out = out.astype(q.dtype)
-    return (out, lse), (q, k, v, out, lse, qpos, kvpos, slopes, ranges)
+    return (out, lse), (q, k, v, out, lse, qpos, kvpos, params, ranges)
 
 
 def _flash_bwd(st, res, g):
-    q, k, v, out, lse, qpos, kvpos, slopes, ranges = res
+    q, k, v, out, lse, qpos, kvpos, params, ranges = res
     do, dlse = g  # [B, T, H, Dv], [B, H, T]
     delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1).transpose(0, 2, 1)  # [B, H, T]
     lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)  # rows that see nothing have p == 0 anyway
     stats = jnp.stack([lse_safe, delta - dlse.astype(jnp.float32)], axis=2)  # [B, H, 2, T]
     qs, ks, vs, dos = _split(q, st), _split(k, st), _split(v, st), _split(do.astype(q.dtype), st)
-    dq = _dq_call(qs, dos, _t(ks), _t(vs), ks, qpos, kvpos, stats, slopes, ranges, st)
-    dk, dv = _dkv_call(ks, vs, _t(qs), qs, _t(dos), dos, qpos, kvpos, stats, slopes, ranges, st)
-    # ALiBi slopes are fixed by the scheme, never trained: zero cotangent (as in xla.py / tpu.py / gpu.py).
-    dslopes = None if slopes is None else jnp.zeros_like(slopes)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, dslopes, None
+    dq = _dq_call(qs, dos, _t(ks), _t(vs), ks, qpos, kvpos, stats, params, ranges, st)
+    dk, dv = _dkv_call(ks, vs, _t(qs), qs, _t(dos), dos, qpos, kvpos, stats, params, ranges, st)
+    # Bias parameters (ALiBi slopes) are fixed by the scheme, never trained: zero cotangent (as in xla / tpu / gpu).
+    dparams = None if params is None else jnp.zeros_like(params)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, dparams, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -675,18 +682,15 @@ def _interpret_params(interpret):
     return InterpretGPUParams() if interpret is True else interpret
 
 
-def _static(dtype, D, causal, window, scale, logits_soft_cap, has_alibi, bs: BlockSizes, interpret=False):
-    if window is not None and int(window) <= 0:
-        raise ValueError(f"window must be a positive int or None, got {window}")
+def _static(dtype, D, mask: Mask, bias: Bias | None, scale, logits_soft_cap, bs: BlockSizes, interpret=False):
     dtype = jnp.dtype(dtype)
     if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
         raise ValueError(f"q dtype {dtype} is not supported: use bfloat16, float16 or float32")
     return _Static(
-        causal=bool(causal),
-        window=None if window is None else int(window),
+        mask=mask,
+        bias=bias,
         scale=float(D**-0.5 if scale is None else scale),
         soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
-        has_alibi=has_alibi,
         block_q=bs.block_q,
         block_k=bs.block_k,
         num_stages=bs.num_stages,
@@ -713,7 +717,7 @@ def _block_ranges(q_pos, kv_pos, q_seg, kv_seg, st: _Static):
     vis_NM = block_visible(
         q_pos.reshape(B, nq, st.block_q), kv_pos.reshape(B, nk, st.block_k),
         q_seg.reshape(B, nq, st.block_q), kv_seg.reshape(B, nk, st.block_k),
-        causal=st.causal, window=st.window,
+        mask=st.mask,
     )  # [nq, nk], any over the batch
     return _span(vis_NM), _span(vis_NM.T)
 
@@ -727,9 +731,9 @@ def attention(
     kv_pos_BS,
     q_seg_BT=None,
     kv_seg_BS=None,
-    causal=True,
-    window=None,
-    alibi_slopes_H=None,
+    mask: Mask = CAUSAL,
+    bias: Bias | None = None,
+    bias_params_HP=None,
     scale=None,
     logits_soft_cap=None,
     block_sizes: BlockSizes | None = None,
@@ -741,22 +745,22 @@ def attention(
     Mosaic GPU interpreter on CPU; otherwise the kernels compile for an sm_90 (Hopper) GPU.
     """
     bs = _as_block_sizes(block_sizes)
-    B, T, S, H, K, D = check_qkv(q_BTHD, k_BSKD, v_BSKD, alibi_slopes_H)
+    B, T, S, H, K, D = check_qkv(q_BTHD, k_BSKD, v_BSKD, bias, bias_params_HP)
     q_pos, kv_pos, q_seg, kv_seg, pad_t, pad_s = pad_positions(
         q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, bs.block_q, bs.block_k, always_segments=True, shape_BTS=(B, T, S))
-    st = _static(q_BTHD.dtype, D, causal, window, scale, logits_soft_cap, alibi_slopes_H is not None, bs, interpret)
+    st = _static(q_BTHD.dtype, D, mask, bias, scale, logits_soft_cap, bs, interpret)
     ranges = _block_ranges(q_pos, kv_pos, q_seg, kv_seg, st)
     q = pad_axis(q_BTHD, 1, pad_t, 0)
     k = pad_axis(k_BSKD, 1, pad_s, 0)
     v = pad_axis(v_BSKD, 1, pad_s, 0)
     qpos = jnp.stack([q_pos, q_seg], axis=1)  # [B, 2, T]: one TMA copy per block
     kvpos = jnp.stack([kv_pos, kv_seg], axis=1)
-    slopes = None if alibi_slopes_H is None else jnp.asarray(alibi_slopes_H, jnp.float32)
-    out, lse = _flash(q, k, v, qpos, kvpos, slopes, ranges, st)
+    params = None if bias_params_HP is None else jnp.asarray(bias_params_HP, jnp.float32)
+    out, lse = _flash(q, k, v, qpos, kvpos, params, ranges, st)
     return out[:, :T], lse.transpose(0, 2, 1)[:, :T]
 
 
-def visited_blocks(q_pos_BT, kv_pos_BS, q_seg_BT=None, kv_seg_BS=None, *, causal=True, window=None,
+def visited_blocks(q_pos_BT, kv_pos_BS, q_seg_BT=None, kv_seg_BS=None, *, mask: Mask = CAUSAL,
                    block_sizes: BlockSizes | None = None):
     """(visited, total) (batch row, q block, kv block) triples walked by the forward / dq kernels (per head).
 
@@ -768,7 +772,7 @@ def visited_blocks(q_pos_BT, kv_pos_BS, q_seg_BT=None, kv_seg_BS=None, *, causal
     S = kv_pos_BS.shape[1]
     q_pos, kv_pos, q_seg, kv_seg, _, _ = pad_positions(
         q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, bs.block_q, bs.block_k, always_segments=True, shape_BTS=(B, T, S))
-    st = _static(jnp.bfloat16, 64, causal, window, None, None, False, bs)
+    st = _static(jnp.bfloat16, 64, mask, None, None, None, bs)
     kv_range, _ = _block_ranges(q_pos, kv_pos, q_seg, kv_seg, st)
     nq, nk = q_pos.shape[1] // bs.block_q, kv_pos.shape[1] // bs.block_k
     return B * int((kv_range[1] - kv_range[0]).sum()), B * nq * nk

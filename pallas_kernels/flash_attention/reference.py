@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from pallas_kernels.flash_attention.masks import alibi_bias, visible
+from pallas_kernels.flash_attention.masks import CAUSAL, Bias, Mask, head_params, scores
 
 
 def attention(
@@ -20,9 +20,9 @@ def attention(
     kv_pos_BS,
     q_seg_BT=None,
     kv_seg_BS=None,
-    causal=True,
-    window=None,
-    alibi_slopes_H=None,
+    mask: Mask = CAUSAL,
+    bias: Bias | None = None,
+    bias_params_HP=None,
     scale=None,
     logits_soft_cap=None,
 ):
@@ -35,12 +35,12 @@ def attention(
     s_BKGTS = jnp.einsum(
         "btkgd,bskd->bkgts", q_BTKGD, k_BSKD, preferred_element_type=jnp.float32
     ) * scale
-    if logits_soft_cap is not None:
-        s_BKGTS = logits_soft_cap * jnp.tanh(s_BKGTS / logits_soft_cap)
-    if alibi_slopes_H is not None:
-        s_BKGTS += alibi_bias(q_pos_BT, kv_pos_BS, alibi_slopes_H).reshape(B, K, G, T, -1)
-    mask_BTS = visible(q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, causal=causal, window=window)
-    s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, -jnp.inf)
+    qp_B11T1, kp_B111S = q_pos_BT[:, None, None, :, None], kv_pos_BS[:, None, None, None, :]
+    segs = (None, None) if q_seg_BT is None else (q_seg_BT[:, None, None, :, None], kv_seg_BS[:, None, None, None, :])
+    params = head_params(bias_params_HP, K, lambda x_KG: x_KG[None, :, :, None, None])
+    s_BKGTS, vis_B11TS, _ = scores(s_BKGTS, qp_B11T1, kp_B111S, *segs, params, mask=mask, bias=bias,
+                                   soft_cap=logits_soft_cap)
+    s_BKGTS = jnp.where(vis_B11TS, s_BKGTS, -jnp.inf)
     m_BKGT = s_BKGTS.max(-1)
     m_BKGT = jnp.where(jnp.isfinite(m_BKGT), m_BKGT, 0.0)
     p_BKGTS = jnp.exp(s_BKGTS - m_BKGT[..., None])

@@ -1,10 +1,11 @@
 """Flash attention as Pallas (Mosaic TPU) kernels: forward, dq and dk/dv, with block skipping.
 
 Same contract as `reference.py` / `xla.py`: masks come from positions and
-segment ids (causal, sliding window, packed documents), GQA/MQA without
-repeating K/V in memory (the kv head of query head h is h // (H // K), chosen
-in the BlockSpec index_map), ALiBi computed in-kernel, logit soft-capping
-(applied before the ALiBi bias), an f32 log-sum-exp that is -inf (with a zero
+segment ids (`masks.Mask`: causal, sliding window, chunks; packed documents),
+GQA/MQA without repeating K/V in memory (the kv head of query head h is
+h // (H // K), chosen in the BlockSpec index_map), a `masks.Bias` (ALiBi)
+computed in-kernel from head h's parameters (SMEM), logit soft-capping
+(applied before the bias), all through `masks.scores`; an f32 log-sum-exp that is -inf (with a zero
 output) for rows that see no key, and a `custom_vjp` whose backward also
 accepts a cotangent for the log-sum-exp (ds = p * (dp - delta + dlse)).
 
@@ -40,7 +41,17 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.flash_attention.masks import block_visible, check_qkv, out_struct, pad_axis, pad_positions
+from pallas_kernels.flash_attention.masks import (
+    CAUSAL,
+    Bias,
+    Mask,
+    block_visible,
+    check_qkv,
+    out_struct,
+    pad_axis,
+    pad_positions,
+    scores,
+)
 
 _LANES = 128  # lane width: per-query-row vectors are broadcast along it
 _SUBLANES = 8  # sublane count: per-key vectors are broadcast along it
@@ -138,11 +149,10 @@ def chip_vmem() -> int | None:
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
-    causal: bool
-    window: int | None
+    mask: Mask
+    bias: Bias | None
     scale: float
     soft_cap: float | None
-    has_alibi: bool
     block_q: int
     block_k: int
     interpret: bool = False  # Pallas TPU interpret mode (CPU): fixed at trace time, so the VJP's calls match
@@ -163,30 +173,27 @@ _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _NN = (((1,), (0,)), ((), ()))  # a @ b
 
 
-def _scores(q, k, qp_ref, qs_ref, kp_ref, ks_ref, slope, st: _Static):
-    """f32 scores [bq, bk] (soft-capped, ALiBi-biased), their mask, and tanh(s/cap) for the backward."""
+def _head_params(params_ref, h, st: _Static) -> tuple:
+    """Query head h's bias parameters: scalars from the flattened [H * P] SMEM table (() without a bias)."""
+    if st.bias is None:
+        return ()
+    P = st.bias.num_params
+    return tuple(params_ref[h * P + p] for p in range(P))
+
+
+def _scores(q, k, qp_ref, qs_ref, kp_ref, ks_ref, params, st: _Static):
+    """f32 scores [bq, bk] (soft-capped, biased), their mask, and tanh(s/cap) for the backward."""
     s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * st.scale
-    t = None
-    if st.soft_cap is not None:
-        t = jnp.tanh(s / st.soft_cap)
-        s = st.soft_cap * t
-    qp = qp_ref[...][:, :1]  # [bq, 1]
-    kp = kp_ref[...][:1, :]  # [1, bk]
-    d = qp - kp  # q_pos - kv_pos, [bq, bk]
-    if slope is not None:
-        s = s - slope * jnp.abs(d).astype(jnp.float32)
-    mask = qs_ref[...][:, :1] == ks_ref[...][:1, :]
-    if st.causal:
-        mask &= d >= 0
-    if st.window is not None:
-        mask &= (d < st.window) if st.causal else (jnp.abs(d) < st.window)
-    return s, mask, t
+    # positions / segments: [bq, 1] query columns against [1, bk] key rows
+    return scores(s, qp_ref[...][:, :1], kp_ref[...][:1, :], qs_ref[...][:, :1], ks_ref[...][:1, :], params,
+                  mask=st.mask, bias=st.bias, soft_cap=st.soft_cap)
 
 
 def _fwd_kernel(kv_idx_ref, kv_cnt_ref, *refs, st: _Static, nq: int, nk: int):
     del kv_idx_ref  # only the index_maps read it
-    if st.has_alibi:
-        slopes_ref, *refs = refs
+    params_ref = None
+    if st.bias is not None:
+        params_ref, *refs = refs
     q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
     b, h, i, j = (pl.program_id(a) for a in range(4))
 
@@ -198,9 +205,9 @@ def _fwd_kernel(kv_idx_ref, kv_cnt_ref, *refs, st: _Static, nq: int, nk: int):
 
     @pl.when(j < kv_cnt_ref[b * nq + i])
     def _compute():
-        slope = slopes_ref[h] if st.has_alibi else None
+        params = _head_params(params_ref, h, st)
         v = v_ref[...]
-        s, mask, _ = _scores(q_ref[...], k_ref[...], qp_ref, qs_ref, kp_ref, ks_ref, slope, st)
+        s, mask, _ = _scores(q_ref[...], k_ref[...], qp_ref, qs_ref, kp_ref, ks_ref, params, st)
         s = jnp.where(mask, s, -jnp.inf)
         m_prev = m_sc[...][:, :1]
         m_new = jnp.maximum(m_prev, s.max(-1, keepdims=True))
@@ -222,9 +229,9 @@ def _fwd_kernel(kv_idx_ref, kv_cnt_ref, *refs, st: _Static, nq: int, nk: int):
         lse_ref[...] = jnp.broadcast_to(lse, lse_ref.shape)
 
 
-def _probs_and_dscores(q, k, v, do, lse_ref, di_ref, qp_ref, qs_ref, kp_ref, ks_ref, slope, st: _Static):
+def _probs_and_dscores(q, k, v, do, lse_ref, di_ref, qp_ref, qs_ref, kp_ref, ks_ref, params, st: _Static):
     """Recompute p from the saved lse; ds = p * (dp - (delta - dlse)), through the soft-cap, times scale."""
-    s, mask, t = _scores(q, k, qp_ref, qs_ref, kp_ref, ks_ref, slope, st)
+    s, mask, t = _scores(q, k, qp_ref, qs_ref, kp_ref, ks_ref, params, st)
     p = jnp.where(mask, jnp.exp(s - lse_ref[...][:, :1]), 0.0)
     dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
     ds = p * (dp - di_ref[...][:, :1])
@@ -235,8 +242,9 @@ def _probs_and_dscores(q, k, v, do, lse_ref, di_ref, qp_ref, qs_ref, kp_ref, ks_
 
 def _dq_kernel(kv_idx_ref, kv_cnt_ref, *refs, st: _Static, nq: int, nk: int):
     del kv_idx_ref
-    if st.has_alibi:
-        slopes_ref, *refs = refs
+    params_ref = None
+    if st.bias is not None:
+        params_ref, *refs = refs
     q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qp_ref, qs_ref, kp_ref, ks_ref, dq_ref, dq_sc = refs
     b, h, i, j = (pl.program_id(a) for a in range(4))
 
@@ -246,10 +254,10 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, *refs, st: _Static, nq: int, nk: int):
 
     @pl.when(j < kv_cnt_ref[b * nq + i])
     def _compute():
-        slope = slopes_ref[h] if st.has_alibi else None
+        params = _head_params(params_ref, h, st)
         k = k_ref[...]
         _, ds = _probs_and_dscores(
-            q_ref[...], k, v_ref[...], do_ref[...], lse_ref, di_ref, qp_ref, qs_ref, kp_ref, ks_ref, slope, st
+            q_ref[...], k, v_ref[...], do_ref[...], lse_ref, di_ref, qp_ref, qs_ref, kp_ref, ks_ref, params, st
         )
         dq_sc[...] += lax.dot_general(ds.astype(k.dtype), k, _NN, preferred_element_type=jnp.float32)
 
@@ -260,8 +268,9 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, *refs, st: _Static, nq: int, nk: int):
 
 def _dkv_kernel(q_idx_ref, q_cnt_ref, *refs, st: _Static, nq: int, nk: int, groups: int):
     del q_idx_ref
-    if st.has_alibi:
-        slopes_ref, *refs = refs
+    params_ref = None
+    if st.bias is not None:
+        params_ref, *refs = refs
     (q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qp_ref, qs_ref, kp_ref, ks_ref,
      dk_ref, dv_ref, dk_sc, dv_sc) = refs
     b, kh, j, g, t = (pl.program_id(a) for a in range(5))
@@ -273,10 +282,10 @@ def _dkv_kernel(q_idx_ref, q_cnt_ref, *refs, st: _Static, nq: int, nk: int, grou
 
     @pl.when(t < q_cnt_ref[b * nk + j])
     def _compute():
-        slope = slopes_ref[kh * groups + g] if st.has_alibi else None
+        params = _head_params(params_ref, kh * groups + g, st)
         q, do = q_ref[...], do_ref[...]
         p, ds = _probs_and_dscores(
-            q, k_ref[...], v_ref[...], do, lse_ref, di_ref, qp_ref, qs_ref, kp_ref, ks_ref, slope, st
+            q, k_ref[...], v_ref[...], do, lse_ref, di_ref, qp_ref, qs_ref, kp_ref, ks_ref, params, st
         )
         dv_sc[...] += lax.dot_general(p.astype(do.dtype).T, do, _NN, preferred_element_type=jnp.float32)
         dk_sc[...] += lax.dot_general(ds.astype(q.dtype).T, q, _NN, preferred_element_type=jnp.float32)
@@ -343,7 +352,7 @@ def _block_tables(q_pos, kv_pos, q_seg, kv_seg, st: _Static):
         return block_visible(
             qp.reshape(1, nq, st.block_q), kp.reshape(1, nk, st.block_k),
             qs.reshape(1, nq, st.block_q), ks.reshape(1, nk, st.block_k),
-            causal=st.causal, window=st.window,
+            mask=st.mask,
         )
 
     vis_BNM = jax.vmap(one_row)(q_pos, kv_pos, q_seg, kv_seg)
@@ -352,7 +361,7 @@ def _block_tables(q_pos, kv_pos, q_seg, kv_seg, st: _Static):
     return kv_idx, kv_cnt, q_idx, q_cnt
 
 
-def _fwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes, tables, st: _Static):
+def _fwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, params, tables, st: _Static):
     _check_blocked_shapes(q, k, v, q_pos, kv_pos, q_seg, kv_seg, st)
     B, H, T, D = q.shape
     K, S, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -374,9 +383,9 @@ def _fwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes, tables, st: _Static
         pl.BlockSpec((None, _SUBLANES, bk), lambda b, h, i, j, ki, kc: (b, 0, kv_block(b, i, j, ki))),
     ]
     args = [q, k, v, _row_layout(q_pos), _row_layout(q_seg), _col_layout(kv_pos), _col_layout(kv_seg)]
-    if st.has_alibi:
+    if st.bias is not None:  # [H * P] f32 scalars
         in_specs.insert(0, pl.BlockSpec(memory_space=pltpu.SMEM))
-        args.insert(0, slopes.astype(jnp.float32))
+        args.insert(0, params.astype(jnp.float32).reshape(-1))
     out, lse = pl.pallas_call(
         functools.partial(_fwd_kernel, st=st, nq=nq, nk=nk),
         interpret=_interpret(st),
@@ -404,7 +413,7 @@ def _fwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes, tables, st: _Static
     return out, lse[..., 0]
 
 
-def _dq_call(q, k, v, do, lse_rows, di_rows, q_pos, kv_pos, q_seg, kv_seg, slopes, tables, st: _Static):
+def _dq_call(q, k, v, do, lse_rows, di_rows, q_pos, kv_pos, q_seg, kv_seg, params, tables, st: _Static):
     _check_blocked_shapes(q, k, v, q_pos, kv_pos, q_seg, kv_seg, st)
     B, H, T, D = q.shape
     K, S, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -430,9 +439,9 @@ def _dq_call(q, k, v, do, lse_rows, di_rows, q_pos, kv_pos, q_seg, kv_seg, slope
     ]
     args = [q, k, v, do, lse_rows, di_rows,
             _row_layout(q_pos), _row_layout(q_seg), _col_layout(kv_pos), _col_layout(kv_seg)]
-    if st.has_alibi:
+    if st.bias is not None:  # [H * P] f32 scalars
         in_specs.insert(0, pl.BlockSpec(memory_space=pltpu.SMEM))
-        args.insert(0, slopes.astype(jnp.float32))
+        args.insert(0, params.astype(jnp.float32).reshape(-1))
     return pl.pallas_call(
         functools.partial(_dq_kernel, st=st, nq=nq, nk=nk),
         interpret=_interpret(st),
@@ -449,7 +458,7 @@ def _dq_call(q, k, v, do, lse_rows, di_rows, q_pos, kv_pos, q_seg, kv_seg, slope
     )(kv_idx, kv_cnt, *args)
 
 
-def _dkv_call(q, k, v, do, lse_rows, di_rows, q_pos, kv_pos, q_seg, kv_seg, slopes, tables, st: _Static):
+def _dkv_call(q, k, v, do, lse_rows, di_rows, q_pos, kv_pos, q_seg, kv_seg, params, tables, st: _Static):
     _check_blocked_shapes(q, k, v, q_pos, kv_pos, q_seg, kv_seg, st)
     B, H, T, D = q.shape
     K, S, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -479,9 +488,9 @@ def _dkv_call(q, k, v, do, lse_rows, di_rows, q_pos, kv_pos, q_seg, kv_seg, slop
                 q_rows(), q_rows(), kv_cols(), kv_cols()]
     args = [q, k, v, do, lse_rows, di_rows,
             _row_layout(q_pos), _row_layout(q_seg), _col_layout(kv_pos), _col_layout(kv_seg)]
-    if st.has_alibi:
+    if st.bias is not None:  # [H * P] f32 scalars
         in_specs.insert(0, pl.BlockSpec(memory_space=pltpu.SMEM))
-        args.insert(0, slopes.astype(jnp.float32))
+        args.insert(0, params.astype(jnp.float32).reshape(-1))
     return pl.pallas_call(
         functools.partial(_dkv_kernel, st=st, nq=nq, nk=nk, groups=G),
         interpret=_interpret(st),
@@ -502,17 +511,17 @@ def _dkv_call(q, k, v, do, lse_rows, di_rows, q_pos, kv_pos, q_seg, kv_seg, slop
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
-def _flash(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes, tables, st):
-    return _fwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes, tables, st)
+def _flash(q, k, v, q_pos, kv_pos, q_seg, kv_seg, params, tables, st):
+    return _fwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, params, tables, st)
 
 
-def _flash_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes, tables, st):
-    out, lse = _fwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes, tables, st)
-    return (out, lse), (q, k, v, out, lse, q_pos, kv_pos, q_seg, kv_seg, slopes, tables)
+def _flash_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, params, tables, st):
+    out, lse = _fwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, params, tables, st)
+    return (out, lse), (q, k, v, out, lse, q_pos, kv_pos, q_seg, kv_seg, params, tables)
 
 
 def _flash_bwd(st, res, g):
-    q, k, v, out, lse, q_pos, kv_pos, q_seg, kv_seg, slopes, tables = res
+    q, k, v, out, lse, q_pos, kv_pos, q_seg, kv_seg, params, tables = res
     do, dlse = g
     do = do.astype(q.dtype)
     delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [B, H, T]
@@ -520,12 +529,12 @@ def _flash_bwd(st, res, g):
     lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)  # rows that see nothing have p == 0 anyway
     lse_rows = jnp.broadcast_to(lse_safe[..., None], (*lse.shape, _LANES))
     di_rows = jnp.broadcast_to(di[..., None], (*di.shape, _LANES))
-    args = (q, k, v, do, lse_rows, di_rows, q_pos, kv_pos, q_seg, kv_seg, slopes, tables, st)
+    args = (q, k, v, do, lse_rows, di_rows, q_pos, kv_pos, q_seg, kv_seg, params, tables, st)
     dq = _dq_call(*args)
     dk, dv = _dkv_call(*args)
-    # ALiBi slopes are fixed by the scheme, never trained: zero cotangent (as in xla.py).
-    dslopes = None if slopes is None else jnp.zeros_like(slopes)
-    return dq, dk, dv, None, None, None, None, dslopes, None
+    # Bias parameters (ALiBi slopes) are fixed by the scheme, never trained: zero cotangent (as in xla.py).
+    dparams = None if params is None else jnp.zeros_like(params)
+    return dq, dk, dv, None, None, None, None, dparams, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -543,19 +552,16 @@ def _as_block_sizes(block_sizes) -> BlockSizes:
     return BlockSizes(block_q=block_sizes.block_q, block_k=block_sizes.block_k)
 
 
-def _static(D, causal, window, scale, logits_soft_cap, has_alibi, bs: BlockSizes, interpret: bool = False,
+def _static(D, mask: Mask, bias: Bias | None, scale, logits_soft_cap, bs: BlockSizes, interpret: bool = False,
             Dv=None, itemsize=2):
-    if window is not None and int(window) <= 0:
-        raise ValueError(f"window must be a positive int or None, got {window}")
     vmem = None if interpret else chip_vmem()
     if vmem is not None:
         check_vmem(bs.block_q, bs.block_k, D, Dv, itemsize, vmem)
     return _Static(
-        causal=bool(causal),
-        window=None if window is None else int(window),
+        mask=mask,
+        bias=bias,
         scale=float(D**-0.5 if scale is None else scale),
         soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
-        has_alibi=has_alibi,
         block_q=bs.block_q,
         block_k=bs.block_k,
         interpret=interpret,
@@ -563,25 +569,25 @@ def _static(D, causal, window, scale, logits_soft_cap, has_alibi, bs: BlockSizes
     )
 
 
-def _prepare(q_BTHD, k_BSKD, v_BSKD, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, causal, window, alibi_slopes_H,
+def _prepare(q_BTHD, k_BSKD, v_BSKD, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, mask, bias, bias_params_HP,
              scale, logits_soft_cap, block_sizes, interpret):
     """Shape checks, padding to whole blocks and block tables, shared by the forward and `attention_bwd`.
 
     Returns ((T, S), padded (q_pos, kv_pos, q_seg, kv_seg), layout functions (rows: [B, T, H, D] -> padded
-    [B, H, T, D], cols: [B, S, K, D] -> [B, K, S, D], stats: [B, T, H] -> [B, H, T]), slopes, tables, static).
+    [B, H, T, D], cols: [B, S, K, D] -> [B, K, S, D], stats: [B, T, H] -> [B, H, T]), bias params, tables, static).
     """
     bs = _as_block_sizes(block_sizes)
-    B, T, S, H, K, D = check_qkv(q_BTHD, k_BSKD, v_BSKD, alibi_slopes_H)
+    B, T, S, H, K, D = check_qkv(q_BTHD, k_BSKD, v_BSKD, bias, bias_params_HP)
     q_pos, kv_pos, q_seg, kv_seg, pad_t, pad_s = pad_positions(
         q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, bs.block_q, bs.block_k, always_segments=True, shape_BTS=(B, T, S))
-    st = _static(D, causal, window, scale, logits_soft_cap, alibi_slopes_H is not None, bs, interpret,
-                 Dv=v_BSKD.shape[-1], itemsize=jnp.dtype(q_BTHD.dtype).itemsize)
+    st = _static(D, mask, bias, scale, logits_soft_cap, bs, interpret, Dv=v_BSKD.shape[-1],
+                 itemsize=jnp.dtype(q_BTHD.dtype).itemsize)
     tables = _block_tables(q_pos, kv_pos, q_seg, kv_seg, st)
     rows = lambda x: pad_axis(x, 1, pad_t, 0).transpose(0, 2, 1, 3)  # noqa: E731
     cols = lambda x: pad_axis(x, 1, pad_s, 0).transpose(0, 2, 1, 3)  # noqa: E731
     stats = lambda x: pad_axis(x, 1, pad_t, 0).transpose(0, 2, 1)  # noqa: E731
-    slopes = None if alibi_slopes_H is None else jnp.asarray(alibi_slopes_H, jnp.float32)
-    return (T, S), (q_pos, kv_pos, q_seg, kv_seg), (rows, cols, stats), slopes, tables, st
+    params = None if bias_params_HP is None else jnp.asarray(bias_params_HP, jnp.float32)
+    return (T, S), (q_pos, kv_pos, q_seg, kv_seg), (rows, cols, stats), params, tables, st
 
 
 def attention(
@@ -593,9 +599,9 @@ def attention(
     kv_pos_BS,
     q_seg_BT=None,
     kv_seg_BS=None,
-    causal=True,
-    window=None,
-    alibi_slopes_H=None,
+    mask: Mask = CAUSAL,
+    bias: Bias | None = None,
+    bias_params_HP=None,
     scale=None,
     logits_soft_cap=None,
     block_sizes: BlockSizes | None = None,
@@ -605,27 +611,28 @@ def attention(
 
     `interpret=True` runs every kernel (forward and backward) in Pallas TPU interpret mode, on any backend.
     """
-    (T, _), (q_pos, kv_pos, q_seg, kv_seg), (rows, cols, _), slopes, tables, st = _prepare(
-        q_BTHD, k_BSKD, v_BSKD, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, causal, window, alibi_slopes_H, scale,
+    (T, _), (q_pos, kv_pos, q_seg, kv_seg), (rows, cols, _), params, tables, st = _prepare(
+        q_BTHD, k_BSKD, v_BSKD, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, mask, bias, bias_params_HP, scale,
         logits_soft_cap, block_sizes, interpret)
-    out, lse = _flash(rows(q_BTHD), cols(k_BSKD), cols(v_BSKD), q_pos, kv_pos, q_seg, kv_seg, slopes, tables, st)
+    out, lse = _flash(rows(q_BTHD), cols(k_BSKD), cols(v_BSKD), q_pos, kv_pos, q_seg, kv_seg, params, tables, st)
     return out.transpose(0, 2, 1, 3)[:, :T], lse.transpose(0, 2, 1)[:, :T]
 
 
 def attention_bwd(q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BTH, do_BTHD, dlse_BTH, *, q_pos_BT, kv_pos_BS,
-                  q_seg_BT=None, kv_seg_BS=None, causal=True, window=None, alibi_slopes_H=None, scale=None,
-                  logits_soft_cap=None, block_sizes: BlockSizes | None = None, interpret: bool = False):
+                  q_seg_BT=None, kv_seg_BS=None, mask: Mask = CAUSAL, bias: Bias | None = None,
+                  bias_params_HP=None, scale=None, logits_soft_cap=None, block_sizes: BlockSizes | None = None,
+                  interpret: bool = False):
     """(dq, dk, dv) of one key shard given the rows' final out and lse (ring attention; see xla.attention_bwd)."""
-    (T, S), (q_pos, kv_pos, q_seg, kv_seg), (rows, cols, stats), slopes, tables, st = _prepare(
-        q_BTHD, k_BSKD, v_BSKD, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, causal, window, alibi_slopes_H, scale,
+    (T, S), (q_pos, kv_pos, q_seg, kv_seg), (rows, cols, stats), params, tables, st = _prepare(
+        q_BTHD, k_BSKD, v_BSKD, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, mask, bias, bias_params_HP, scale,
         logits_soft_cap, block_sizes, interpret)
     res = (rows(q_BTHD), cols(k_BSKD), cols(v_BSKD), rows(out_BTHD), stats(lse_BTH), q_pos, kv_pos, q_seg, kv_seg,
-           slopes, tables)
+           params, tables)
     dq, dk, dv = _flash_bwd(st, res, (rows(do_BTHD), stats(dlse_BTH)))[:3]
     return dq.transpose(0, 2, 1, 3)[:, :T], dk.transpose(0, 2, 1, 3)[:, :S], dv.transpose(0, 2, 1, 3)[:, :S]
 
 
-def visited_blocks(q_pos_BT, kv_pos_BS, q_seg_BT=None, kv_seg_BS=None, *, causal=True, window=None,
+def visited_blocks(q_pos_BT, kv_pos_BS, q_seg_BT=None, kv_seg_BS=None, *, mask: Mask = CAUSAL,
                    block_sizes: BlockSizes | None = None):
     """(visited, total) (batch row, q block, kv block) triples: the forward / dq kernels' work.
 
@@ -637,7 +644,7 @@ def visited_blocks(q_pos_BT, kv_pos_BS, q_seg_BT=None, kv_seg_BS=None, *, causal
     S = kv_pos_BS.shape[1]
     q_pos, kv_pos, q_seg, kv_seg, _, _ = pad_positions(
         q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, bs.block_q, bs.block_k, always_segments=True, shape_BTS=(B, T, S))
-    st = _static(1, causal, window, None, None, False, bs)
+    st = _static(1, mask, None, None, None, bs)
     _, kv_cnt, _, _ = _block_tables(q_pos, kv_pos, q_seg, kv_seg, st)
     nq, nk = q_pos.shape[1] // bs.block_q, kv_pos.shape[1] // bs.block_k
     return int(kv_cnt.sum()), B * nq * nk

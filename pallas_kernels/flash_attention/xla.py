@@ -19,7 +19,18 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.flash_attention.masks import block_visible, like_vma, pad_axis, pad_positions, visible
+from pallas_kernels.flash_attention.masks import (
+    CAUSAL,
+    Bias,
+    Mask,
+    block_visible,
+    check_bias,
+    head_params,
+    like_vma,
+    pad_axis,
+    pad_positions,
+    scores,
+)
 
 # ----------------------------------------------------------------------------- block sizes
 
@@ -40,8 +51,8 @@ class BlockSizes:
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
-    causal: bool
-    window: int | None
+    mask: Mask
+    bias: Bias | None
     scale: float
     soft_cap: float | None
     block_q: int
@@ -51,18 +62,12 @@ class _Static:
 # ----------------------------------------------------------------------------- block body
 
 
-def _logits(q_i, k_j, qp_i, kp_j, qs_i, ks_j, slopes_KG, st: _Static):
-    """Scores [B, K, G, bq, bk] in f32, their mask, and tanh(s/cap) for the soft-cap backward."""
+def _logits(q_i, k_j, qp_i, kp_j, qs_i, ks_j, params, st: _Static):
+    """Scores [B, K, G, bq, bk] in f32, their visibility [B, 1, 1, bq, bk], and tanh(s/cap) for the backward."""
     s = jnp.einsum("bqkgd,bskd->bkgqs", q_i, k_j, preferred_element_type=jnp.float32) * st.scale
-    t = None
-    if st.soft_cap is not None:
-        t = jnp.tanh(s / st.soft_cap)
-        s = st.soft_cap * t
-    if slopes_KG is not None:
-        dist = jnp.abs(qp_i[:, :, None] - kp_j[:, None, :]).astype(jnp.float32)
-        s = s - slopes_KG[None, :, :, None, None] * dist[:, None, None]
-    mask = visible(qp_i, kp_j, qs_i, ks_j, causal=st.causal, window=st.window)[:, None, None]
-    return s, mask, t
+    rows, cols = (lambda x: x[:, None, None, :, None]), (lambda x: x[:, None, None, None, :])  # noqa: E731
+    segs = (None, None) if qs_i is None else (rows(qs_i), cols(ks_j))
+    return scores(s, rows(qp_i), cols(kp_j), *segs, params, mask=st.mask, bias=st.bias, soft_cap=st.soft_cap)
 
 
 def _block_range(vis_NM):
@@ -86,7 +91,7 @@ def _blocked(q, k, v, q_pos, kv_pos, q_seg, kv_seg, st: _Static):
     kpb = kv_pos.reshape(B, nk, st.block_k)
     qsb = None if q_seg is None else q_seg.reshape(B, nq, st.block_q)
     ksb = None if kv_seg is None else kv_seg.reshape(B, nk, st.block_k)
-    vis = block_visible(qpb, kpb, qsb, ksb, causal=st.causal, window=st.window)
+    vis = block_visible(qpb, kpb, qsb, ksb, mask=st.mask)
     return qb, kb, vb, qpb, kpb, qsb, ksb, vis
 
 
@@ -94,13 +99,13 @@ def _take(x, i):
     return None if x is None else x[:, i]
 
 
-def _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes_H, st: _Static):
+def _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, bias_params_HP, st: _Static):
     B, T, H, D = q.shape
     K, Dv = k.shape[2], v.shape[3]
     G = H // K
     qb, kb, vb, qpb, kpb, qsb, ksb, vis = _blocked(q, k, v, q_pos, kv_pos, q_seg, kv_seg, st)
     lo, hi = _block_range(vis)
-    slopes_KG = None if slopes_H is None else slopes_H.astype(jnp.float32).reshape(K, G)
+    params = head_params(bias_params_HP, K, lambda x_KG: x_KG[None, :, :, None, None])
 
     def q_block(i):
         q_i, qp_i, qs_i = qb[:, i], qpb[:, i], _take(qsb, i)
@@ -108,7 +113,7 @@ def _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes_H, st: _Static):
         def step(j, carry):
             def compute(carry):
                 m, l, acc = carry
-                s, mask, _ = _logits(q_i, kb[:, j], qp_i, kpb[:, j], qs_i, _take(ksb, j), slopes_KG, st)
+                s, mask, _ = _logits(q_i, kb[:, j], qp_i, kpb[:, j], qs_i, _take(ksb, j), params, st)
                 s = jnp.where(mask, s, -jnp.inf)
                 m_new = jnp.maximum(m, s.max(-1))
                 m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -139,14 +144,14 @@ def _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes_H, st: _Static):
     return out, lse
 
 
-def _backward(q, k, v, out, lse, do, dlse, q_pos, kv_pos, q_seg, kv_seg, slopes_H, st: _Static):
+def _backward(q, k, v, out, lse, do, dlse, q_pos, kv_pos, q_seg, kv_seg, bias_params_HP, st: _Static):
     B, T, H, D = q.shape
     K, Dv = k.shape[2], v.shape[3]
     G = H // K
     qb, kb, vb, qpb, kpb, qsb, ksb, vis = _blocked(q, k, v, q_pos, kv_pos, q_seg, kv_seg, st)
     lo, hi = _block_range(vis)
     nq, nk = qb.shape[1], kb.shape[1]
-    slopes_KG = None if slopes_H is None else slopes_H.astype(jnp.float32).reshape(K, G)
+    params = head_params(bias_params_HP, K, lambda x_KG: x_KG[None, :, :, None, None])
 
     def per_row(x_BTH):  # [B, T, H] -> [B, nq, K, G, bq]
         return x_BTH.reshape(B, nq, st.block_q, K, G).transpose(0, 1, 3, 4, 2)
@@ -164,7 +169,7 @@ def _backward(q, k, v, out, lse, do, dlse, q_pos, kv_pos, q_seg, kv_seg, slopes_
             def compute(c):
                 dq_i, dk_acc, dv_acc = c
                 k_j, v_j = kb[:, j], vb[:, j]
-                s, mask, t = _logits(q_i, k_j, qp_i, kpb[:, j], qs_i, _take(ksb, j), slopes_KG, st)
+                s, mask, t = _logits(q_i, k_j, qp_i, kpb[:, j], qs_i, _take(ksb, j), params, st)
                 p = jnp.where(mask, jnp.exp(s - lse_i[..., None]), 0.0)
                 dp = jnp.einsum("bqkgd,bskd->bkgqs", do_i, v_j, preferred_element_type=jnp.float32)
                 ds = p * (dp - delta_i[..., None] + dlse_i[..., None])
@@ -201,22 +206,22 @@ def _backward(q, k, v, out, lse, do, dlse, q_pos, kv_pos, q_seg, kv_seg, slopes_
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
-def _flash(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes_H, st):
-    return _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes_H, st)
+def _flash(q, k, v, q_pos, kv_pos, q_seg, kv_seg, bias_params_HP, st):
+    return _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, bias_params_HP, st)
 
 
-def _flash_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes_H, st):
-    out, lse = _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, slopes_H, st)
-    return (out, lse), (q, k, v, out, lse, q_pos, kv_pos, q_seg, kv_seg, slopes_H)
+def _flash_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, bias_params_HP, st):
+    out, lse = _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, bias_params_HP, st)
+    return (out, lse), (q, k, v, out, lse, q_pos, kv_pos, q_seg, kv_seg, bias_params_HP)
 
 
 def _flash_bwd(st, res, g):
-    q, k, v, out, lse, q_pos, kv_pos, q_seg, kv_seg, slopes_H = res
+    q, k, v, out, lse, q_pos, kv_pos, q_seg, kv_seg, bias_params_HP = res
     do, dlse = g
-    dq, dk, dv = _backward(q, k, v, out, lse, do, dlse, q_pos, kv_pos, q_seg, kv_seg, slopes_H, st)
-    # ALiBi slopes are fixed by the scheme, never trained: zero cotangent.
-    dslopes = None if slopes_H is None else jnp.zeros_like(slopes_H)
-    return dq, dk, dv, None, None, None, None, dslopes
+    dq, dk, dv = _backward(q, k, v, out, lse, do, dlse, q_pos, kv_pos, q_seg, kv_seg, bias_params_HP, st)
+    # Bias parameters (ALiBi slopes) are fixed by the scheme, never trained: zero cotangent.
+    dparams = None if bias_params_HP is None else jnp.zeros_like(bias_params_HP)
+    return dq, dk, dv, None, None, None, None, dparams
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -225,23 +230,28 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # ----------------------------------------------------------------------------- wrapper
 
 
-def _prepare(q_BTHD, k_BSKD, v_BSKD, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, causal, window, scale,
-             logits_soft_cap, block_sizes):
+def _prepare(q_BTHD, k_BSKD, v_BSKD, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, mask, bias, bias_params_HP,
+             scale, logits_soft_cap, block_sizes):
     """Pad to whole blocks and fix the static settings (shared by the forward and `attention_bwd`)."""
     bs = block_sizes or BlockSizes()
     T, D = q_BTHD.shape[1], q_BTHD.shape[3]
     S = k_BSKD.shape[1]
     bq, bk = min(bs.block_q, T), min(bs.block_k, S)
     q_pos, kv_pos, q_seg, kv_seg, pad_t, pad_s = pad_positions(q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, bq, bk)
+    check_bias(bias, bias_params_HP, q_BTHD.shape[2])
     st = _Static(
-        causal=bool(causal),
-        window=None if window is None else int(window),
+        mask=mask,
+        bias=bias,
         scale=float(D**-0.5 if scale is None else scale),
         soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
         block_q=bq,
         block_k=bk,
     )
     return q_pos, kv_pos, q_seg, kv_seg, pad_t, pad_s, st
+
+
+def _params(bias_params_HP):
+    return None if bias_params_HP is None else jnp.asarray(bias_params_HP, jnp.float32)
 
 
 def attention(
@@ -253,9 +263,9 @@ def attention(
     kv_pos_BS,
     q_seg_BT=None,
     kv_seg_BS=None,
-    causal=True,
-    window=None,
-    alibi_slopes_H=None,
+    mask: Mask = CAUSAL,
+    bias: Bias | None = None,
+    bias_params_HP=None,
     scale=None,
     logits_soft_cap=None,
     block_sizes: BlockSizes | None = None,
@@ -263,17 +273,17 @@ def attention(
     """Blockwise attention; returns (out_BTHD, lse_BTH). Shapes are validated by `lc_jax.ops`."""
     T = q_BTHD.shape[1]
     q_pos, kv_pos, q_seg, kv_seg, pad_t, pad_s, st = _prepare(
-        q_BTHD, k_BSKD, v_BSKD, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, causal, window, scale,
-        logits_soft_cap, block_sizes)
+        q_BTHD, k_BSKD, v_BSKD, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, mask, bias, bias_params_HP,
+        scale, logits_soft_cap, block_sizes)
     q = pad_axis(q_BTHD, 1, pad_t, 0)
     k, v = pad_axis(k_BSKD, 1, pad_s, 0), pad_axis(v_BSKD, 1, pad_s, 0)
-    out, lse = _flash(q, k, v, q_pos, kv_pos, q_seg, kv_seg, alibi_slopes_H, st)
+    out, lse = _flash(q, k, v, q_pos, kv_pos, q_seg, kv_seg, _params(bias_params_HP), st)
     return out[:, :T], lse[:, :T]
 
 
 def attention_bwd(q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BTH, do_BTHD, dlse_BTH, *, q_pos_BT, kv_pos_BS,
-                  q_seg_BT=None, kv_seg_BS=None, causal=True, window=None, alibi_slopes_H=None, scale=None,
-                  logits_soft_cap=None, block_sizes: BlockSizes | None = None):
+                  q_seg_BT=None, kv_seg_BS=None, mask: Mask = CAUSAL, bias: Bias | None = None,
+                  bias_params_HP=None, scale=None, logits_soft_cap=None, block_sizes: BlockSizes | None = None):
     """(dq, dk, dv) of one key shard, given the rows' *final* out and lse.
 
     Ring attention merges many key shards; with the merged lse,
@@ -283,16 +293,16 @@ def attention_bwd(q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BTH, do_BTHD, dlse_BTH, 
     """
     T, S = q_BTHD.shape[1], k_BSKD.shape[1]
     q_pos, kv_pos, q_seg, kv_seg, pad_t, pad_s, st = _prepare(
-        q_BTHD, k_BSKD, v_BSKD, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, causal, window, scale,
-        logits_soft_cap, block_sizes)
+        q_BTHD, k_BSKD, v_BSKD, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, mask, bias, bias_params_HP,
+        scale, logits_soft_cap, block_sizes)
     padq = lambda x: pad_axis(x, 1, pad_t, 0)  # noqa: E731
     k, v = pad_axis(k_BSKD, 1, pad_s, 0), pad_axis(v_BSKD, 1, pad_s, 0)
     dq, dk, dv = _backward(padq(q_BTHD), k, v, padq(out_BTHD), padq(lse_BTH), padq(do_BTHD), padq(dlse_BTH),
-                           q_pos, kv_pos, q_seg, kv_seg, alibi_slopes_H, st)
+                           q_pos, kv_pos, q_seg, kv_seg, _params(bias_params_HP), st)
     return dq[:, :T], dk[:, :S], dv[:, :S]
 
 
-def visited_blocks(q_pos_BT, kv_pos_BS, q_seg_BT=None, kv_seg_BS=None, *, causal=True, window=None,
+def visited_blocks(q_pos_BT, kv_pos_BS, q_seg_BT=None, kv_seg_BS=None, *, mask: Mask = CAUSAL,
                    block_sizes: BlockSizes | None = None):
     """(visited, total) key-block visits: how much work block skipping saves for this layout."""
     bs = block_sizes or BlockSizes()
@@ -305,6 +315,6 @@ def visited_blocks(q_pos_BT, kv_pos_BS, q_seg_BT=None, kv_seg_BS=None, *, causal
     vis = block_visible(
         q_pos_BT.reshape(B, -1, bq), kv_pos_BS.reshape(B, -1, bk),
         q_seg_BT.reshape(B, -1, bq) if segs else None, kv_seg_BS.reshape(B, -1, bk) if segs else None,
-        causal=causal, window=window,
+        mask=mask,
     )
     return int(vis.sum()), int(vis.size)
