@@ -116,6 +116,12 @@ LAYERS = {
 LAYER = LAYERS["quickstart"]
 
 
+def _runs_xla(impl: str, q, k, pos) -> bool:
+    """Whether `ops.attention` picks the blockwise XLA path for this layer's full attention under `impl`."""
+    pos = jnp.arange(q.shape[1], dtype=jnp.int32)[None] if pos is None else pos
+    return ops.choose(impl, ops.describe(q, k, pos, pos)).name == "xla"
+
+
 def layer_fns(T: int, topk: int, index_block_k: int, select: str, *, sparse: str = "xla", index_block_q: int = 128,
               sparse_block_q: int | None = None, full_impl: str = "auto", dtype=jnp.float32):
     """Jitted value-and-grad functions of one layer at length T and their inputs.
@@ -144,7 +150,7 @@ def layer_fns(T: int, topk: int, index_block_k: int, select: str, *, sparse: str
     P = dict(q_pos_BT=pos, kv_pos_BS=pos)
     sg = jax.lax.stop_gradient
     # The blockwise XLA path gets the CPU-tuned blocks; the Pallas kernels their own defaults.
-    full_blocks = BlockSizes(256, 512) if ops.resolve_impl(full_impl) == "xla" else None
+    full_blocks = BlockSizes(256, 512) if _runs_xla(full_impl, q, k, pos) else None
 
     def full(q, k, v):
         out = ops.attention(q, k, v, **P, mask=Mask(), impl=full_impl, block_sizes=full_blocks)
@@ -258,7 +264,8 @@ def layer_main(a) -> None:
               + f" ({lead})", flush=True)
         for n, e in errors.items():
             print(f"  {n}: {e}", flush=True)
-    full_how = ("blockwise XLA flash, blocks 256 x 512" if ops.resolve_impl(a.full_impl) == "xla"
+    probe = jnp.zeros((1, 1024, LAYER["H"], LAYER["D"]), dtype)
+    full_how = ("blockwise XLA flash, blocks 256 x 512" if _runs_xla(a.full_impl, probe, probe, None)
                 else "the Pallas flash kernel, its default blocks")
     _write(a, {
         "benchmark": "dsa_layer_vs_full",

@@ -16,7 +16,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import ml_collections
 
-from lc_jax import attention, fields, model, positions
+from lc_jax import attention, fields, model, ops, positions
 from lc_jax import data as data_lib
 from lc_jax.data import corpus, packing, synthetic, tokenizer
 from lc_jax.positions import rope_scaling
@@ -238,9 +238,10 @@ def _check_mesh(p: list[str], config, sizes: dict[str, int]) -> None:
     if ctx > 1 and variant is not None and not variant.RING:
         p.append(f"model.attention.name={m.attention.name!r} does not run under context parallelism yet "
                  f"(mesh.context={ctx}): use mesh.context=1")
-    if ctx > 1 and m.attention.impl not in ("auto", "xla", "pallas"):
+    if ctx > 1 and ops.check_impl(m.attention.impl) is None and not ops.can_ring(m.attention.impl):
+        ring = [n for n in ops.IMPLS if ops.can_ring(n)]
         p.append(f"model.attention.impl={m.attention.impl!r} cannot run inside ring attention (mesh.context={ctx}): "
-                 "allowed values are ['auto', 'xla', 'pallas']")
+                 f"allowed values are {ring}")
 
 
 def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = None,

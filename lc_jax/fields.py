@@ -30,7 +30,7 @@ def build(registry: dict, cfg, where: str, **dims):
     if name not in registry:
         raise ValueError(f"{where}.name={name!r} is not one of {sorted(registry)}")
     cls = registry[name]
-    takes = inspect.signature(cls.__init__).parameters
+    takes = {p for c in cls.__mro__ if "__init__" in vars(c) for p in inspect.signature(c.__init__).parameters}
     return cls(**{k: cfg[k] for k in cls.FIELDS}, **{k: v for k, v in dims.items() if k in takes})
 
 

@@ -1,16 +1,27 @@
-"""The one door to every attention implementation.
+"""The one door to every attention implementation, and the table that picks one.
 
-Models, tests and benchmarks call `attention(...)` here; which kernel runs is a
-string (`impl`) so that it can come from a config. See DESIGN.md for the contract.
+Models, tests and benchmarks call `attention(...)` here (the contract: DESIGN.md, "The attention
+contract"). Which implementation runs is a string from the config, `impl`: one name of `FLASH`, an alias
+(`auto`, `pallas`) or several, comma-separated, in order of preference. Every implementation declares
+what it cannot compute (`Implementation.declines`, given the call's static facts, `Call`); the first
+candidate that does not decline runs, and when all decline one error gives each one's reason. The local
+path, the ring (`mesh.context > 1`) and DSA's sparse stage (`SPARSE`) all choose through `choose`.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lc_jax import sharding
+from pallas_kernels import sparse_attention as _sparse_xla
+from pallas_kernels import sparse_attention_gpu as _sparse_triton
+from pallas_kernels import sparse_attention_tpu as _sparse_tpu
 from pallas_kernels.flash_attention import gpu as _gpu
 from pallas_kernels.flash_attention import mosaic_gpu as _mosaic_gpu
 from pallas_kernels.flash_attention import reference as _reference
@@ -18,8 +29,6 @@ from pallas_kernels.flash_attention import tpu as _tpu
 from pallas_kernels.flash_attention import xla as _xla
 from pallas_kernels.flash_attention.masks import CAUSAL, Bias, Mask, check_bias
 from pallas_kernels.ring_attention import ring_attention as _ring_attention
-
-IMPLS = ("auto", "xla", "pallas", "reference", "cudnn")
 
 
 def platform() -> str:
@@ -37,36 +46,221 @@ def platform() -> str:
 
 
 # The Pallas GPU kernels `make gpu-check` has run and checked on GPU hardware (benchmarks/GPU_CHECK.md):
-# kernel -> (device kind, date, jax version). 'auto' on a GPU uses a Pallas kernel only once it is listed
-# here. Kernels: 'triton' (flash_attention/gpu.py, also the ring's per-step kernel), 'mosaic_gpu'
-# (flash_attention/mosaic_gpu.py), 'sparse_triton' (sparse_attention_gpu.py, DSA's sparse stage).
-# No GPU check has passed yet: every entry waits for its first run on a lent H100/H200.
+# kernel -> (device kind, date, jax version). 'auto' on a GPU takes a Pallas kernel only once it is listed
+# here (`Implementation.gpu_check`): 'pallas-triton' (flash_attention/gpu.py, also the ring's per-step
+# kernel), 'pallas-mosaic-gpu' (flash_attention/mosaic_gpu.py), 'sparse-pallas-triton'
+# (sparse_attention_gpu.py, DSA's sparse stage). No GPU check has passed yet: every entry waits for its
+# first run on a lent H100/H200.
 GPU_VERIFIED: dict[str, tuple[str, str, str]] = {}
 
 
-def gpu_flash_kernel(dtype, head_dim: int) -> str:
-    """The GPU flash kernel 'pallas' runs: Mosaic GPU on Hopper with jax >= 0.11 where its blocks fit, else Triton."""
-    return "mosaic_gpu" if _mosaic_gpu.use_by_default() and _mosaic_gpu.supports(dtype, head_dim) else "triton"
+# ----------------------------------------------------------------------------- the implementation table
 
 
-def resolve_impl(impl: str, *, gpu_kernel: str = "triton") -> str:
-    """Map 'auto' to a concrete implementation for the platform being compiled for (`platform()`).
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """The static facts of one attention call that decide which implementation can compute it."""
 
-    'auto': the Pallas kernel on TPU; on a GPU the Pallas kernel `gpu_kernel` once the GPU check has
-    passed it (`GPU_VERIFIED`), else the blockwise XLA path (`attention` also takes cuDNN where the call
-    fits it); the XLA path on CPU. With impl='pallas' a GPU runs Mosaic GPU on Hopper with jax >= 0.11
-    (which deprecates the Pallas Triton lowering), else Triton; the CPU runs the TPU kernel in Pallas
-    interpret mode: slow, for tests only. 'cudnn' (GPU only) is cuDNN flash attention through
-    `jax.nn.dot_product_attention`, for the plain causal/sliding/full layout only (see `_jax_nn`).
+    platform: str  # compiling for: 'tpu', 'gpu' or 'cpu' (`platform()`)
+    dtype: Any
+    head_dim: int
+    q_len: int
+    kv_len: int
+    mask: Mask = CAUSAL
+    bias: bool = False
+    segments: bool = False
+    soft_cap: bool = False
+    lse: bool = False  # the caller needs the log-sum-exp (return_lse, sinks, DSA's KL)
+    mesh: bool = False  # on a mesh of several devices
+    ring: bool = False  # per step of ring attention (the sequence split over mesh.context)
+    arange: bool = False  # positions provably 0..T-1 in every row (cuDNN masks by index, not position)
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    """One way to compute attention: what it cannot do (`declines`: the reason, or None) and how to run it.
+
+    `run(q, k, v, *, block_sizes, call, **attention_kwargs) -> (out, lse)`. `ring_kernel` names the kernel
+    the ring runs per step with this implementation (None: it cannot run in the ring). `gpu_check`: the
+    `GPU_VERIFIED` key `auto` needs before it takes this implementation on a GPU. `per_device` False: it
+    runs on the global arrays and lets XLA partition it (cuDNN through jax.nn) instead of under shard_map.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"attention impl={impl!r} is not one of {IMPLS}")
-    if impl != "auto":
-        return impl
-    where = platform()
-    if where == "tpu" or (where == "gpu" and gpu_kernel in GPU_VERIFIED):
-        return "pallas"
-    return "xla"
+
+    name: str
+    declines: Callable[[Call], str | None]
+    run: Callable[..., tuple]
+    ring_kernel: str | None = None
+    gpu_check: str | None = None
+    per_device: bool = True
+
+
+def _first(*checks: tuple[bool, str]) -> str | None:
+    """The reason of the first check that fails (an implementation's `declines`), or None."""
+    return next((why for bad, why in checks if bad), None)
+
+
+def _plain(mask: Mask) -> bool:
+    """Whether the mask is causal / window only (what jax.nn can express): any other term rules cuDNN out."""
+    return mask == Mask(causal=mask.causal, window=mask.window)
+
+
+def _cudnn_declines(c: Call) -> str | None:
+    """What cuDNN (through jax.nn) cannot compute: the arguments first, then the platform and the shapes."""
+    return _first(
+        (c.ring, "cannot run inside ring attention"),
+        (c.segments, "does not support q_seg_BT/kv_seg_BS (segment ids)"),
+        (c.bias, "does not support a bias (e.g. ALiBi)"),
+        (not _plain(c.mask), f"does not support {c.mask} (only causal and window)"),
+        (c.mask.window is not None and not c.mask.causal,
+         "supports a window only with causal=True (cuDNN has no right window)"),
+        (c.soft_cap, "does not support logits_soft_cap"),
+        (c.lse, "does not support return_lse=True (nor sinks)"),
+        (c.q_len != c.kv_len, f"does not support T != S (T={c.q_len}, S={c.kv_len}; positions must be 0..T-1)"),
+        (c.platform != "gpu", f"needs a GPU backend (compiling for {c.platform!r})"),
+        (jnp.dtype(c.dtype) not in (jnp.bfloat16, jnp.float16), f"needs bf16/f16, got {jnp.dtype(c.dtype).name}"),
+        (c.head_dim % 8 or c.head_dim > 128, f"needs a head dim that is a multiple of 8 up to 128, got {c.head_dim}"),
+    )
+
+
+def _run_reference(q, k, v, *, block_sizes, call, **kw):
+    return _reference.attention(q, k, v, **kw)
+
+
+def _run_xla(q, k, v, *, block_sizes, call, **kw):
+    return _xla.attention(q, k, v, block_sizes=block_sizes, **kw)
+
+
+def _run_tpu(q, k, v, *, block_sizes, call, **kw):
+    bs = _tpu.BlockSizes() if block_sizes is None else block_sizes
+    return _tpu.attention(q, k, v, block_sizes=bs, interpret=call.platform == "cpu", **kw)
+
+
+def _run_gpu(kernel):
+    def run(q, k, v, *, block_sizes, call, **kw):
+        return kernel.attention(q, k, v, block_sizes=kernel.BlockSizes() if block_sizes is None else block_sizes, **kw)
+
+    return run
+
+
+def _run_cudnn(q, k, v, *, block_sizes, call, mask, scale, **kw):
+    return _jax_nn(q, k, v, mask=mask, scale=scale, implementation="cudnn"), None
+
+
+FLASH: dict[str, Implementation] = {
+    "reference": Implementation("reference", lambda c: _first(
+        (c.ring, "materialises T x S: cannot run inside ring attention")), _run_reference),
+    "xla": Implementation("xla", lambda c: None, _run_xla, ring_kernel="xla"),
+    "pallas-tpu": Implementation("pallas-tpu", lambda c: _first(
+        (c.platform == "gpu", "is the TPU kernel (compiling for a GPU)")), _run_tpu, ring_kernel="pallas"),
+    "pallas-mosaic-gpu": Implementation("pallas-mosaic-gpu", lambda c: _first(
+        (c.platform != "gpu", f"needs a GPU (compiling for {c.platform!r})"),
+        (not _mosaic_gpu.use_by_default(), "needs a Hopper GPU (sm_90) and jax >= 0.11"),
+        (not _mosaic_gpu.supports(c.dtype, c.head_dim),
+         f"has blocks that do not fit shared memory at {jnp.dtype(c.dtype).name}, head dim {c.head_dim}"),
+        (c.ring, "has no per-step backward for ring attention yet (the ring takes pallas-triton)")),
+        _run_gpu(_mosaic_gpu), gpu_check="pallas-mosaic-gpu"),
+    "pallas-triton": Implementation("pallas-triton", lambda c: _first(
+        (c.platform != "gpu", f"needs a GPU (compiling for {c.platform!r})")), _run_gpu(_gpu),
+        ring_kernel="pallas_gpu", gpu_check="pallas-triton"),
+    "cudnn": Implementation("cudnn", _cudnn_declines, _run_cudnn, per_device=False),
+}
+
+
+def _flash_aliases(name: str, c: Call) -> list[str] | None:
+    """`auto`: TPU, the Pallas TPU kernel; GPU, cuDNN where it fits (off a mesh), then the Pallas GPU kernels
+    the GPU check has passed, then XLA; CPU, XLA. `pallas`: the platform's Pallas kernel (Mosaic GPU on
+    Hopper with jax >= 0.11, else Triton; on a CPU the TPU kernel in interpret mode: slow, for tests)."""
+    if name == "auto":
+        if c.platform == "tpu":
+            return ["pallas-tpu", "xla"]
+        if c.platform == "gpu":
+            cudnn = ["cudnn"] if c.arange and not c.mesh else []
+            return cudnn + _verified(FLASH, ["pallas-mosaic-gpu", "pallas-triton"]) + ["xla"]
+        return ["xla"]
+    if name == "pallas":
+        return ["pallas-mosaic-gpu", "pallas-triton"] if c.platform == "gpu" else ["pallas-tpu"]
+    return None
+
+
+def _run_sparse_xla(q, k, v, idx, valid, *, call, **kw):
+    return _sparse_xla.sparse_attention(q, k, v, idx, valid, **kw, return_probs=True)
+
+
+def _run_sparse_kernel(kernel):
+    def run(q, k, v, idx, valid, *, call, **kw):
+        extra = {"interpret": True} if call.platform == "cpu" else {}
+        out, lse = kernel.sparse_attention(q, k, v, idx, valid, **kw, **extra)
+        return out, lse, None
+
+    return run
+
+
+# DSA's sparse stage: each query over its selected keys. `run(q, k, v, idx, valid, *, call, **kw)` ->
+# (out, lse, head-mean probabilities or None); the XLA gather path also returns the probabilities DSA's KL needs.
+SPARSE: dict[str, Implementation] = {
+    "xla": Implementation("xla", lambda c: None, _run_sparse_xla, per_device=False),
+    "pallas-tpu": Implementation("pallas-tpu", lambda c: _first(
+        (c.platform == "gpu", "is the TPU kernel (compiling for a GPU)")), _run_sparse_kernel(_sparse_tpu)),
+    "pallas-triton": Implementation("pallas-triton", lambda c: _first(
+        (c.platform != "gpu", f"needs a GPU (compiling for {c.platform!r})")), _run_sparse_kernel(_sparse_triton),
+        gpu_check="sparse-pallas-triton"),
+}
+
+
+def _sparse_aliases(name: str, c: Call) -> list[str] | None:
+    """`auto`: TPU, the Pallas TPU kernel; GPU, the Triton kernel once the GPU check has passed it; else the
+    XLA gather path. `pallas`: the TPU or Triton kernel on those platforms, the gather path on a CPU. Flash
+    names without a sparse twin map onto the gather path (reference, cudnn) or the Triton kernel."""
+    if name == "auto":
+        return {"tpu": ["pallas-tpu", "xla"], "gpu": _verified(SPARSE, ["pallas-triton"]) + ["xla"]}.get(
+            c.platform, ["xla"])
+    if name == "pallas":
+        return {"tpu": ["pallas-tpu"], "gpu": ["pallas-triton"]}.get(c.platform, ["xla"])
+    return {"reference": ["xla"], "cudnn": ["xla"], "pallas-mosaic-gpu": ["pallas-triton"]}.get(name)
+
+
+TABLES = {"flash": (FLASH, _flash_aliases), "sparse": (SPARSE, _sparse_aliases)}
+ALIASES = ("auto", "pallas")
+IMPLS = (*ALIASES, *FLASH)  # the names `model.attention.impl` may list
+
+
+def _verified(table: dict[str, Implementation], candidates: list[str]) -> list[str]:
+    return [n for n in candidates if table[n].gpu_check in GPU_VERIFIED]
+
+
+def names(impl) -> list[str]:
+    """The names `impl` lists: a comma-separated string or a sequence, in order of preference."""
+    parts = impl.split(",") if isinstance(impl, str) else list(impl)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def check_impl(impl) -> str | None:
+    """Why `impl` is not a valid setting (an unknown name), or None."""
+    if not names(impl) or any(n not in IMPLS for n in names(impl)):
+        return f"{impl!r}: allowed values are {list(IMPLS)}, or several comma-separated in order of preference"
+    return None
+
+
+def can_ring(impl) -> bool:
+    """Whether an implementation `impl` lists can run inside ring attention (on some platform)."""
+    return any(n in ALIASES or FLASH[n].ring_kernel is not None for n in names(impl) if n in IMPLS)
+
+
+def choose(impl, call: Call, table: str = "flash") -> Implementation:
+    """The first implementation `impl` lists (aliases expanded) that does not decline `call`; one ValueError
+    giving every candidate's reason when all decline."""
+    impls, aliases = TABLES[table]
+    if (why := check_impl(impl)) is not None:
+        raise ValueError(f"attention impl={why}")
+    reasons = []
+    for name in names(impl):
+        for cand in aliases(name, call) or [name]:
+            why = impls[cand].declines(call)
+            if why is None:
+                return impls[cand]
+            reasons.append(f"impl={cand!r} {why}")
+    raise ValueError(f"attention impl={impl!r}: no implementation can compute this call: " + "; ".join(reasons)
+                     + ". Use impl='pallas' or impl='xla'")
 
 
 def _proven_arange(pos_BT, n: int) -> bool:
@@ -78,40 +272,15 @@ def _proven_arange(pos_BT, n: int) -> bool:
     return pos.shape[-1] == n and bool((pos == np.arange(n)).all())
 
 
-def cudnn_fits(q, k, q_pos, kv_pos, q_seg, bias, logits_soft_cap, return_lse, mask: Mask) -> bool:
-    """Whether cuDNN's flash attention computes exactly this call: the layout 'auto' gives it on a GPU.
-
-    bf16/f16, T == S, positions provably 0..T-1 (concrete, not traced), no segments, bias, soft-cap,
-    chunk or lse, a window only when causal, head dim a multiple of 8 up to 128.
-    """
-    T, S, D = q.shape[1], k.shape[1], q.shape[-1]
-    return (q.dtype in (jnp.bfloat16, jnp.float16) and T == S and q_seg is None and bias is None
-            and logits_soft_cap is None and not return_lse and _plain(mask)
-            and (mask.window is None or mask.causal)
-            and D % 8 == 0 and D <= 128 and _proven_arange(q_pos, T) and _proven_arange(kv_pos, S))
-
-
-def _plain(mask: Mask) -> bool:
-    """Whether the mask is causal / window only (what jax.nn can express): any other term rules cuDNN out."""
-    return mask == Mask(causal=mask.causal, window=mask.window)
-
-
-def choose_impl(impl, q, k, q_pos, kv_pos, q_seg, bias, logits_soft_cap, return_lse, mask: Mask) -> str:
-    """The implementation `attention` runs: `resolve_impl`, and on a GPU 'auto' takes cuDNN where it fits."""
-    if impl == "auto" and platform() == "gpu" and _ambient_mesh() is None and cudnn_fits(
-            q, k, q_pos, kv_pos, q_seg, bias, logits_soft_cap, return_lse, mask):
-        return "cudnn"
-    return resolve_impl(impl, gpu_kernel=gpu_flash_kernel(q.dtype, q.shape[-1]))
-
-
-def _pallas(q, k, v, block_sizes, **kwargs):
-    backend = platform()
-    if backend == "gpu":
-        gpu = _mosaic_gpu if gpu_flash_kernel(q.dtype, q.shape[-1]) == "mosaic_gpu" else _gpu
-        bs = gpu.BlockSizes() if block_sizes is None else block_sizes
-        return gpu.attention(q, k, v, block_sizes=bs, **kwargs)
-    bs = _tpu.BlockSizes() if block_sizes is None else block_sizes
-    return _tpu.attention(q, k, v, block_sizes=bs, interpret=backend == "cpu", **kwargs)
+def describe(q_BTHD, k_BSKD, q_pos_BT, kv_pos_BS, *, q_seg_BT=None, mask: Mask = CAUSAL, bias=None,
+             logits_soft_cap=None, lse: bool = False) -> Call:
+    """The `Call` of an attention call: its static facts, where it runs (platform, mesh, ring) included."""
+    mesh = _ambient_mesh()
+    T, S = q_BTHD.shape[1], k_BSKD.shape[1]
+    return Call(platform=platform(), dtype=q_BTHD.dtype, head_dim=q_BTHD.shape[-1], q_len=T, kv_len=S, mask=mask,
+                bias=bias is not None, segments=q_seg_BT is not None, soft_cap=logits_soft_cap is not None,
+                lse=lse, mesh=mesh is not None, ring=mesh is not None and sharding.axis_size(mesh, "seq") > 1,
+                arange=_proven_arange(q_pos_BT, T) and _proven_arange(kv_pos_BS, S))
 
 
 def _jax_nn(q, k, v, *, mask: Mask, scale, implementation):
@@ -138,20 +307,6 @@ def _jax_nn(q, k, v, *, mask: Mask, scale, implementation):
     return jax.nn.dot_product_attention(
         q, k, v, is_causal=causal, local_window_size=local, scale=scale, implementation=implementation
     )
-
-
-def _check_cudnn_args(T, S, q_seg, bias, logits_soft_cap, return_lse, mask: Mask):
-    unsupported = [
-        (q_seg is not None, "q_seg_BT/kv_seg_BS (segment ids)"),
-        (bias is not None, "bias (e.g. ALiBi)"),
-        (not _plain(mask), f"{mask} (only causal and window)"),
-        (logits_soft_cap is not None, "logits_soft_cap"),
-        (return_lse, "return_lse=True"),
-        (T != S, f"T != S (T={T}, S={S}; positions must be 0..T-1 for both q and kv)"),
-    ]
-    for bad, name in unsupported:
-        if bad:
-            raise ValueError(f"impl='cudnn' does not support {name}; use impl='pallas' or impl='xla'")
 
 
 def _check_shapes(q, k, v, q_pos, kv_pos, q_seg, kv_seg, mask, bias, bias_params_HP):
@@ -186,6 +341,7 @@ def attention(
     mask: Mask = CAUSAL,
     bias: Bias | None = None,
     bias_params_HP: jax.Array | None = None,
+    sinks_H: jax.Array | None = None,
     scale: float | None = None,
     logits_soft_cap: float | None = None,
     impl: str = "auto",
@@ -195,23 +351,20 @@ def attention(
     """Masked attention with GQA; the mask (`Mask`: causal, window, chunk) comes from positions and segments.
 
     `bias` (e.g. `masks.ALIBI`) adds fn(q_pos, kv_pos, *params) to the logits, with head h's fixed
-    parameters in row h of `bias_params_HP` [H, bias.num_params].
-    Returns out_BTHD, or (out_BTHD, lse_BTH) with `return_lse=True`; the
-    log-sum-exp is f32 and -inf for rows that see no key.
+    parameters in row h of `bias_params_HP` [H, bias.num_params]. `sinks_H` (f32 [H], learnable) adds one
+    logit per head for a key every query sees and that carries no value (attention sinks, as in gpt-oss):
+    see `with_sinks`. Returns out_BTHD, or (out_BTHD, lse_BTH) with `return_lse=True`; the log-sum-exp is
+    f32 and -inf for rows that see no key (with sinks: over the keys and the sink).
 
-    impl='cudnn' (GPU, bf16/f16) ignores q_pos_BT/kv_pos_BS and assumes they are
-    0..T-1 in every row (traced values cannot be checked); it rejects segments,
-    a bias, a chunk, soft-capping, return_lse and T != S with a ValueError.
+    impl='cudnn' (GPU, bf16/f16) masks by index: it assumes positions 0..T-1 in every row (traced values
+    cannot be checked), and `auto` takes it only where they are provably so.
     """
     _check_shapes(q_BTHD, k_BSKD, v_BSKD, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, mask, bias, bias_params_HP)
-    impl = choose_impl(impl, q_BTHD, k_BSKD, q_pos_BT, kv_pos_BS, q_seg_BT, bias, logits_soft_cap,
-                       return_lse, mask)
-    if impl == "cudnn":
-        _check_cudnn_args(q_BTHD.shape[1], k_BSKD.shape[1], q_seg_BT, bias, logits_soft_cap, return_lse, mask)
-        if platform() != "gpu":
-            raise ValueError(f"impl='cudnn' needs a GPU backend (compiling for {platform()!r}); "
-                             "use impl='pallas' or impl='xla'")
-        return _jax_nn(q_BTHD, k_BSKD, v_BSKD, mask=mask, scale=scale, implementation="cudnn")
+    if sinks_H is not None and jnp.shape(sinks_H) != (q_BTHD.shape[2],):
+        raise ValueError(f"sinks_H must have shape ({q_BTHD.shape[2]},), got {jnp.shape(sinks_H)}")
+    call = describe(q_BTHD, k_BSKD, q_pos_BT, kv_pos_BS, q_seg_BT=q_seg_BT, mask=mask, bias=bias,
+                    logits_soft_cap=logits_soft_cap, lse=return_lse or sinks_H is not None)
+    chosen = choose(impl, call)
     kwargs = dict(
         q_pos_BT=q_pos_BT,
         kv_pos_BS=kv_pos_BS,
@@ -224,19 +377,51 @@ def attention(
         logits_soft_cap=logits_soft_cap,
     )
     mesh = _ambient_mesh()
-    if mesh is not None:
-        out, lse = _on_mesh(mesh, impl, q_BTHD, k_BSKD, v_BSKD, block_sizes, kwargs)
+    if mesh is not None and chosen.per_device:
+        out, lse = _on_mesh(mesh, chosen, call, q_BTHD, k_BSKD, v_BSKD, block_sizes, kwargs)
     else:
-        out, lse = _local(impl, q_BTHD, k_BSKD, v_BSKD, block_sizes, kwargs)
+        out, lse = chosen.run(q_BTHD, k_BSKD, v_BSKD, block_sizes=block_sizes, call=call, **kwargs)
+    if sinks_H is not None:
+        out, lse = with_sinks(out, lse, sinks_H)
     return (out, lse) if return_lse else out
 
 
-def _local(impl, q, k, v, block_sizes, kwargs):
-    if impl == "reference":
-        return _reference.attention(q, k, v, **kwargs)
-    if impl == "pallas":
-        return _pallas(q, k, v, block_sizes, **kwargs)
-    return _xla.attention(q, k, v, block_sizes=block_sizes, **kwargs)
+def with_sinks(out_BTHD, lse_BTH, sinks_H):
+    """(out, lse) of attention with one more logit per head, s_h, for a key that carries no value.
+
+    softmax over (keys, sink) = softmax over keys x exp(lse - lse'), with lse' = logaddexp(lse, s_h): the
+    output shrinks by the mass the sink takes. Computed from (out, lse), so every implementation that
+    returns the log-sum-exp supports sinks, forward and backward: the sink logits get their gradient
+    through lse', and q, k, v theirs through the kernels' (out, lse) backward.
+    """
+    lse_new = jnp.logaddexp(lse_BTH, jnp.asarray(sinks_H, jnp.float32)[None, None, :])
+    keep = jnp.exp(lse_BTH - lse_new)  # 0 where the row sees no key
+    return (out_BTHD.astype(jnp.float32) * keep[..., None]).astype(out_BTHD.dtype), lse_new
+
+
+def sparse_attention(q_BTHD, k_BSKD, v_BSKD, idx_BTk, valid_BTk, *, q_pos_BT, kv_pos_BS, bias=None,
+                     bias_params_HP=None, impl="auto"):
+    """DSA's sparse stage through the `SPARSE` table: (out, lse, head-mean probabilities or None), each query
+    over its selected keys. A Pallas kernel runs per device on a mesh."""
+    call = describe(q_BTHD, k_BSKD, q_pos_BT, kv_pos_BS, bias=bias, lse=True)
+    chosen = choose(impl, call, "sparse")
+    kw = dict(bias=bias, bias_params_HP=bias_params_HP)
+    if not chosen.per_device:
+        return chosen.run(q_BTHD, k_BSKD, v_BSKD, idx_BTk, valid_BTk, call=call, q_pos_BT=q_pos_BT,
+                          kv_pos_BS=kv_pos_BS, **kw)
+
+    def run(q, k, v, idx, valid, q_pos, kv_pos, params):
+        out, lse, _ = chosen.run(q, k, v, idx, valid, call=call, q_pos_BT=q_pos, kv_pos_BS=kv_pos, bias=bias,
+                                 bias_params_HP=params)
+        return out, lse
+
+    rows, heads = ("batch", "seq"), ("batch", "seq", "heads")
+    out, lse = per_device(
+        run, (q_BTHD, k_BSKD, v_BSKD, idx_BTk, valid_BTk, q_pos_BT, kv_pos_BS, bias_params_HP),
+        (heads + (None,), ("batch", "seq", "kv_heads", None), ("batch", "seq", "kv_heads", None),
+         rows + (None,), rows + (None,), rows, rows, ("heads", None)),
+        (heads + (None,), heads))
+    return out, lse, None
 
 
 # ----------------------------------------------------------------------------- meshes
@@ -292,7 +477,7 @@ def per_device(fn, args: tuple, in_axes: tuple, out_axes):
                          out_specs=outs)(*(args[i] for i in present))
 
 
-def _on_mesh(mesh, impl, q, k, v, block_sizes, kwargs):
+def _on_mesh(mesh, chosen: Implementation, call: Call, q, k, v, block_sizes, kwargs):
     """Attention under `shard_map`: batch over (data, fsdp), heads over tensor, sequence over the ring.
 
     Kernels are per-device programs (a Pallas call cannot be partitioned by
@@ -309,9 +494,6 @@ def _on_mesh(mesh, impl, q, k, v, block_sizes, kwargs):
                              f"mesh {axes} = {shards}")
     if n_ctx > 1 and k.shape[1] != T:
         raise ValueError(f"context parallelism needs keys sharded like queries (T={T}, S={k.shape[1]})")
-    if n_ctx > 1 and impl not in ("xla", "pallas"):
-        raise ValueError(f"impl={impl!r} cannot run inside ring attention (mesh.context={n_ctx}); "
-                         "use model.attention.impl='xla' or 'pallas'")
     spec = lambda *axes: sharding.activation_spec(mesh, *axes)  # noqa: E731
     qs, kvs, rows = spec("batch", "seq", "heads", None), spec("batch", "seq", "kv_heads", None), spec("batch", "seq")
     params = kwargs.pop("bias_params_HP")
@@ -322,12 +504,12 @@ def _on_mesh(mesh, impl, q, k, v, block_sizes, kwargs):
         kw = dict(kwargs, q_pos_BT=q_pos, kv_pos_BS=kv_pos, q_seg_BT=(segs or (None,))[0],
                   kv_seg_BS=(segs or (None, None))[1], bias_params_HP=(params or (None,))[0])
         if n_ctx == 1:
-            return _local(impl, q, k, v, block_sizes, kw)
-        backend = platform()
-        kernel = "xla" if impl != "pallas" else "pallas_gpu" if backend == "gpu" else "pallas"
+            return chosen.run(q, k, v, block_sizes=block_sizes, call=call, **kw)
+        kernel = chosen.ring_kernel  # `choose` saw call.ring: only implementations with a ring kernel accept it
         defaults = {"xla": None, "pallas": _tpu.BlockSizes(), "pallas_gpu": _gpu.BlockSizes()}[kernel]
         return _ring_attention(q, k, v, **kw, axis_name=spec("seq")[0], kernel=kernel,
-                               block_sizes=block_sizes or defaults, interpret=kernel != "xla" and backend == "cpu")
+                               block_sizes=block_sizes or defaults,
+                               interpret=kernel != "xla" and call.platform == "cpu")
 
     # Absent segments / bias parameters travel as empty tuples (shard_map specs must match the pytree).
     segs = () if segs[0] is None else segs

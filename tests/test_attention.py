@@ -202,3 +202,34 @@ def test_mask_semantics_against_brute_force():
     for bad in (dict(window=0), dict(chunk=-2), dict(chunk=2.5), dict(window=True)):
         with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a positive int or None"):
             Mask(**bad)
+
+
+def _with_sink_brute_force(q, k, v, pos, sinks_H, mask):
+    """softmax over [the visible keys, one sink logit per head whose value is 0], written out in full."""
+    B, T, H, D = q.shape
+    G = H // k.shape[2]
+    kk, vv = jnp.repeat(k, G, axis=2), jnp.repeat(v, G, axis=2)
+    s = jnp.einsum("bthd,bshd->bhts", q, kk) * D**-0.5
+    s = jnp.where(mask.visible(pos[:, None, :, None], pos[:, None, None, :]), s, -jnp.inf)
+    s = jnp.concatenate([s, jnp.broadcast_to(sinks_H[None, :, None, None], (B, H, T, 1))], -1)
+    return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(s, -1)[..., :-1], vv)
+
+
+@pytest.mark.parametrize("impl", ["xla", "reference"])
+@pytest.mark.parametrize("mask", [Mask(), Mask(window=5), Mask(chunk=12)], ids=["causal", "window", "chunk"])
+def test_sinks_against_brute_force_with_their_gradient(impl, mask):
+    q, k, v = _inputs(T=40, H=4, K=2)
+    pos = _positions(2, 40)
+    sinks = jnp.asarray([-1.0, 0.0, 0.5, 2.0])
+    do = jax.random.normal(jax.random.PRNGKey(7), q.shape)
+
+    def loss(fn):
+        return lambda q, k, v, s: (fn(q, k, v, s) * do).sum()
+
+    ours = loss(lambda q, k, v, s: ops.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, mask=mask, sinks_H=s,
+                                                 impl=impl, block_sizes=SMALL_BLOCKS))
+    brute = loss(lambda q, k, v, s: _with_sink_brute_force(q, k, v, pos, s, mask))
+    np.testing.assert_allclose(ours(q, k, v, sinks), brute(q, k, v, sinks), rtol=1e-5)
+    for name, a, b in zip(["q", "k", "v", "sinks"], jax.grad(ours, (0, 1, 2, 3))(q, k, v, sinks),
+                          jax.grad(brute, (0, 1, 2, 3))(q, k, v, sinks)):
+        np.testing.assert_allclose(a, b, atol=ATOL_GRAD, rtol=ATOL_GRAD, err_msg=f"d{name}")

@@ -26,7 +26,7 @@ VARIANTS = [v for v in sorted(attention.REGISTRY) if v != "dsa"] + ["dsa", "dsa-
 def test_causal(tiny_config, position, variant, impl):
     T = 24
     c = tiny_config(f"position={position},attention={variant.split('-')[0]}")
-    c.model.attention.update(impl=impl, window=5, block_q=8, block_k=8)
+    c.model.attention.update(impl=impl, window=5, chunk=8, block_q=8, block_k=8)
     c.model.attention.dsa.update(topk=6, index_heads=2, index_dim=8, index_rope_dim=4, index_block_q=8,
                                  index_block_k=8)
     graphdef, state = nnx.split(build_model(c))
@@ -45,6 +45,10 @@ def test_causal(tiny_config, position, variant, impl):
     assert (influence_TT[np.eye(T, dtype=bool)] > 0).all()
     if variant == "dsa-sparse":  # each query sees its top-6 keys only: some past, not necessarily t-1
         assert all(influence_TT[t, :t].max() > 0 for t in range(1, T))
+    elif variant == "chunked":  # chunks of 8 positions: the chunk's past matters, earlier chunks never do
+        same_chunk = np.arange(T)[:, None] // 8 == np.arange(T)[None, :] // 8
+        assert influence_TT[~same_chunk].max() == 0.0, "a query sees another chunk"
+        assert all(influence_TT[t, t - 1] > 0 for t in range(1, T) if t % 8)
     else:
         assert (np.diagonal(influence_TT, offset=-1) > 0).all()
     if variant == "sliding":

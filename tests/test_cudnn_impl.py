@@ -26,9 +26,11 @@ def _inputs(B=2, T=48, H=4, K=2, D=16, dtype=jnp.float32, seed=0):
     return q, k, v, pos
 
 
-def test_cudnn_in_impls():
+def test_cudnn_in_impls(monkeypatch):
     assert "cudnn" in ops.IMPLS
-    assert ops.resolve_impl("cudnn") == "cudnn"
+    monkeypatch.setattr(ops, "platform", lambda: "gpu")
+    q, k, _, pos = _inputs(dtype=jnp.bfloat16)
+    assert ops.choose("cudnn", ops.describe(q, k, pos, pos)).name == "cudnn"
 
 
 @pytest.mark.parametrize("causal,window", [(True, None), (True, 7), (False, None), (False, 7)])
@@ -118,19 +120,33 @@ def test_auto_on_a_gpu_takes_only_what_has_passed_there(monkeypatch):
     monkeypatch.setattr(ops, "platform", lambda: "gpu")
     monkeypatch.setattr(ops, "GPU_VERIFIED", {})
     q, k, v, pos = _inputs(T=64, dtype=jnp.bfloat16)
-    plain = dict(q_seg=None, bias=None, logits_soft_cap=None, return_lse=False, mask=Mask())
-    choose = lambda **kw: ops.choose_impl("auto", q, k, pos, pos, **(plain | kw))  # noqa: E731
+
+    def choose(q=q, p=pos, table="flash", **kw):
+        return ops.choose("auto", ops.describe(q, k, p, p, **kw), table).name
+
     assert choose() == "cudnn" and choose(mask=Mask(window=16)) == "cudnn"
     # What cuDNN cannot do: packed documents, positions not 0..T-1 (or not known while tracing), ALiBi, lse.
-    assert choose(q_seg=pos // 32) == "xla" and choose(bias=ALIBI) == "xla" and choose(mask=Mask(chunk=16)) == "xla"
-    assert choose(return_lse=True) == "xla" and choose(mask=Mask(causal=False, window=16)) == "xla"
-    assert ops.choose_impl("auto", q, k, pos + 1, pos + 1, **plain) == "xla"
+    assert choose(q_seg_BT=pos // 32) == "xla" and choose(bias=ALIBI) == "xla" and choose(mask=Mask(chunk=16)) == "xla"
+    assert choose(lse=True) == "xla" and choose(mask=Mask(causal=False, window=16)) == "xla"
+    assert choose(p=pos + 1) == "xla"
     traced = []
-    jax.jit(lambda p: traced.append(ops.choose_impl("auto", q, k, p, p, **plain)) or p)(pos)
+    jax.jit(lambda p: traced.append(choose(p=p)) or p)(pos)
     assert traced == ["xla"]  # traced positions cannot be proven 0..T-1
-    f32 = ops.choose_impl("auto", q.astype(jnp.float32), k, pos, pos, **plain)
-    assert f32 == "xla"
+    assert choose(q=q.astype(jnp.float32)) == "xla"
     # Once the GPU check has passed the kernel 'pallas' would run, 'auto' takes it for what cuDNN cannot do.
-    monkeypatch.setattr(ops, "GPU_VERIFIED", {ops.gpu_flash_kernel(q.dtype, q.shape[-1]): ("NVIDIA H200", "", "")})
-    assert choose(q_seg=pos // 32) == "pallas" and choose() == "cudnn"
-    assert ops.resolve_impl("auto", gpu_kernel="sparse_triton") == "xla"
+    monkeypatch.setattr(ops, "GPU_VERIFIED", {"pallas-triton": ("NVIDIA H200", "", "")})
+    assert choose(q_seg_BT=pos // 32) == "pallas-triton" and choose() == "cudnn"
+    assert choose(table="sparse") == "xla"
+
+
+def test_one_error_lists_why_each_candidate_declined(monkeypatch):
+    q, k, v, pos = _inputs()
+    with pytest.raises(ValueError, match="no implementation can compute this call") as e:
+        ops.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, impl="cudnn,pallas-triton", return_lse=True)
+    assert "impl='cudnn' does not support return_lse" in str(e.value)
+    assert "impl='pallas-triton' needs a GPU" in str(e.value)
+    # A preference list runs the first that can: here the blockwise XLA path, after both GPU-only ones declined.
+    out = ops.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, impl="cudnn,pallas-triton,xla")
+    np.testing.assert_allclose(out, reference.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos)[0], atol=1e-5)
+    with pytest.raises(ValueError, match=r"impl='flash2': allowed values are"):
+        ops.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, impl="flash2")

@@ -65,6 +65,8 @@ CASES = {
     "rope-sliding-ring-mqa": ("position=rope,attention=sliding", {"model.num_kv_heads": 1}),
     "alibi-sliding-ring": ("position=alibi,attention=sliding", {}),
     "alibi-sliding-ring-reference-impl": ("position=alibi,attention=sliding", {"model.attention.impl": "reference"}),
+    "rope-chunked-ring": ("position=rope,attention=chunked", {"model.attention.chunk": W}),
+    "alibi-sinks": ("position=alibi", {"model.attention.sinks": True}),
     # One layer: every key then comes from the embeddings, so the cache is exact for dynamic NTK too
     # (deeper layers' keys depend on the base used when their token was processed; see generate.py).
     "rope-dynamic-ntk": ("position=rope", {**DYN_NTK, "model.num_layers": 1}),
@@ -85,7 +87,7 @@ def test_cached_decoding_matches_full_forward(tiny_config, case):
     model = _model(tiny_config, arg, **overrides)
     tokens_BT = _tokens()
     cached_BTV, cache = _cached_logits(model, tokens_BT)
-    if "sliding" in arg:
+    if "sliding" in arg or "chunked" in arg:
         assert cache.slots == W < T
     ref_BTV = _reference(model, tokens_BT, prefix_rope="dynamic" in case)
     np.testing.assert_allclose(cached_BTV, ref_BTV, atol=1e-5, rtol=0)

@@ -15,6 +15,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from kernel_checks import alibi
 
+from lc_jax import ops
 from pallas_kernels.flash_attention import reference
 from pallas_kernels.flash_attention import xla as flash_xla
 from pallas_kernels.flash_attention.masks import Mask
@@ -224,3 +225,24 @@ def test_ring_pallas_gpu_kernel_interpret():
     ct = (jnp.cos(out), jnp.sin(lse))
     for g, g_r in zip(vjp(ct)[:3], vjp_r(ct)):
         np.testing.assert_allclose(g, g_r, atol=1e-4, rtol=1e-4)
+
+
+def test_ring_with_sinks_through_ops_matches_one_device():
+    """`ops.attention` on a context mesh (the ring) with learned sinks and chunks: the values and gradients
+    (the sink logits' included) of the same call on one device."""
+    B, T, H, K, D = 2, 64, 4, 2, 16
+    q, k, v = _inputs(B, T, H, K, D)
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    sinks = jnp.asarray([-1.0, 0.0, 0.5, 2.0])
+
+    def loss(q, k, v, s):
+        out = ops.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, mask=Mask(chunk=20), sinks_H=s, impl="xla",
+                            block_sizes=flash_xla.BlockSizes(8, 8))
+        return (out * jnp.cos(out)).sum()
+
+    one = jax.value_and_grad(loss, (0, 1, 2, 3))(q, k, v, sinks)
+    with jax.set_mesh(_mesh(4)):
+        ring = jax.jit(jax.value_and_grad(loss, (0, 1, 2, 3)))(q, k, v, sinks)
+    np.testing.assert_allclose(ring[0], one[0], rtol=1e-5)
+    for name, a, b in zip(["q", "k", "v", "sinks"], ring[1], one[1]):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4, err_msg=f"d{name}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from lc_jax import fields as fields_lib
 from lc_jax.attention.base import AttentionVariant
+from lc_jax.attention.chunked import Chunked
 from lc_jax.attention.dsa import DSA
 from lc_jax.attention.full import Full
 from lc_jax.attention.sliding import Sliding
@@ -11,6 +12,7 @@ from lc_jax.attention.sliding import Sliding
 REGISTRY: dict[str, type[AttentionVariant]] = {
     "full": Full,
     "sliding": Sliding,
+    "chunked": Chunked,
     "dsa": DSA,
 }
 

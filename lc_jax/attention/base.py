@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import jax.numpy as jnp
 from flax import nnx
 
 from lc_jax import fields, ops
@@ -31,6 +32,9 @@ class AttentionVariant(nnx.Module):
         impl="auto",  # auto | xla | pallas | reference | cudnn (lc_jax/ops.py)
         block_q=256,  # query / key block of the blockwise kernels (Pallas TPU: multiples of 128)
         block_k=512,
+        # Learned attention sinks (gpt-oss): one logit per head for a key every query sees and that carries no
+        # value, so a head can attend to nothing (ops.with_sinks; every implementation that returns the lse).
+        sinks=False,
     )
     #: Whether the variant runs under context parallelism (ring attention over `mesh.context`).
     RING: ClassVar[bool] = True
@@ -50,15 +54,18 @@ class AttentionVariant(nnx.Module):
         `vmem_bytes` (the chip a run compiles for) small enough for its VMEM. `head_dim` and `itemsize`
         (the compute dtype's) are None when the model's own fields are invalid.
         """
-        p = fields.allowed("model.attention.impl", cfg.impl, ops.IMPLS)
+        why = ops.check_impl(cfg.impl)
+        p = [] if why is None else [f"model.attention.impl={why}"]
+        impls = ops.names(cfg.impl) if why is None else []
+        tpu_kernel = bool({"pallas", "pallas-tpu"} & set(impls)) or ("auto" in impls and bool(vmem_bytes))
         blocks_ok = True
         for f in ("block_q", "block_k"):
             bad = fields.positive(f"model.attention.{f}", cfg[f])
-            if not bad and (cfg.impl == "pallas" or (cfg.impl == "auto" and vmem_bytes)) and cfg[f] % 128:
+            if not bad and tpu_kernel and cfg[f] % 128:
                 bad = [f"model.attention.{f}={cfg[f]}: the Pallas TPU kernel needs a multiple of 128"]
             blocks_ok &= not bad
             p += bad
-        if vmem_bytes and blocks_ok and head_dim and itemsize and cfg.impl in ("auto", "pallas"):
+        if vmem_bytes and blocks_ok and head_dim and itemsize and tpu_kernel:
             try:
                 flash_tpu.check_vmem(cfg.block_q, cfg.block_k, head_dim, head_dim, itemsize, vmem_bytes,
                                      where="model.attention.")
@@ -87,9 +94,12 @@ class AttentionVariant(nnx.Module):
         """Steps during which the main group's learning rate is 0 (a retrofit that trains only its own groups)."""
         return 0
 
-    def __init__(self, *, impl: str = "auto", block_q: int = 256, block_k: int = 512):
+    def __init__(self, *, impl: str = "auto", block_q: int = 256, block_k: int = 512, sinks: bool = False,
+                 num_heads: int = 1, param_dtype=jnp.float32):
         self.impl = impl
         self.block_sizes = BlockSizes(block_q, block_k)
+        # Zero sink logits at the start: the sink takes 1 / (visible keys + 1) of each row while scores are ~0.
+        self.sinks = nnx.Param(jnp.zeros((num_heads,), param_dtype), out_sharding=("heads",)) if sinks else None
 
     def __call__(self, q_BTHD, k_BSKD, v_BSKD, *, q_pos_BT, kv_pos_BS, q_seg_BT=None, kv_seg_BS=None,
                  bias=None, x_BTE=None, stage: str | None = None, diagnostics: bool = False):
@@ -101,6 +111,10 @@ class AttentionVariant(nnx.Module):
         bias_fn, params = bias or (None, None)
         return ops.attention(
             q_BTHD, k_BSKD, v_BSKD, q_pos_BT=q_pos_BT, kv_pos_BS=kv_pos_BS, q_seg_BT=q_seg_BT,
-            kv_seg_BS=kv_seg_BS, mask=self.mask, bias=bias_fn, bias_params_HP=params,
+            kv_seg_BS=kv_seg_BS, mask=self.mask, bias=bias_fn, bias_params_HP=params, sinks_H=self.sink_logits(),
             impl=self.impl, block_sizes=self.block_sizes,
         ), {}
+
+    def sink_logits(self):
+        """The learned sink logits, f32 [H], or None without sinks."""
+        return None if self.sinks is None else self.sinks[...].astype(jnp.float32)

@@ -59,7 +59,6 @@ from jax import lax
 from lc_jax import fields, ops
 from lc_jax.attention.base import AttentionVariant
 from lc_jax.positions.rope import apply_rope, rope_inv_freq
-from pallas_kernels import sparse_attention_gpu, sparse_attention_tpu
 from pallas_kernels.flash_attention.masks import (
     CAUSAL,
     Bias,
@@ -70,7 +69,7 @@ from pallas_kernels.flash_attention.masks import (
     pad_positions,
     scores,
 )
-from pallas_kernels.sparse_attention import default_block_q, gather_rows, query_blocks, sparse_attention
+from pallas_kernels.sparse_attention import default_block_q, gather_rows, query_blocks
 
 WARMUP_MODES = ("joint", "frozen")
 INDEX_NORMS = ("layernorm", "rmsnorm")
@@ -509,6 +508,9 @@ class DSA(AttentionVariant):
         p += fields.allowed(f + "warmup_mode", ds.warmup_mode, WARMUP_MODES)
         p += fields.allowed(f + "index_norm", ds.get("index_norm", "layernorm"), INDEX_NORMS)
         p += fields.allowed(f + "select", ds.get("select", "auto"), SELECT_IMPLS)
+        if cfg.get("sinks", False):
+            p.append("model.attention.sinks=True: not built for model.attention.name='dsa' yet (its sparse stage and "
+                     "KL would need the sink too); allowed with full, sliding and chunked")
         for k in ("kl_weight", "lr", "weight_decay"):
             p += fields.positive(f + k, ds[k], zero_ok=True, kind=(float, int))
         return p
@@ -554,26 +556,10 @@ class DSA(AttentionVariant):
         return out, aux
 
     def _sparse_attention(self, q, k, v, idx, valid, **kw):
-        """(out, lse, head-mean probs or None): the Pallas kernel on TPU (impl auto|pallas) and on GPU (impl
-        pallas), the XLA gather path elsewhere (which also returns the probabilities the KL needs)."""
-        backend, impl = ops.platform(), ops.resolve_impl(self.impl, gpu_kernel="sparse_triton")
-        kernel = {"tpu": sparse_attention_tpu, "gpu": sparse_attention_gpu}.get(backend) if impl == "pallas" else None
-        if kernel is None:  # GPU: the Triton kernel with impl='pallas'; like ops' GPU flash kernels, not 'auto'
-            return sparse_attention(q, k, v, idx, valid, **kw, return_probs=True)
-
-        bias = kw.get("bias")
-
-        def call(q, k, v, idx, valid, q_pos, kv_pos, params):
-            return kernel.sparse_attention(q, k, v, idx, valid, q_pos_BT=q_pos, kv_pos_BS=kv_pos, bias=bias,
-                                           bias_params_HP=params)
-
-        rows, heads = ("batch", "seq"), ("batch", "seq", "heads")
-        out, lse = ops.per_device(
-            call, (q, k, v, idx, valid, kw["q_pos_BT"], kw["kv_pos_BS"], kw.get("bias_params_HP")),
-            (heads + (None,), ("batch", "seq", "kv_heads", None), ("batch", "seq", "kv_heads", None),
-             rows + (None,), rows + (None,), rows, rows, ("heads", None)),
-            (heads + (None,), heads))
-        return out, lse, None
+        """(out, lse, head-mean probs or None) through `ops.SPARSE`: the Pallas kernel on TPU (impl auto |
+        pallas) and on GPU (pallas, or auto once the GPU check passed it), else the XLA gather path (which also
+        returns the probabilities the KL needs)."""
+        return ops.sparse_attention(q, k, v, idx, valid, **kw, impl=self.impl)
 
     def _diagnose(self, q, k, iq, w, ik, pos, segs, biased, rows, dense_lse):
         if dense_lse is None:  # sparse stage: the dense attention is needed only to measure against it

@@ -1,0 +1,25 @@
+"""Chunked local attention (Llama 4's local layers, "iRoPE"): a query sees the earlier keys of its own chunk.
+
+A document's positions are cut into chunks of C tokens, so the query at position p sees the keys at
+C * floor(p / C) .. p: the first query of a chunk sees itself alone, the last one C keys. Unlike a sliding
+window the span restarts at every chunk boundary. The mask is `masks.Mask(chunk=C)`: every implementation
+and the ring skip the blocks that lie in other chunks, so the cost is O(T * C), and a KV cache keeps C slots.
+"""
+
+from __future__ import annotations
+
+from lc_jax import fields
+from lc_jax.attention.base import AttentionVariant
+from pallas_kernels.flash_attention.masks import Mask
+
+
+class Chunked(AttentionVariant):
+    FIELDS = dict(AttentionVariant.FIELDS, chunk=8192)  # C: tokens per chunk (Llama 4 Scout / Maverick: 8192)
+
+    @classmethod
+    def check(cls, cfg, **kw) -> list[str]:
+        return super().check(cfg, **kw) + fields.positive("model.attention.chunk", cfg.chunk)
+
+    def __init__(self, *, chunk: int, **kwargs):
+        super().__init__(**kwargs)
+        self.mask = Mask(causal=True, chunk=chunk)
