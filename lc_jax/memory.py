@@ -33,6 +33,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lc_jax import attention
 from lc_jax import config as config_lib
 
 GB, GiB = 10**9, 2**30
@@ -63,11 +64,13 @@ class ModelShape:
     vocab_size: int
     tie_embeddings: bool = False
     window: int | None = None  # sliding-window attention: keys per query, and the cache's slots
+    chunk: int | None = None  # chunked local attention: a query sees the earlier keys of its chunk; the cache's slots
     dsa_topk: int | None = None  # DSA sparse attention: keys per query
     index_heads: int = 0  # DSA lightning indexer: H_I heads of d_I dims
     index_dim: int = 0
     index_norm: str = "layernorm"  # the indexer key's norm: layernorm has a bias, rmsnorm does not
     learned_positions: int = 0  # rows of a learned absolute-position table (0: none)
+    sinks: bool = False  # learned attention sinks: one logit per head and layer (elementwise, not a matmul)
 
     def __post_init__(self):
         for f in ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "vocab_size"):
@@ -81,15 +84,20 @@ class ModelShape:
             raise CalculatorError(f"{self.name}: window={self.window} must be positive (or None)")
         if self.dsa_topk is not None and (self.dsa_topk <= 0 or self.index_heads <= 0 or self.index_dim <= 0):
             raise CalculatorError(f"{self.name}: DSA needs positive dsa_topk, index_heads and index_dim")
-        if self.window is not None and self.dsa_topk is not None:
-            raise CalculatorError(f"{self.name}: a model is either sliding-window or DSA, not both")
+        if self.chunk is not None and self.chunk <= 0:
+            raise CalculatorError(f"{self.name}: chunk={self.chunk} must be positive (or None)")
+        if sum(x is not None for x in (self.window, self.chunk, self.dsa_topk)) > 1:
+            raise CalculatorError(f"{self.name}: a model is one of sliding-window, chunked or DSA, not several")
 
     @property
     def attention(self) -> str:
-        return "sliding" if self.window is not None else "dsa" if self.dsa_topk is not None else "full"
+        if self.window is not None:
+            return "sliding"
+        return "chunked" if self.chunk is not None else "dsa" if self.dsa_topk is not None else "full"
 
     def describe(self) -> str:
         att = {"full": "full attention", "sliding": f"sliding window {self.window}",
+               "chunked": f"chunked local attention, chunks of {self.chunk}",
                "dsa": f"DSA top-{self.dsa_topk}, indexer {self.index_heads} x {self.index_dim}"}[self.attention]
         return (f"{self.name}: {self.num_layers} layers, d_model {self.d_model}, {self.num_heads} heads / "
                 f"{self.num_kv_heads} KV heads x {self.head_dim} dims, MLP {self.mlp_dim}, vocab {self.vocab_size}, "
@@ -113,15 +121,11 @@ def from_config(config: Any, name: str = "config") -> ModelShape:
     """The shape of the model an lc_jax config builds (`config` or `config.model`), without building it."""
     m = config.model if "model" in config else config
     att = m.attention
-    dsa = att.name == "dsa"
     return ModelShape(
         name=name, num_layers=m.num_layers, d_model=m.d_model, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
         head_dim=m.head_dim or m.d_model // m.num_heads, mlp_dim=m.mlp_dim, vocab_size=m.vocab_size,
-        tie_embeddings=bool(m.tie_embeddings), window=att.window if att.name == "sliding" else None,
-        dsa_topk=att.dsa.topk if dsa else None, index_heads=att.dsa.index_heads if dsa else 0,
-        index_dim=att.dsa.index_dim if dsa else 0,
-        index_norm=att.dsa.get("index_norm", "layernorm") if dsa else "layernorm",
-        learned_positions=m.max_seq_len if m.position.name == "learned" else 0,
+        tie_embeddings=bool(m.tie_embeddings), learned_positions=m.max_seq_len if m.position.name == "learned" else 0,
+        **attention.REGISTRY[att.name].memory_shape(att),  # the variant says what bounds its cache and FLOPs
     )
 
 
@@ -142,6 +146,7 @@ def param_breakdown(model: ModelShape) -> dict[str, int]:
         "attention": L * (d * H * D + 2 * d * K * D + H * D * d),  # wq, wk, wv, wo
         # DSA Indexer: wq [d, H_I, d_I], wk [d, d_I], k_scale [d_I] (+ k_bias [d_I] for layernorm), ww [d, H_I]
         "indexer": L * (d * hi * di + d * di + _index_norm_params(model) + d * hi) if model.dsa_topk is not None else 0,
+        "sinks": L * H if model.sinks else 0,  # one sink logit per head and layer
         "mlp": L * 3 * d * model.mlp_dim,  # SwiGLU: w_gate, w_up, w_down
         "norms": (2 * L + 1) * d,  # two RMSNorms per block, one final
         "head": 0 if model.tie_embeddings else d * model.vocab_size,
@@ -177,9 +182,11 @@ def weight_bytes(model: ModelShape, dtype: str = "bf16") -> int:
 
 
 def cached_tokens(model: ModelShape, context: int) -> int:
-    """Tokens a KV cache holds per sequence: min(context, window) under a sliding window (ring buffer)."""
+    """Tokens a KV cache holds per sequence: min(context, window) under a sliding window, min(context, chunk)
+    under chunked attention (a ring buffer either way), else the context."""
     _check_context(context)
-    return min(context, model.window) if model.window is not None else context
+    span = model.window or model.chunk
+    return min(context, span) if span is not None else context
 
 
 def kv_cache_bytes(model: ModelShape, context: int, batch: int = 1, dtype: str = "bf16",
@@ -223,6 +230,14 @@ def visible_pairs(context: int, causal: bool = True, window: int | None = None) 
     return T + 2 * ((w - 1) * T - (w - 1) * w // 2)
 
 
+def chunked_pairs(context: int, chunk: int, causal: bool = True) -> int:
+    """(query, key) pairs of chunked local attention: each whole chunk of C tokens C(C+1)/2 (causal) or C^2,
+    and the last, partial chunk of r tokens r(r+1)/2 or r^2."""
+    _check_context(context)
+    n, r = divmod(context, chunk)
+    return n * chunk * (chunk + 1) // 2 + r * (r + 1) // 2 if causal else n * chunk * chunk + r * r
+
+
 def attention_flops(model: ModelShape, context: int, causal: bool = True, dsa_sparse: bool = True) -> int:
     """Forward FLOPs of the attention scores and mixing, per sequence (2 per multiply-add).
 
@@ -234,7 +249,9 @@ def attention_flops(model: ModelShape, context: int, causal: bool = True, dsa_sp
     """
     T = context
     per_pair = 4 * model.num_heads * model.head_dim
-    if model.dsa_topk is None:
+    if model.chunk is not None:
+        flops = per_pair * chunked_pairs(T, model.chunk, causal)
+    elif model.dsa_topk is None:
         flops = per_pair * visible_pairs(T, causal, model.window)
     else:
         if not dsa_sparse:
@@ -418,10 +435,11 @@ def report(model: ModelShape, contexts: list[int], *, batch: int = 1, dtype: str
         "units": {"GB": "10^9 bytes", "GiB": "2^30 bytes", "TFLOPs": "10^12 FLOPs, 2 per multiply-add"},
         "conventions": {
             "kv_cache": "K and V: 2 x layers x kv_heads x head_dim x cached_tokens x bytes x batch; cached_tokens "
-                        "= min(context, window) for sliding attention"
+                        "= min(context, window) for sliding attention, min(context, chunk) for chunked attention"
                         + ("; int8 adds one f32 scale per (token, kv head, layer) for K and for V" if kv_quant
                            else ""),
             "attention_flops": "forward QK^T + PV per sequence over visible pairs (causal T(T+1)/2, sliding ~T x W, "
+                               "chunked ~T x C / 2, "
                                "DSA ~T x k + indexer 2 x H_I x (d_I + 1) per causal pair)",
             "train_flops": "per sequence: 6 x matmul_params x context + 3 x attention_flops (no recomputation)",
         },
@@ -456,12 +474,13 @@ def format_table(rep: dict[str, Any]) -> str:
         f"{_num(r0['weights_gb'])} GB = {_num(r0['weights_gib'])} GiB",
         f"KV cache: K and V, 2 x {m.num_layers} layers x {m.num_kv_heads} KV heads x {m.head_dim} dims x tokens "
         f"x batch {rep['batch']}, {kv_what}"
-        + (f"; tokens = min(context, window {m.window})" if m.window else ""),
+        + (f"; tokens = min(context, window {m.window})" if m.window else "")
+        + (f"; tokens = min(context, chunk {m.chunk})" if m.chunk else ""),
         "GB = 10^9 bytes, GiB = 2^30 bytes; TFLOPs = 10^12 FLOPs (2 per multiply-add), per sequence; "
         "train = 6 x matmul params x tokens + 3 x attention",
         "",
     ]
-    dsa, sliding = m.dsa_topk is not None, m.window is not None
+    dsa, sliding = m.dsa_topk is not None, m.window is not None or m.chunk is not None
     header = ["context"] + (["cached tokens"] if sliding else []) + ["params", "weights GB", "KV cache GB",
                                                                      "KV cache GiB"]
     header += ["indexer cache GB", "weights+caches GB"] if dsa else ["weights+KV GB"]

@@ -48,6 +48,14 @@ def test_int8_kv_adds_one_f32_scale_per_token_and_kv_head_for_k_and_v():
     assert memory.kv_cache_bytes(L8B, 131072, dtype="f32", kv_quant="int8") == elements + scales  # dtype ignored
 
 
+def test_chunked_cache_and_pairs_are_bounded_by_the_chunk():
+    m = tiny(layers=2, kv=2, chunk=16)
+    assert memory.cached_tokens(m, 1000) == 16 and memory.cached_tokens(m, 10) == 10
+    for T, causal in ((40, True), (40, False), (16, True), (7, True)):  # whole chunks, then a partial one
+        brute = sum(1 for t in range(T) for s in range(T) if t // 16 == s // 16 and (s <= t or not causal))
+        assert memory.chunked_pairs(T, 16, causal) == brute
+
+
 def test_sliding_window_cache_is_bounded_by_the_window():
     m = tiny(layers=2, kv=2, window=16)
     per_token = 2 * 2 * 2 * 4 * 2  # K and V x layers x kv heads x dims x bf16
@@ -103,6 +111,7 @@ def test_llama_8b_attention_flops_at_128k():
     ("attention=dsa", {"model.attention.dsa.index_heads": 2, "model.attention.dsa.index_dim": 8,
                        "model.attention.dsa.index_rope_dim": 4, "model.attention.dsa.topk": 8}),
     ("attention=sliding,position=learned", {}),
+    ("attention=chunked", {"model.attention.sinks": True}),
 ])
 def test_param_count_matches_the_built_model(tiny_config, arg, overrides):
     config = tiny_config(arg, **overrides)  # d_model 32, 2 layers, 4 heads, 2 kv heads, mlp 64, vocab 259

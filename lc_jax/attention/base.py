@@ -9,7 +9,8 @@ generation and the calculators never name it: its config fields and their checks
 per stage), the auxiliary values it returns and which of them are losses
 (`__call__` returns `(out, aux)`; `aux_losses`), the parameters it trains with their
 own optimizer (`optimizer_groups`, `frozen_until`), and whether it can attend from a
-KV cache (`CACHE`) or run as a ring over the context axis (`RING`).
+KV cache (`CACHE`) or run as a ring over the context axis (`RING`), and what the memory
+calculator needs to know of it (`memory_shape`).
 """
 
 from __future__ import annotations
@@ -88,6 +89,12 @@ class AttentionVariant(nnx.Module):
         """Parameters trained by an AdamW of their own: module attribute name -> (lr, weight_decay); lr 0 means
         `train.lr`. Everything else is the main group."""
         return {}
+
+    @classmethod
+    def memory_shape(cls, cfg) -> dict:
+        """The fields of the calculator's `lc_jax.memory.ModelShape` this variant sets (what bounds its cache and
+        its attention FLOPs, and its sink logits)."""
+        return {"sinks": bool(cfg.get("sinks", False))}
 
     @classmethod
     def frozen_until(cls, cfg) -> int:

@@ -20,6 +20,10 @@ class Chunked(AttentionVariant):
     def check(cls, cfg, **kw) -> list[str]:
         return super().check(cfg, **kw) + fields.positive("model.attention.chunk", cfg.chunk)
 
+    @classmethod
+    def memory_shape(cls, cfg) -> dict:
+        return super().memory_shape(cfg) | {"chunk": cfg.chunk}
+
     def __init__(self, *, chunk: int, **kwargs):
         super().__init__(**kwargs)
         self.mask = Mask(causal=True, chunk=chunk)

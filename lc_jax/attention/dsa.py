@@ -491,6 +491,12 @@ class DSA(AttentionVariant):
         return {"indexer": (float(cfg.dsa.lr), float(cfg.dsa.weight_decay))}
 
     @classmethod
+    def memory_shape(cls, cfg) -> dict:
+        ds = cfg.dsa
+        return super().memory_shape(cfg) | {"dsa_topk": ds.topk, "index_heads": ds.index_heads,
+                                            "index_dim": ds.index_dim, "index_norm": ds.get("index_norm", "layernorm")}
+
+    @classmethod
     def frozen_until(cls, cfg) -> int:
         return int(cfg.dsa.warmup_steps) if cfg.dsa.warmup_mode == "frozen" else 0
 

@@ -18,6 +18,10 @@ class Sliding(AttentionVariant):
     def check(cls, cfg, **kw) -> list[str]:
         return super().check(cfg, **kw) + fields.positive("model.attention.window", cfg.window)
 
+    @classmethod
+    def memory_shape(cls, cfg) -> dict:
+        return super().memory_shape(cfg) | {"window": cfg.window}
+
     def __init__(self, *, window: int, **kwargs):
         super().__init__(**kwargs)
         self.mask = Mask(causal=True, window=window)
