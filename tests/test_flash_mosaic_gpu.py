@@ -315,22 +315,28 @@ def test_shared_memory_budget_is_checked_when_compiling():
 
 
 @pytest.mark.parametrize("version, hopper, dtype, D, expected", [
-    ((0, 11, 0), True, jnp.bfloat16, 128, "mosaic_gpu"), ((0, 10, 2), True, jnp.bfloat16, 128, "gpu"),
-    ((0, 11, 0), False, jnp.bfloat16, 128, "gpu"),
-    ((0, 11, 0), True, jnp.float32, 64, "mosaic_gpu"), ((0, 11, 0), True, jnp.float32, 128, "gpu"),  # SMEM
-    ((0, 11, 0), True, jnp.bfloat16, 96, "gpu")])
+    ((0, 11, 0), True, jnp.bfloat16, 128, "pallas-mosaic-gpu"), ((0, 10, 2), True, jnp.bfloat16, 128, "pallas-triton"),
+    ((0, 11, 0), False, jnp.bfloat16, 128, "pallas-triton"),
+    ((0, 11, 0), True, jnp.float32, 64, "pallas-mosaic-gpu"),
+    ((0, 11, 0), True, jnp.float32, 128, "pallas-triton"),  # its blocks would not fit shared memory
+    ((0, 11, 0), True, jnp.bfloat16, 96, "pallas-triton")])
 def test_ops_runs_mosaic_gpu_on_hopper_from_jax_0_11(monkeypatch, version, hopper, dtype, D, expected):
     from lc_jax import ops
 
-    calls = []
-    for name, module in (("gpu", ops._gpu), ("mosaic_gpu", ops._mosaic_gpu)):
-        monkeypatch.setattr(module, "attention", lambda *a, block_sizes, _n=name, **kw: calls.append((_n, block_sizes)))
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(jax, "__version_info__", version)
     monkeypatch.setattr(flash_mgpu, "on_hopper", lambda: hopper)
     q = jnp.zeros((1, 8, 2, D), dtype)
-    ops._pallas(q, None, None, None)
-    assert calls == [(expected, getattr(ops, "_" + expected).BlockSizes())]
+    call = ops.Call(platform="gpu", dtype=dtype, head_dim=D, q_len=8, kv_len=8)
+    assert ops.choose("pallas", call).name == expected
+    # The ring takes the Triton kernel: Mosaic GPU declines it with its reason.
+    assert ops.choose("pallas", ops.Call(platform="gpu", dtype=dtype, head_dim=D, q_len=8, kv_len=8,
+                                         ring=True)).name == "pallas-triton"
+    calls = []
+    for name, module in (("pallas-triton", ops._gpu), ("pallas-mosaic-gpu", ops._mosaic_gpu)):
+        monkeypatch.setattr(module, "attention", lambda *a, block_sizes, _n=name, **kw: calls.append((_n, block_sizes)))
+    ops.FLASH[expected].run(q, None, None, block_sizes=None, call=call)
+    kernel = ops._mosaic_gpu if expected == "pallas-mosaic-gpu" else ops._gpu
+    assert calls == [(expected, kernel.BlockSizes())]
 
 
 # ----------------------------------------------------------------------------- real lowering

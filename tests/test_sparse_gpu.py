@@ -189,21 +189,22 @@ def test_under_shard_map():
 
 @pytest.mark.parametrize(
     ("backend", "impl", "want"),
-    [("gpu", "pallas", "gpu"), ("gpu", "auto", "xla"), ("gpu", "xla", "xla"), ("tpu", "pallas", "tpu")],
+    [("gpu", "pallas", "pallas-triton"), ("gpu", "auto", "xla"), ("gpu", "xla", "xla"),
+     ("tpu", "pallas", "pallas-tpu")],
 )
 def test_dsa_picks_the_gpu_kernel(monkeypatch, backend, impl, want):
-    # DSA's sparse stage: the Triton kernel on a GPU backend with impl='pallas' (as ops' GPU flash
-    # kernels, never chosen by 'auto'). Backend and kernels are faked: only the dispatch is checked.
-    from types import SimpleNamespace
-
-    from lc_jax.attention import dsa
+    # DSA's sparse stage goes through ops.SPARSE: the Triton kernel on a GPU with impl='pallas' (and with 'auto'
+    # only once the GPU check has passed it). Platform and kernels are faked: only the dispatch is checked.
+    from lc_jax import ops
 
     calls = []
-    monkeypatch.setattr(jax, "default_backend", lambda: backend)
-    for name, mod in (("gpu", dsa.sparse_attention_gpu), ("tpu", dsa.sparse_attention_tpu)):
+    monkeypatch.setattr(ops, "platform", lambda: backend)
+    for name, mod in (("pallas-triton", ops._sparse_triton), ("pallas-tpu", ops._sparse_tpu)):
         monkeypatch.setattr(mod, "sparse_attention", lambda *a, _n=name, **kw: (calls.append(_n), None))
-    monkeypatch.setattr(dsa, "sparse_attention", lambda *a, **kw: (calls.append("xla"), None, None))
-    dsa.DSA._sparse_attention(SimpleNamespace(impl=impl, block_q=16), *(None,) * 5, q_pos_BT=None, kv_pos_BS=None)
+    monkeypatch.setattr(ops._sparse_xla, "sparse_attention", lambda *a, **kw: (calls.append("xla"), None, None))
+    q = jnp.zeros((1, 8, 2, 16), jnp.bfloat16)
+    pos = jnp.zeros((1, 8), jnp.int32)
+    ops.sparse_attention(q, q, q, None, None, q_pos_BT=pos, kv_pos_BS=pos, impl=impl)
     assert calls == [want]
 
 
