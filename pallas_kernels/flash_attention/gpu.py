@@ -70,6 +70,7 @@ from pallas_kernels.flash_attention.masks import (
     Mask,
     block_visible,
     check_qkv,
+    head_row,
     out_struct,
     pad_axis,
     pad_positions,
@@ -139,14 +140,6 @@ def _dot(a, b, dims):
     return lax.dot_general(a, b, dims, precision=_HIGHEST, preferred_element_type=jnp.float32)
 
 
-def _head_params(params_ref, h, st: _Static) -> tuple:
-    """Query head h's bias parameters from the flattened [H * P] (or [G * P]) table; () without a bias."""
-    if st.bias is None:
-        return ()
-    P = st.bias.num_params
-    return tuple(params_ref[h * P + p] for p in range(P))
-
-
 def _scores(q, k, qp, qs, kp, ks, params, st: _Static):
     """f32 scores [bq, bk] (soft-capped, then biased), their mask, and tanh(s/cap) for the backward."""
     s = _dot(q, k, _NT) * st.scale
@@ -161,7 +154,7 @@ def _fwd_kernel(lo_ref, hi_ref, *refs, st: _Static):
     q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, o_ref, lse_ref = refs
     h, i = pl.program_id(1), pl.program_id(2)
     bq, bk = st.block_q, st.block_k
-    params = _head_params(params_ref, h, st)
+    params = head_row(params_ref, h, st.bias)
     q, qp, qs = q_ref[...], qp_ref[...], qs_ref[...]
 
     def body(j, carry):
@@ -208,7 +201,7 @@ def _dq_kernel(lo_ref, hi_ref, *refs, st: _Static):
     q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qp_ref, qs_ref, kp_ref, ks_ref, dq_ref = refs
     h, i = pl.program_id(1), pl.program_id(2)
     bk = st.block_k
-    params = _head_params(params_ref, h, st)
+    params = head_row(params_ref, h, st.bias)
     q, do, lse, di, qp, qs = q_ref[...], do_ref[...], lse_ref[...], di_ref[...], qp_ref[...], qs_ref[...]
 
     def body(j, dq):
@@ -232,7 +225,7 @@ def _dkv_kernel(lo_ref, hi_ref, *refs, st: _Static, groups: int):
     lo, hi = lo_ref[j], hi_ref[j]
 
     def per_head(g, carry):  # the G query heads that share this kv head
-        params = _head_params(params_ref, g, st)  # this kv head's block of the table
+        params = head_row(params_ref, g, st.bias)  # this kv head's block of the table
 
         def per_q_block(t, carry):
             dk, dv = carry

@@ -136,6 +136,15 @@ def scores(s, q_pos, kv_pos, q_seg, kv_seg, params, *, mask: Mask | None, bias: 
     return s, vis, t
 
 
+def head_row(params_ref, h, bias: Bias | None) -> tuple:
+    """Inside a flash kernel: query head h's bias parameters, scalars of the flattened [H * P] table (a kernel
+    handed one kv head's block indexes it by group member); () without a bias."""
+    if bias is None:
+        return ()
+    P = bias.num_params
+    return tuple(params_ref[h * P + p] for p in range(P))
+
+
 def head_params(bias_params_HP, kv_heads: int, place: Callable) -> tuple:
     """The bias parameters as P f32 arrays [K, G] (kv head, group member), each put in place by `place`."""
     if bias_params_HP is None:

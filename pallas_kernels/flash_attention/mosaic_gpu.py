@@ -93,6 +93,7 @@ from pallas_kernels.flash_attention.masks import (
     Mask,
     block_visible,
     check_qkv,
+    head_row,
     pad_axis,
     pad_positions,
     scores,
@@ -225,14 +226,6 @@ def _store_parts(ref, x, parts: int):
             x = x - term.astype(jnp.float32)
 
 
-def _head_params(params_ref, h, st: _Static) -> tuple:
-    """Query head h's bias parameters: scalars of the flattened [H * P] GMEM table (() without a bias)."""
-    if st.bias is None:
-        return ()
-    P = st.bias.num_params
-    return tuple(params_ref[h * P + p] for p in range(P))
-
-
 def _scores(s, qp, qs, kp, ks, params, st: _Static):
     """Scaled, soft-capped, biased f32 scores, their mask and tanh(s/cap) for the backward.
 
@@ -294,7 +287,7 @@ def _fwd_kernel(kv_range_ref, *refs, st: _Static, groups: int, stages: int, **sm
     _copy_in(q_ref.at[:, b, rows, h], smem, "q", parts=P)
     _copy_in(qpos_ref.at[b, :, rows], smem, "qpos")
     lo, hi = kv_range_ref[0, i], kv_range_ref[1, i]
-    params = _head_params(params_ref, h, st)
+    params = head_row(params_ref, h, st.bias)
 
     def fetch(t, slot):
         cols = pl.ds((lo + t) * bk, bk)
@@ -364,7 +357,7 @@ def _dq_kernel(kv_range_ref, *refs, st: _Static, groups: int, stages: int, **sme
     _copy_in(qpos_ref.at[b, :, rows], smem, "qpos")
     _copy_in(stats_ref.at[b, h, :, rows], smem, "stats")
     lo, hi = kv_range_ref[0, i], kv_range_ref[1, i]
-    params = _head_params(params_ref, h, st)
+    params = head_row(params_ref, h, st.bias)
 
     def fetch(t, slot):
         cols = pl.ds((lo + t) * bk, bk)
@@ -435,7 +428,7 @@ def _dkv_kernel(q_range_ref, *refs, st: _Static, groups: int, stages: int, **sme
     def with_acc(dk_acc, dv_acc):
         def compute(t, slot, carry):
             _wait(smem, ("qT", "q", "doT", "do", "qpos", "stats"), slot)
-            params = _head_params(params_ref, head_and_rows(t)[0], st)
+            params = head_row(params_ref, head_and_rows(t)[0], st.bias)
             qp, qs = (_hint(smem["qpos"][slot, n], _COL, st) for n in range(2))
             lse, di = (_hint(smem["stats"][slot, n], _COL, st) for n in range(2))
             sT = _matmul(smem["k"], smem["qT"].at[slot], shape, P)

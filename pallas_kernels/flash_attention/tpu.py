@@ -47,6 +47,7 @@ from pallas_kernels.flash_attention.masks import (
     Mask,
     block_visible,
     check_qkv,
+    head_row,
     out_struct,
     pad_axis,
     pad_positions,
@@ -173,14 +174,6 @@ _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _NN = (((1,), (0,)), ((), ()))  # a @ b
 
 
-def _head_params(params_ref, h, st: _Static) -> tuple:
-    """Query head h's bias parameters: scalars from the flattened [H * P] SMEM table (() without a bias)."""
-    if st.bias is None:
-        return ()
-    P = st.bias.num_params
-    return tuple(params_ref[h * P + p] for p in range(P))
-
-
 def _scores(q, k, qp_ref, qs_ref, kp_ref, ks_ref, params, st: _Static):
     """f32 scores [bq, bk] (soft-capped, biased), their mask, and tanh(s/cap) for the backward."""
     s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * st.scale
@@ -205,7 +198,7 @@ def _fwd_kernel(kv_idx_ref, kv_cnt_ref, *refs, st: _Static, nq: int, nk: int):
 
     @pl.when(j < kv_cnt_ref[b * nq + i])
     def _compute():
-        params = _head_params(params_ref, h, st)
+        params = head_row(params_ref, h, st.bias)
         v = v_ref[...]
         s, mask, _ = _scores(q_ref[...], k_ref[...], qp_ref, qs_ref, kp_ref, ks_ref, params, st)
         s = jnp.where(mask, s, -jnp.inf)
@@ -254,7 +247,7 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, *refs, st: _Static, nq: int, nk: int):
 
     @pl.when(j < kv_cnt_ref[b * nq + i])
     def _compute():
-        params = _head_params(params_ref, h, st)
+        params = head_row(params_ref, h, st.bias)
         k = k_ref[...]
         _, ds = _probs_and_dscores(
             q_ref[...], k, v_ref[...], do_ref[...], lse_ref, di_ref, qp_ref, qs_ref, kp_ref, ks_ref, params, st
@@ -282,7 +275,7 @@ def _dkv_kernel(q_idx_ref, q_cnt_ref, *refs, st: _Static, nq: int, nk: int, grou
 
     @pl.when(t < q_cnt_ref[b * nk + j])
     def _compute():
-        params = _head_params(params_ref, kh * groups + g, st)
+        params = head_row(params_ref, kh * groups + g, st.bias)
         q, do = q_ref[...], do_ref[...]
         p, ds = _probs_and_dscores(
             q, k_ref[...], v_ref[...], do, lse_ref, di_ref, qp_ref, qs_ref, kp_ref, ks_ref, params, st
