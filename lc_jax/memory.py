@@ -10,14 +10,18 @@ from any lc_jax config (`configs/*.py[:arg]`). Conventions, stated once:
 
 * Bytes: GB = 10^9 bytes, GiB = 2^30 bytes; the output always names which.
 * KV cache: BOTH K and V, 2 x layers x kv_heads x head_dim x tokens x bytes per
-  sequence, with tokens = min(context, window) for sliding-window attention (a
-  ring buffer, as `lc_jax.model.Transformer.cache_slots`). int8 (`kv_quant`) adds
+  sequence, with tokens = min(context, max_distance + 1) where a layer's mask bounds
+  it (sliding window W, chunk C: a ring buffer, as `lc_jax.model.Transformer.cache_slots`). int8 (`kv_quant`) adds
   one f32 scale per (token, kv head, layer) for K and one for V, the granularity
   `lc_jax.model.LayerKV` stores. The position / segment bookkeeping of lc_jax's
   KVCache (8 bytes per slot, shared by all layers) is not counted.
 * FLOPs: 2 per multiply-add, matmuls only (no softmax, norms, activations).
-  Attention counts the exact visible (query, key) pairs: causal T(T+1)/2 (half of
-  T x T), sliding ~T x W, DSA sparse ~T x k plus the indexer over all causal pairs.
+  Attention counts the exact visible (query, key) pairs of each layer's mask: causal
+  T(T+1)/2 (half of T x T), sliding ~T x W, chunked ~T x C / 2; a top-k variant
+  mixes ~T x k and adds its own scoring of every visible pair.
+* Attention variants: each says what one of its layers adds (`lc_jax.attention.Cost`:
+  mask, top-k, parameters, cache, FLOPs per pair, training temporaries), and this
+  module sums those terms over the layers without knowing any variant.
 * Training FLOPs: 6 x matmul params x tokens (forward 2, backward 4) plus
   3 x the attention forward (backward = 2 x forward); recomputation (remat, flash
   backward) is not counted, as in model-FLOPs utilisation.
@@ -35,6 +39,7 @@ from typing import Any
 
 from lc_jax import attention
 from lc_jax import config as config_lib
+from lc_jax.attention import Cost
 
 GB, GiB = 10**9, 2**30
 
@@ -52,7 +57,11 @@ class CalculatorError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelShape:
-    """The shape numbers that decide memory and FLOPs (an lc_jax decoder: SwiGLU MLP, RMSNorm, GQA)."""
+    """The shape numbers that decide memory and FLOPs (an lc_jax decoder: SwiGLU MLP, RMSNorm, GQA).
+
+    What the attention layers add beyond q/k/v/o is each variant's own `lc_jax.attention.Cost`: `attention`
+    is a pattern of them that repeats over the layers (layer i has attention[i % len(attention)]).
+    """
 
     name: str
     num_layers: int
@@ -63,14 +72,8 @@ class ModelShape:
     mlp_dim: int
     vocab_size: int
     tie_embeddings: bool = False
-    window: int | None = None  # sliding-window attention: keys per query, and the cache's slots
-    chunk: int | None = None  # chunked local attention: a query sees the earlier keys of its chunk; the cache's slots
-    dsa_topk: int | None = None  # DSA sparse attention: keys per query
-    index_heads: int = 0  # DSA lightning indexer: H_I heads of d_I dims
-    index_dim: int = 0
-    index_norm: str = "layernorm"  # the indexer key's norm: layernorm has a bias, rmsnorm does not
     learned_positions: int = 0  # rows of a learned absolute-position table (0: none)
-    sinks: bool = False  # learned attention sinks: one logit per head and layer (elementwise, not a matmul)
+    attention: tuple[Cost, ...] = (Cost(),)
 
     def __post_init__(self):
         for f in ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "vocab_size"):
@@ -80,25 +83,21 @@ class ModelShape:
         if self.num_heads % self.num_kv_heads:
             raise CalculatorError(f"{self.name}: num_heads={self.num_heads} is not divisible by "
                                   f"num_kv_heads={self.num_kv_heads}")
-        if self.window is not None and self.window <= 0:
-            raise CalculatorError(f"{self.name}: window={self.window} must be positive (or None)")
-        if self.dsa_topk is not None and (self.dsa_topk <= 0 or self.index_heads <= 0 or self.index_dim <= 0):
-            raise CalculatorError(f"{self.name}: DSA needs positive dsa_topk, index_heads and index_dim")
-        if self.chunk is not None and self.chunk <= 0:
-            raise CalculatorError(f"{self.name}: chunk={self.chunk} must be positive (or None)")
-        if sum(x is not None for x in (self.window, self.chunk, self.dsa_topk)) > 1:
-            raise CalculatorError(f"{self.name}: a model is one of sliding-window, chunked or DSA, not several")
+        if not self.attention or not all(isinstance(c, Cost) for c in self.attention):
+            raise CalculatorError(f"{self.name}: attention={self.attention!r} must be a non-empty tuple of "
+                                  "lc_jax.attention.Cost (one per layer type of the repeating pattern)")
 
-    @property
-    def attention(self) -> str:
-        if self.window is not None:
-            return "sliding"
-        return "chunked" if self.chunk is not None else "dsa" if self.dsa_topk is not None else "full"
+    def layer_types(self) -> list[tuple[Cost, int]]:
+        """(cost, number of layers) per distinct attention cost, in the order of first appearance."""
+        counts: dict[Cost, int] = {}
+        for i in range(self.num_layers):
+            c = self.attention[i % len(self.attention)]
+            counts[c] = counts.get(c, 0) + 1
+        return list(counts.items())
 
     def describe(self) -> str:
-        att = {"full": "full attention", "sliding": f"sliding window {self.window}",
-               "chunked": f"chunked local attention, chunks of {self.chunk}",
-               "dsa": f"DSA top-{self.dsa_topk}, indexer {self.index_heads} x {self.index_dim}"}[self.attention]
+        types = self.layer_types()
+        att = types[0][0].label if len(types) == 1 else ", ".join(f"{n} x {c.label}" for c, n in types)
         return (f"{self.name}: {self.num_layers} layers, d_model {self.d_model}, {self.num_heads} heads / "
                 f"{self.num_kv_heads} KV heads x {self.head_dim} dims, MLP {self.mlp_dim}, vocab {self.vocab_size}, "
                 f"{'tied' if self.tie_embeddings else 'untied'} embeddings, {att}")
@@ -120,33 +119,30 @@ PRESETS: dict[str, ModelShape] = {
 def from_config(config: Any, name: str = "config") -> ModelShape:
     """The shape of the model an lc_jax config builds (`config` or `config.model`), without building it."""
     m = config.model if "model" in config else config
-    att = m.attention
     return ModelShape(
         name=name, num_layers=m.num_layers, d_model=m.d_model, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
         head_dim=m.head_dim or m.d_model // m.num_heads, mlp_dim=m.mlp_dim, vocab_size=m.vocab_size,
         tie_embeddings=bool(m.tie_embeddings), learned_positions=m.max_seq_len if m.position.name == "learned" else 0,
-        **attention.REGISTRY[att.name].memory_shape(att),  # the variant says what bounds its cache and FLOPs
+        attention=(attention.cost(m.attention, d_model=m.d_model, num_heads=m.num_heads),),
     )
 
 
 # ----------------------------------------------------------------------------- parameters and bytes
 
 
-def _index_norm_params(model: ModelShape) -> int:
-    return model.index_dim * (2 if model.index_norm == "layernorm" else 1)
-
-
 def param_breakdown(model: ModelShape) -> dict[str, int]:
-    """Parameters by group, mirroring the parameter shapes of `lc_jax.model.Transformer` one for one."""
+    """Parameters by group, mirroring the parameter shapes of `lc_jax.model.Transformer` one for one; the
+    attention variants' own parameters (`Cost.params`) under their group names."""
     d, L, H, K, D = model.d_model, model.num_layers, model.num_heads, model.num_kv_heads, model.head_dim
-    hi, di = model.index_heads, model.index_dim
-    return {
+    out = {
         "embed": model.vocab_size * d,
         "positions": model.learned_positions * d,
         "attention": L * (d * H * D + 2 * d * K * D + H * D * d),  # wq, wk, wv, wo
-        # DSA Indexer: wq [d, H_I, d_I], wk [d, d_I], k_scale [d_I] (+ k_bias [d_I] for layernorm), ww [d, H_I]
-        "indexer": L * (d * hi * di + d * di + _index_norm_params(model) + d * hi) if model.dsa_topk is not None else 0,
-        "sinks": L * H if model.sinks else 0,  # one sink logit per head and layer
+    }
+    for cost, layers in model.layer_types():
+        for group, n in cost.params:
+            out[group] = out.get(group, 0) + layers * n
+    return out | {
         "mlp": L * 3 * d * model.mlp_dim,  # SwiGLU: w_gate, w_up, w_down
         "norms": (2 * L + 1) * d,  # two RMSNorms per block, one final
         "head": 0 if model.tie_embeddings else d * model.vocab_size,
@@ -161,11 +157,12 @@ def num_params(model: ModelShape) -> int:
 def matmul_params(model: ModelShape) -> int:
     """Parameters multiplied per token (the N of 6ND): blocks and the output head (tied or not).
 
-    The input embedding and learned positions are lookups and norms are elementwise, so they are left out.
+    The input embedding and learned positions are lookups, and norms and the variants' elementwise
+    parameters (`Cost.elementwise_params`) are not matmuls, so they are left out.
     """
     p = param_breakdown(model)
-    index_scales = model.num_layers * _index_norm_params(model) if model.dsa_topk is not None else 0  # elementwise
-    return p["attention"] + p["indexer"] - index_scales + p["mlp"] + model.d_model * model.vocab_size
+    variants = sum(layers * (sum(n for _, n in c.params) - c.elementwise_params) for c, layers in model.layer_types())
+    return p["attention"] + variants + p["mlp"] + model.d_model * model.vocab_size
 
 
 def dtype_bytes(dtype: str, flag: str = "dtype") -> int:
@@ -181,95 +178,67 @@ def weight_bytes(model: ModelShape, dtype: str = "bf16") -> int:
     return num_params(model) * dtype_bytes(dtype)
 
 
-def cached_tokens(model: ModelShape, context: int) -> int:
-    """Tokens a KV cache holds per sequence: min(context, window) under a sliding window, min(context, chunk)
-    under chunked attention (a ring buffer either way), else the context."""
+def cached_tokens(cost: Cost, context: int) -> int:
+    """Tokens one layer's KV cache holds per sequence: min(context, mask.max_distance + 1) when the mask
+    bounds how far back a query sees (a sliding window W, a chunk C: a ring buffer), else the context."""
     _check_context(context)
-    span = model.window or model.chunk
-    return min(context, span) if span is not None else context
+    span = cost.mask.max_distance
+    return context if span is None else min(context, span + 1)
 
 
 def kv_cache_bytes(model: ModelShape, context: int, batch: int = 1, dtype: str = "bf16",
                    kv_quant: str | None = None) -> int:
     """KV-cache bytes for `batch` sequences of `context` tokens, counting BOTH K and V.
 
-    2 x layers x kv_heads x head_dim x tokens x bytes x batch (tokens: `cached_tokens`). With kv_quant='int8'
-    the elements take 1 byte each (`dtype` is ignored) and each layer adds one f32 scale per (token, kv head)
-    for K and one for V: 2 x layers x kv_heads x tokens x 4 bytes x batch (`lc_jax.model.LayerKV`).
+    Per layer 2 x kv_heads x head_dim x tokens x bytes x batch (tokens: `cached_tokens` of its type). With
+    kv_quant='int8' the elements take 1 byte each (`dtype` is ignored) and each layer adds one f32 scale per
+    (token, kv head) for K and one for V: 2 x kv_heads x tokens x 4 bytes x batch (`lc_jax.model.LayerKV`).
     """
     if kv_quant not in (None, *KV_QUANTS):
         raise CalculatorError(f"kv_quant={kv_quant!r}: allowed values are [None, {', '.join(map(repr, KV_QUANTS))}]")
     if not isinstance(batch, int) or batch <= 0:
         raise CalculatorError(f"batch={batch!r}: must be a positive int")
-    slots = 2 * model.num_layers * model.num_kv_heads * cached_tokens(model, context) * batch  # K and V
+    slots = sum(2 * layers * model.num_kv_heads * cached_tokens(c, context) * batch  # K and V
+                for c, layers in model.layer_types())
     if kv_quant == "int8":
         return slots * model.head_dim * 1 + slots * KV_SCALE_BYTES
     return slots * model.head_dim * dtype_bytes(dtype)
 
 
-def indexer_cache_bytes(model: ModelShape, context: int, batch: int = 1, dtype: str = "bf16") -> int:
-    """DSA only: the indexer keys k_I (d_I per token per layer) that decoding would also keep; 0 otherwise."""
-    if model.dsa_topk is None:
-        return 0
-    return model.num_layers * model.index_dim * cached_tokens(model, context) * batch * dtype_bytes(dtype)
+def extra_cache_bytes(model: ModelShape, context: int, batch: int = 1, dtype: str = "bf16") -> int:
+    """What a cache keeps beside K and V (`Cost.cache_per_token`, e.g. an indexer's keys); 0 for most."""
+    return sum(layers * c.cache_per_token * cached_tokens(c, context) * batch * dtype_bytes(dtype)
+               for c, layers in model.layer_types())
 
 
 # ----------------------------------------------------------------------------- FLOPs
 
 
-def visible_pairs(context: int, causal: bool = True, window: int | None = None) -> int:
-    """(query, key) pairs a mask lets through: causal T(T+1)/2; a window W keeps min(t+1, W) keys per query.
-
-    Non-causal: T^2, or with a window the band |t - s| < W.
-    """
-    _check_context(context)
-    T = context
-    w = T if window is None else min(window, T)
-    if causal:
-        return w * (w + 1) // 2 + (T - w) * w
-    return T + 2 * ((w - 1) * T - (w - 1) * w // 2)
-
-
-def chunked_pairs(context: int, chunk: int, causal: bool = True) -> int:
-    """(query, key) pairs of chunked local attention: each whole chunk of C tokens C(C+1)/2 (causal) or C^2,
-    and the last, partial chunk of r tokens r(r+1)/2 or r^2."""
-    _check_context(context)
-    n, r = divmod(context, chunk)
-    return n * chunk * (chunk + 1) // 2 + r * (r + 1) // 2 if causal else n * chunk * chunk + r * r
-
-
-def attention_flops(model: ModelShape, context: int, causal: bool = True, dsa_sparse: bool = True) -> int:
+def attention_flops(model: ModelShape, context: int, causal: bool = True, sparse: bool = True) -> int:
     """Forward FLOPs of the attention scores and mixing, per sequence (2 per multiply-add).
 
-    QK^T and PV each cost H x D multiply-adds per visible pair per layer: 4 x H x D x pairs x layers.
-    Sliding: pairs ~ T x W. DSA (sparse stage): each query attends to min(visible, k) keys, and the
-    indexer scores every visible pair with H_I dot products of d_I plus their weighted sum:
-    2 x H_I x (d_I + 1) per pair. `dsa_sparse=False` is the dense warm-up (dense attention plus indexer).
-    The q/k/v/o projections are not here: they are per-token matmuls, counted in 6 x params x tokens.
+    QK^T and PV each cost H x D multiply-adds per visible pair per layer: 4 x H x D x pairs, the pairs being
+    exactly those the layer's mask lets through (`masks.Mask.pairs`: causal T(T+1)/2, sliding ~T x W, chunked
+    ~T x C / 2). A top-k variant mixes min(visible, k) keys per query, unless `sparse=False` (a dense
+    warm-up), and a variant's own scoring (`Cost.flops_per_pair`) covers every visible pair. `causal=False`
+    counts the same masks without causality. The q/k/v/o projections are not here: they are per-token
+    matmuls, counted in 6 x params x tokens.
     """
-    T = context
+    _check_context(context)
     per_pair = 4 * model.num_heads * model.head_dim
-    if model.chunk is not None:
-        flops = per_pair * chunked_pairs(T, model.chunk, causal)
-    elif model.dsa_topk is None:
-        flops = per_pair * visible_pairs(T, causal, model.window)
-    else:
-        if not dsa_sparse:
-            main = visible_pairs(T, causal)
-        elif causal:  # query t sees t+1 keys and keeps min(t+1, k): the same count as a window of k
-            main = visible_pairs(T, True, model.dsa_topk)
-        else:
-            main = T * min(T, model.dsa_topk)
-        flops = per_pair * main + 2 * model.index_heads * (model.index_dim + 1) * visible_pairs(T, causal)
-    return model.num_layers * flops
+    flops = 0
+    for c, layers in model.layer_types():
+        mask = dataclasses.replace(c.mask, causal=causal)
+        mixed = mask.pairs(context, c.keys_per_query if sparse else None)
+        flops += layers * (per_pair * mixed + c.flops_per_pair * mask.pairs(context))
+    return flops
 
 
 def total_train_flops(model: ModelShape, context: int, sequences: int = 1, causal: bool = True) -> int:
     """Training FLOPs (forward + backward) for `sequences` sequences of `context` tokens.
 
-    6 x matmul_params x tokens + 3 x attention forward (its backward is two of the same matmuls). DSA counts
-    its sparse stage with the indexer under the same x3, an upper bound: its scores for the top-k run under
-    stop-gradient.
+    6 x matmul_params x tokens + 3 x attention forward (its backward is two of the same matmuls). A top-k
+    variant's own scoring counts under the same x3, an upper bound (an indexer may run under stop-gradient).
     """
     return sequences * (6 * matmul_params(model) * context + 3 * attention_flops(model, context, causal))
 
@@ -290,10 +259,6 @@ LAYER_BYTES_PER_TOKEN_UNIT = 8.4  # one layer's recompute + backward at the peak
 LOGIT_COPIES = 0.75  # f32 [tokens, vocab] logits and the cross-entropy's softmax, per chip
 EMBED_COPIES = 2.2  # f32 [vocab, d]: embedding and head gathered over fsdp, and their unsharded gradients
 PROGRAM_BYTES_PER_LAYER = 50 * 2**20  # generated code: layers are unrolled
-# DSA's sparse stage: 4-byte [tokens, k] tensors per layer (selection, index scores, sparse-KL terms) alive at
-# the peak. Fitted to configs/tpu/dsa1b_32k.py alone (41 of its 47 GiB of temporaries), so its row in
-# benchmarks/tpu_aot.py is not a check of this term.
-DSA_SELECTION_COPIES = 10
 REMAT_SAVED = ("full", "dots", "none")
 
 
@@ -343,7 +308,8 @@ def train_memory(model: ModelShape, run: TrainRun) -> dict[str, int]:
     arguments: parameters and both AdamW moments in `param_dtype`, sharded over fsdp x tensor (replicated
     over data and context), as `lc_jax.sharding.state_shardings` lays them out. temporaries, at the peak:
     the weights FSDP gathered, activations saved for the backward (by remat policy), one layer's working set,
-    the logits, the embedding / head, DSA's selection (the module constants say how much of each).
+    the logits, the embedding / head (the module constants say how much of each), and what the attention
+    variants keep per token (`Cost.train_bytes_per_token`, e.g. a top-k selection).
     """
     m = run.mesh
     shards = m.get("fsdp", 1) * m.get("tensor", 1)
@@ -359,12 +325,12 @@ def train_memory(model: ModelShape, run: TrainRun) -> dict[str, int]:
         "layer_working_set": int(LAYER_BYTES_PER_TOKEN_UNIT * n * (model.d_model + model.mlp_dim) / tp),
         "logits": int(LOGIT_COPIES * n * model.vocab_size * 4 / tp),
         "embedding": int(EMBED_COPIES * model.vocab_size * model.d_model * p / tp),
-        "dsa_selection": int(DSA_SELECTION_COPIES * model.num_layers * n * model.dsa_topk * 4) if model.dsa_topk else 0,
+        "attention_extras": sum(layers * n * c.train_bytes_per_token for c, layers in model.layer_types()),
         "program": PROGRAM_BYTES_PER_LAYER * model.num_layers,
     }
     out["arguments"] = out["parameters"] + out["optimizer"]
     out["temporaries"] = sum(out[k] for k in ("gathered_weights", "saved_activations", "layer_working_set", "logits",
-                                              "embedding", "dsa_selection"))
+                                              "embedding", "attention_extras"))
     out["total"] = out["arguments"] + out["temporaries"] + out["program"]
     return out
 
@@ -393,7 +359,7 @@ def format_train_table(model: ModelShape, run: TrainRun, mem: dict[str, int], hb
              f"{run.tokens_per_chip:,} tokens per chip; AdamW state in {run.param_dtype}", "",
              f"{'per chip':<20}{'GiB':>10}" + (f"{'% of HBM':>10}" if hbm_bytes else "")]
     for k in ("parameters", "optimizer", "gathered_weights", "saved_activations", "layer_working_set", "logits",
-              "embedding", "dsa_selection", "program", "total"):
+              "embedding", "attention_extras", "program", "total"):
         if mem[k] or k == "total":
             row = f"{k:<20}{mem[k] / GiB:>10.3f}"
             lines.append(row + (f"{100 * mem[k] / hbm_bytes:>9.1f}%" if hbm_bytes else ""))
@@ -410,37 +376,42 @@ def _check_context(context: int) -> None:
 
 def report(model: ModelShape, contexts: list[int], *, batch: int = 1, dtype: str = "bf16",
            kv_dtype: str | None = None, kv_quant: str | None = None) -> dict[str, Any]:
-    """Everything the CLI prints, as plain data (exact integers plus GB / GiB / TFLOPs)."""
+    """Everything the CLI prints, as plain data (exact integers plus GB / GiB / TFLOPs).
+
+    Per-layer-type lists ("attention", "layers", a row's "cached_tokens") follow `ModelShape.layer_types`.
+    """
     kv_dtype = kv_dtype or dtype
     dtype_bytes(dtype, "--dtype")
     dtype_bytes(kv_dtype, "--kv-dtype")
     params, wbytes = num_params(model), weight_bytes(model, dtype)
+    types = model.layer_types()
     rows = []
     for T in contexts:
         kv = kv_cache_bytes(model, T, batch, kv_dtype, kv_quant)
-        idx = indexer_cache_bytes(model, T, batch, kv_dtype)
+        extra = extra_cache_bytes(model, T, batch, kv_dtype)
         attn, train = attention_flops(model, T), total_train_flops(model, T)
         rows.append({
-            "context": T, "cached_tokens": cached_tokens(model, T), "params": params,
+            "context": T, "cached_tokens": [cached_tokens(c, T) for c, _ in types], "params": params,
             "weight_bytes": wbytes, "weights_gb": wbytes / GB, "weights_gib": wbytes / GiB,
             "kv_cache_bytes": kv, "kv_cache_gb": kv / GB, "kv_cache_gib": kv / GiB,
-            "indexer_cache_bytes": idx, "total_bytes": wbytes + kv + idx, "total_gb": (wbytes + kv + idx) / GB,
+            "extra_cache_bytes": extra, "total_bytes": wbytes + kv + extra, "total_gb": (wbytes + kv + extra) / GB,
             "attention_flops": attn, "attention_tflops": attn / 1e12,
             "train_flops": train, "train_tflops": train / 1e12, "attention_share_of_train": attn * 3 / train,
         })
     return {
-        "model": dataclasses.asdict(model), "attention": model.attention, "param_breakdown": param_breakdown(model),
-        "matmul_params": matmul_params(model), "dtype": dtype, "kv_dtype": "int8" if kv_quant else kv_dtype,
-        "kv_quant": kv_quant, "batch": batch, "rows": rows,
+        "model": dataclasses.asdict(model), "attention": [c.label for c, _ in types], "layers": [n for _, n in types],
+        "param_breakdown": param_breakdown(model), "matmul_params": matmul_params(model), "dtype": dtype,
+        "kv_dtype": "int8" if kv_quant else kv_dtype, "kv_quant": kv_quant, "batch": batch, "rows": rows,
         "units": {"GB": "10^9 bytes", "GiB": "2^30 bytes", "TFLOPs": "10^12 FLOPs, 2 per multiply-add"},
         "conventions": {
             "kv_cache": "K and V: 2 x layers x kv_heads x head_dim x cached_tokens x bytes x batch; cached_tokens "
-                        "= min(context, window) for sliding attention, min(context, chunk) for chunked attention"
+                        "= min(context, max_distance + 1) of the layer's mask (window W, chunk C), else context"
                         + ("; int8 adds one f32 scale per (token, kv head, layer) for K and for V" if kv_quant
                            else ""),
-            "attention_flops": "forward QK^T + PV per sequence over visible pairs (causal T(T+1)/2, sliding ~T x W, "
-                               "chunked ~T x C / 2, "
-                               "DSA ~T x k + indexer 2 x H_I x (d_I + 1) per causal pair)",
+            "extra_cache": "what a variant caches beside K and V per token (e.g. an indexer's keys), in kv_dtype",
+            "attention_flops": "forward QK^T + PV per sequence over each layer's visible pairs (causal T(T+1)/2, "
+                               "sliding ~T x W, chunked ~T x C / 2, top-k ~T x k), plus a variant's own scoring "
+                               "of every visible pair",
             "train_flops": "per sequence: 6 x matmul_params x context + 3 x attention_flops (no recomputation)",
         },
     }
@@ -461,35 +432,35 @@ def _params(n: int) -> str:
     return str(n)
 
 
-def format_table(rep: dict[str, Any]) -> str:
-    """A plain-text table: one row per context, with the conventions spelled out above it."""
-    m = ModelShape(**rep["model"])
+def format_table(model: ModelShape, rep: dict[str, Any]) -> str:
+    """A plain-text table of `report(model, ...)`: one row per context, the conventions spelled out above it."""
+    m, types = model, model.layer_types()
     kv_q = rep["kv_quant"]
     kv_what = ("int8 + one f32 scale per (token, KV head) for K and for V" if kv_q
                else f"{rep['kv_dtype']} ({dtype_bytes(rep['kv_dtype'])} B/element)")
+    bounded = [f"{c.label}: min(context, {c.mask.max_distance + 1})" for c, _ in types
+               if c.mask.max_distance is not None]
     r0 = rep["rows"][0]
     lines = [
         m.describe(),
         f"params {r0['params']:,} ({_params(r0['params'])}); weights in {rep['dtype']}: "
         f"{_num(r0['weights_gb'])} GB = {_num(r0['weights_gib'])} GiB",
         f"KV cache: K and V, 2 x {m.num_layers} layers x {m.num_kv_heads} KV heads x {m.head_dim} dims x tokens "
-        f"x batch {rep['batch']}, {kv_what}"
-        + (f"; tokens = min(context, window {m.window})" if m.window else "")
-        + (f"; tokens = min(context, chunk {m.chunk})" if m.chunk else ""),
+        f"x batch {rep['batch']}, {kv_what}" + (f"; tokens = {', '.join(bounded)}" if bounded else ""),
         "GB = 10^9 bytes, GiB = 2^30 bytes; TFLOPs = 10^12 FLOPs (2 per multiply-add), per sequence; "
         "train = 6 x matmul params x tokens + 3 x attention",
         "",
     ]
-    dsa, sliding = m.dsa_topk is not None, m.window is not None or m.chunk is not None
-    header = ["context"] + (["cached tokens"] if sliding else []) + ["params", "weights GB", "KV cache GB",
+    extra = any(c.cache_per_token for c, _ in types)
+    header = ["context"] + (["cached tokens"] if bounded else []) + ["params", "weights GB", "KV cache GB",
                                                                      "KV cache GiB"]
-    header += ["indexer cache GB", "weights+caches GB"] if dsa else ["weights+KV GB"]
+    header += ["other cache GB", "weights+caches GB"] if extra else ["weights+KV GB"]
     header += ["attn fwd TFLOPs", "train TFLOPs", "attn % of train"]
     table = [header]
     for r in rep["rows"]:
-        row = [f"{r['context']:,}"] + ([f"{r['cached_tokens']:,}"] if sliding else [])
+        row = [f"{r['context']:,}"] + (["/".join(f"{t:,}" for t in r["cached_tokens"])] if bounded else [])
         row += [_params(r["params"]), _num(r["weights_gb"]), _num(r["kv_cache_gb"]), _num(r["kv_cache_gib"])]
-        row += [_num(r["indexer_cache_bytes"] / GB)] if dsa else []
+        row += [_num(r["extra_cache_bytes"] / GB)] if extra else []
         row += [_num(r["total_gb"]), _num(r["attention_tflops"]), _num(r["train_tflops"]),
                 f"{100 * r['attention_share_of_train']:.1f}%"]
         table.append(row)
@@ -646,13 +617,11 @@ def main(argv: list[str] | None = None) -> int:
     except CalculatorError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(rep, indent=2) if args.json else format_table(rep))
+    print(json.dumps(rep, indent=2) if args.json else format_table(model, rep))
     return 0
 
 
-def train_plan(spec: str, overrides: list[tuple[str, str]] | None = None, topology: str | None = None,
-               context: int | None = None) -> dict[str, Any]:
-    """The per-chip training memory of a config file on a TPU slice, as plain data (the CLI's --train)."""
+def _plan(spec: str, overrides, topology: str | None, context: int | None):
     model, cfg = load(spec, overrides)
     if cfg is None:
         raise CalculatorError(f"--train needs a config file (its batch, mesh and remat), not the preset {spec!r}")
@@ -663,23 +632,27 @@ def train_plan(spec: str, overrides: list[tuple[str, str]] | None = None, topolo
     if context is not None:
         cfg.data.seq_len = context
     run = train_run_from_config(cfg, chips)
-    mem = train_memory(model, run)
+    return model, run, topology, TPU_HBM_BYTES[gen], train_memory(model, run)
+
+
+def train_plan(spec: str, overrides: list[tuple[str, str]] | None = None, topology: str | None = None,
+               context: int | None = None) -> dict[str, Any]:
+    """The per-chip training memory of a config file on a TPU slice, as plain data (the CLI's --train)."""
+    model, run, topology, hbm, mem = _plan(spec, overrides, topology, context)
     return {"model": dataclasses.asdict(model), "run": dataclasses.asdict(run), "topology": topology,
-            "hbm_bytes": TPU_HBM_BYTES[gen], "bytes": mem, "fits": mem["total"] <= TPU_HBM_BYTES[gen]}
+            "hbm_bytes": hbm, "bytes": mem, "fits": mem["total"] <= hbm}
 
 
 def _train_main(args, overrides) -> int:
     contexts = parse_contexts(args.context) if args.context else [None]
     for T in contexts:
-        plan = train_plan(args.model, overrides, args.topology, T)
         if args.json:
-            print(json.dumps(plan, indent=2))
+            print(json.dumps(train_plan(args.model, overrides, args.topology, T), indent=2))
             continue
-        model, run = ModelShape(**plan["model"]), TrainRun(**plan["run"])
-        print(format_train_table(model, run, plan["bytes"], plan["hbm_bytes"]))
-        verdict = "fits" if plan["fits"] else "does not fit"
-        print(f"{verdict} a {plan['topology']} chip ({plan['hbm_bytes'] / GiB:.2f} GiB HBM); calibrated against "
-              "deviceless compiles: python -m lc_jax.aot gives the compiler's own figure\n")
+        model, run, topology, hbm, mem = _plan(args.model, overrides, args.topology, T)
+        print(format_train_table(model, run, mem, hbm))
+        print(f"{'fits' if mem['total'] <= hbm else 'does not fit'} a {topology} chip ({hbm / GiB:.2f} GiB HBM); "
+              "calibrated against deviceless compiles: python -m lc_jax.aot gives the compiler's own figure\n")
     return 0
 
 

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
+import ml_collections
+import numpy as np
 import pytest
 
-from lc_jax import memory
+from lc_jax import attention, memory
+from lc_jax.attention import Cost
 from lc_jax.memory import CalculatorError, ModelShape
 from lc_jax.model import count_params
 from lc_jax.state import build_model
+from pallas_kernels.flash_attention.masks import Mask
 
 L8B = memory.PRESETS["llama3.1-8b"]
 
@@ -17,6 +22,17 @@ L8B = memory.PRESETS["llama3.1-8b"]
 def tiny(layers=1, heads=2, kv=1, dim=4, **kw) -> ModelShape:
     return ModelShape(name="tiny", num_layers=layers, d_model=8, num_heads=heads, num_kv_heads=kv, head_dim=dim,
                       mlp_dim=16, vocab_size=32, **kw)
+
+
+def sliding(window):
+    return Cost(label=f"sliding window {window}", mask=Mask(window=window))
+
+
+def dsa_cost(topk, index_heads, index_dim, d_model=8, num_heads=2):
+    """The DSA variant's own cost, from its declared fields."""
+    cfg = ml_collections.ConfigDict(attention.fields() | {"name": "dsa"})
+    cfg.dsa.update(topk=topk, index_heads=index_heads, index_dim=index_dim)
+    return attention.cost(cfg, d_model=d_model, num_heads=num_heads)
 
 
 # ----------------------------------------------------------------------------- bytes
@@ -48,35 +64,43 @@ def test_int8_kv_adds_one_f32_scale_per_token_and_kv_head_for_k_and_v():
     assert memory.kv_cache_bytes(L8B, 131072, dtype="f32", kv_quant="int8") == elements + scales  # dtype ignored
 
 
-def test_chunked_cache_and_pairs_are_bounded_by_the_chunk():
-    m = tiny(layers=2, kv=2, chunk=16)
-    assert memory.cached_tokens(m, 1000) == 16 and memory.cached_tokens(m, 10) == 10
-    for T, causal in ((40, True), (40, False), (16, True), (7, True)):  # whole chunks, then a partial one
-        brute = sum(1 for t in range(T) for s in range(T) if t // 16 == s // 16 and (s <= t or not causal))
-        assert memory.chunked_pairs(T, 16, causal) == brute
+def test_chunked_cache_is_bounded_by_the_chunk():
+    chunked = Cost(mask=Mask(chunk=16))
+    assert memory.cached_tokens(chunked, 1000) == 16 and memory.cached_tokens(chunked, 10) == 10
 
 
 def test_sliding_window_cache_is_bounded_by_the_window():
-    m = tiny(layers=2, kv=2, window=16)
+    m = tiny(layers=2, kv=2, attention=(sliding(16),))
     per_token = 2 * 2 * 2 * 4 * 2  # K and V x layers x kv heads x dims x bf16
     assert memory.kv_cache_bytes(m, 10) == 10 * per_token
     assert memory.kv_cache_bytes(m, 16) == memory.kv_cache_bytes(m, 1 << 20) == 16 * per_token
-    assert memory.cached_tokens(m, 1000) == 16
+    assert memory.cached_tokens(m.attention[0], 1000) == 16
+
+
+def test_a_pattern_of_layer_types_sums_each_type():
+    # 5 layers of (sliding 16, full) repeated: sliding, full, sliding, full, sliding.
+    m = tiny(layers=5, kv=2, attention=(sliding(16), Cost()))
+    assert [(c.label, n) for c, n in m.layer_types()] == [("sliding window 16", 3), ("full attention", 2)]
+    per_token_layer = 2 * 2 * 4 * 2  # K and V x kv heads x dims x bf16
+    assert memory.kv_cache_bytes(m, 1000) == (3 * 16 + 2 * 1000) * per_token_layer
+    assert memory.attention_flops(m, 40) == (3 * memory.attention_flops(tiny(attention=(sliding(16),)), 40)
+                                             + 2 * memory.attention_flops(tiny(), 40))
+    assert "3 x sliding window 16, 2 x full attention" in m.describe()
 
 
 # ----------------------------------------------------------------------------- FLOPs
 
 
-def _brute_pairs(T, causal, window=None):
-    w = window or T
-    return sum(1 for t in range(T) for s in range(T) if (s <= t or not causal) and abs(t - s) < w)
-
-
-@pytest.mark.parametrize("T", [1, 2, 5, 9])
-@pytest.mark.parametrize("window", [None, 1, 3, 20])
-@pytest.mark.parametrize("causal", [True, False])
-def test_visible_pairs_match_the_mask(T, window, causal):
-    assert memory.visible_pairs(T, causal, window) == _brute_pairs(T, causal, window)
+@pytest.mark.parametrize("causal,window,chunk", list(itertools.product([True, False], [None, 1, 3, 20], [None, 4, 16])))
+def test_counted_pairs_are_what_the_mask_lets_through(causal, window, chunk):
+    # Mask.pairs (the calculator's count) against Mask.visible (what every kernel uses), whole chunks and a
+    # partial one, and with a top-k cap of k keys per query.
+    mask = Mask(causal=causal, window=window, chunk=chunk)
+    for T in (1, 2, 5, 9, 40):
+        t = np.arange(T)
+        per_query = np.asarray(mask.visible(t[:, None], t[None, :])).sum(1)
+        assert mask.pairs(T) == per_query.sum()
+        assert mask.pairs(T, keys_per_query=3) == np.minimum(per_query, 3).sum()
 
 
 def test_attention_flops_by_hand():
@@ -85,11 +109,13 @@ def test_attention_flops_by_hand():
     assert memory.attention_flops(tiny(), 4) == 320
     assert memory.attention_flops(tiny(), 4, causal=False) == 16 * 32
     # Sliding W = 2: 1+2+2+2 = 7 pairs.
-    assert memory.attention_flops(tiny(window=2), 4) == 7 * 32
+    assert memory.attention_flops(tiny(attention=(sliding(2),)), 4) == 7 * 32
     # DSA k = 2, indexer 1 head x 3 dims: main 7 pairs x 32 = 224; indexer 10 causal pairs x 2 x 1 x (3 + 1) = 80.
-    dsa = tiny(dsa_topk=2, index_heads=1, index_dim=3)
+    dsa = tiny(attention=(dsa_cost(topk=2, index_heads=1, index_dim=3),))
     assert memory.attention_flops(dsa, 4) == 224 + 80
-    assert memory.attention_flops(dsa, 4, dsa_sparse=False) == 320 + 80
+    assert memory.attention_flops(dsa, 4, sparse=False) == 320 + 80
+    # Its cache keeps the indexer keys too: d_I = 3 per token and layer, beside K and V.
+    assert memory.extra_cache_bytes(dsa, 4, dtype="f32") == 3 * 4 * 4
     # Two layers double it; training is 6 x matmul params x tokens + 3 x attention.
     assert memory.attention_flops(tiny(layers=2), 4) == 640
     m = tiny()
@@ -117,7 +143,9 @@ def test_param_count_matches_the_built_model(tiny_config, arg, overrides):
     config = tiny_config(arg, **overrides)  # d_model 32, 2 layers, 4 heads, 2 kv heads, mlp 64, vocab 259
     shape = memory.from_config(config)
     assert memory.num_params(shape) == count_params(build_model(config))
-    assert shape.attention == arg.split(",")[0].split("=")[1]
+    name = arg.split(",")[0].split("=")[1]
+    assert shape.describe().endswith({"full": "full attention", "sliding": "sliding window 16", "dsa": "DSA top-8, "
+                                      "indexer 2 x 8", "chunked": "chunked local attention, chunks of 8192"}[name])
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -143,7 +171,7 @@ def test_cli_json_and_config_file(capsys):
     assert memory.main(["--model", "configs/base.py:attention=sliding", "--config.model.attention.window=512",
                         "--context", "1M", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
-    assert rep["attention"] == "sliding" and rep["rows"][0]["cached_tokens"] == 512
+    assert rep["attention"] == ["sliding window 512"] and rep["rows"][0]["cached_tokens"] == [512]
     assert rep["rows"][0]["kv_cache_bytes"] == 2 * 8 * 2 * 64 * 512 * 2
 
 
@@ -195,6 +223,10 @@ def test_train_memory_state_is_exact_and_the_rest_follows_tokens_per_chip():
     assert half["saved_activations"] == 2 * mem["saved_activations"] and half["logits"] == 2 * mem["logits"]
     with pytest.raises(CalculatorError, match="does not split"):
         memory.TrainRun(seq_len=1000, batch=4, mesh=dict(fsdp=4, context=16))
+    # A variant's own temporaries (here a top-k selection of 2048 per token) scale with tokens and its layers.
+    dsa8b = ModelShape(**{**vars(L8B), "attention": (dsa_cost(2048, 64, 128, d_model=4096, num_heads=32),)})
+    extras = memory.train_memory(dsa8b, run)["attention_extras"]
+    assert mem["attention_extras"] == 0 and extras == 32 * 8192 * dsa8b.attention[0].train_bytes_per_token > 0
 
 
 def test_train_cli(capsys):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lc_jax import fields as fields_lib
-from lc_jax.attention.base import AttentionVariant
+from lc_jax.attention.base import AttentionVariant, Cost
 from lc_jax.attention.chunked import Chunked
 from lc_jax.attention.dsa import DSA
 from lc_jax.attention.full import Full
@@ -36,3 +36,8 @@ def build(cfg, **dims):
     """Instantiate `cfg.name` with its own fields from `cfg` plus the model dimensions its constructor names
     (of d_model, num_heads, num_kv_heads, head_dim, param_dtype, rngs)."""
     return fields_lib.build(REGISTRY, cfg, "model.attention", **dims)
+
+
+def cost(cfg, *, d_model: int, num_heads: int) -> Cost:
+    """One layer of `cfg.name`'s cost in the memory calculator's terms (`AttentionVariant.cost`)."""
+    return REGISTRY[cfg.name].cost(cfg, d_model=d_model, num_heads=num_heads)

@@ -9,12 +9,13 @@ generation and the calculators never name it: its config fields and their checks
 per stage), the auxiliary values it returns and which of them are losses
 (`__call__` returns `(out, aux)`; `aux_losses`), the parameters it trains with their
 own optimizer (`optimizer_groups`, `frozen_until`), and whether it can attend from a
-KV cache (`CACHE`) or run as a ring over the context axis (`RING`), and what the memory
-calculator needs to know of it (`memory_shape`).
+KV cache (`CACHE`) or run as a ring over the context axis (`RING`), and what one of its
+layers costs (`cost`: the terms the memory calculator sums).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar
 
 import jax.numpy as jnp
@@ -24,6 +25,31 @@ from lc_jax import fields, ops
 from pallas_kernels.flash_attention import tpu as flash_tpu
 from pallas_kernels.flash_attention.masks import CAUSAL, Mask
 from pallas_kernels.flash_attention.xla import BlockSizes
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    """What one attention layer costs beyond its q/k/v/o projections, in the terms `lc_jax.memory` sums.
+
+    A variant fills in its own (`AttentionVariant.cost`), so the calculator needs no knowledge of any variant.
+    """
+
+    label: str = "full attention"
+    #: Which keys a query sees: `mask.pairs` are the score and mixing FLOPs, `mask.max_distance + 1` the KV
+    #: cache's slots when it is bounded.
+    mask: Mask = CAUSAL
+    #: A top-k selection: each query mixes at most this many of its visible keys (None: all of them).
+    keys_per_query: int | None = None
+    #: Parameters one layer adds, by group (e.g. {"sinks": H}), and how many of them are not multiplied per
+    #: token (scales, biases, sink logits: elementwise, so outside the 6 x params x tokens of training FLOPs).
+    params: tuple[tuple[str, int], ...] = ()
+    elementwise_params: int = 0
+    #: Elements a KV cache keeps per token beside K and V (e.g. an indexer's keys), in the cache's dtype.
+    cache_per_token: int = 0
+    #: Forward FLOPs per visible (query, key) pair beside QK^T and PV (e.g. an indexer's scoring).
+    flops_per_pair: int = 0
+    #: Training temporaries per token alive at the step's peak, in bytes, beside what every layer keeps.
+    train_bytes_per_token: int = 0
 
 
 class AttentionVariant(nnx.Module):
@@ -91,10 +117,11 @@ class AttentionVariant(nnx.Module):
         return {}
 
     @classmethod
-    def memory_shape(cls, cfg) -> dict:
-        """The fields of the calculator's `lc_jax.memory.ModelShape` this variant sets (what bounds its cache and
-        its attention FLOPs, and its sink logits)."""
-        return {"sinks": bool(cfg.get("sinks", False))}
+    def cost(cls, cfg, *, d_model: int, num_heads: int) -> Cost:
+        """One layer's cost for the calculator (`Cost`); variants replace the fields they change."""
+        del d_model  # the base variant adds no projection of its own
+        sinks = num_heads if cfg.get("sinks", False) else 0  # one sink logit per head: elementwise
+        return Cost(params=(("sinks", sinks),) if sinks else (), elementwise_params=sinks)
 
     @classmethod
     def frozen_until(cls, cfg) -> int:

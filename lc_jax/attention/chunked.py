@@ -8,8 +8,10 @@ and the ring skip the blocks that lie in other chunks, so the cost is O(T * C), 
 
 from __future__ import annotations
 
+import dataclasses
+
 from lc_jax import fields
-from lc_jax.attention.base import AttentionVariant
+from lc_jax.attention.base import AttentionVariant, Cost
 from pallas_kernels.flash_attention.masks import Mask
 
 
@@ -21,8 +23,9 @@ class Chunked(AttentionVariant):
         return super().check(cfg, **kw) + fields.positive("model.attention.chunk", cfg.chunk)
 
     @classmethod
-    def memory_shape(cls, cfg) -> dict:
-        return super().memory_shape(cfg) | {"chunk": cfg.chunk}
+    def cost(cls, cfg, **dims) -> Cost:
+        return dataclasses.replace(super().cost(cfg, **dims), label=f"chunked local attention, chunks of {cfg.chunk}",
+                                   mask=Mask(causal=True, chunk=cfg.chunk))
 
     def __init__(self, *, chunk: int, **kwargs):
         super().__init__(**kwargs)

@@ -48,6 +48,7 @@ keys older than a sliding window of k tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -57,7 +58,7 @@ from flax import nnx
 from jax import lax
 
 from lc_jax import fields, ops
-from lc_jax.attention.base import AttentionVariant
+from lc_jax.attention.base import AttentionVariant, Cost
 from lc_jax.positions.rope import apply_rope, rope_inv_freq
 from pallas_kernels.flash_attention.masks import (
     CAUSAL,
@@ -452,6 +453,12 @@ def _sel_probs(q_bQHD, k_sel, lse_bQH, qp, kp_sel, bias, params, scale):
 # ----------------------------------------------------------------------------- the variant
 
 
+# The sparse stage's 4-byte [tokens, k] tensors per layer (selection, index scores, sparse-KL terms) alive at
+# a training step's peak. Fitted to configs/tpu/dsa1b_32k.py alone (41 of its 47 GiB of temporaries in a
+# deviceless compile), so its row in benchmarks/tpu_aot.py is not a check of this term.
+SELECTION_COPIES = 10
+
+
 class DSA(AttentionVariant):
     """Dense attention plus an indexer KL during warm-up; top-k sparse attention after it."""
 
@@ -491,10 +498,18 @@ class DSA(AttentionVariant):
         return {"indexer": (float(cfg.dsa.lr), float(cfg.dsa.weight_decay))}
 
     @classmethod
-    def memory_shape(cls, cfg) -> dict:
+    def cost(cls, cfg, *, d_model: int, num_heads: int) -> Cost:
+        """The sparse stage's cost: top-k mixing, and an indexer that scores every visible pair with H_I dot
+        products of d_I plus their weighted sum, 2 x H_I x (d_I + 1) FLOPs, and caches k_I (d_I per token)."""
         ds = cfg.dsa
-        return super().memory_shape(cfg) | {"dsa_topk": ds.topk, "index_heads": ds.index_heads,
-                                            "index_dim": ds.index_dim, "index_norm": ds.get("index_norm", "layernorm")}
+        J, d = ds.index_heads, ds.index_dim
+        norm = d * (2 if ds.index_norm == "layernorm" else 1)  # k_scale (+ k_bias): elementwise
+        return dataclasses.replace(
+            super().cost(cfg, d_model=d_model, num_heads=num_heads),
+            label=f"DSA top-{ds.topk}, indexer {J} x {d}", keys_per_query=ds.topk,
+            params=(("indexer", d_model * J * d + d_model * d + norm + d_model * J),),  # wq, wk, norm, ww
+            elementwise_params=norm, cache_per_token=d, flops_per_pair=2 * J * (d + 1),
+            train_bytes_per_token=SELECTION_COPIES * ds.topk * 4)
 
     @classmethod
     def frozen_until(cls, cfg) -> int:

@@ -6,8 +6,10 @@ O(T * W) rather than O(T^2).
 
 from __future__ import annotations
 
+import dataclasses
+
 from lc_jax import fields
-from lc_jax.attention.base import AttentionVariant
+from lc_jax.attention.base import AttentionVariant, Cost
 from pallas_kernels.flash_attention.masks import Mask
 
 
@@ -19,8 +21,9 @@ class Sliding(AttentionVariant):
         return super().check(cfg, **kw) + fields.positive("model.attention.window", cfg.window)
 
     @classmethod
-    def memory_shape(cls, cfg) -> dict:
-        return super().memory_shape(cfg) | {"window": cfg.window}
+    def cost(cls, cfg, **dims) -> Cost:
+        return dataclasses.replace(super().cost(cfg, **dims), label=f"sliding window {cfg.window}",
+                                   mask=Mask(causal=True, window=cfg.window))
 
     def __init__(self, *, window: int, **kwargs):
         super().__init__(**kwargs)

@@ -7,7 +7,8 @@ prefill against a KV cache all reuse one definition.
 * `Mask` (static, hashable): which keys a query sees (causal, sliding window,
   chunked local attention) as `visible` on broadcastable arrays (kernels call it
   on [bq, 1] / [1, bk] block views) and as a conservative `block_visible` on
-  position ranges, which every block-skipping table uses.
+  position ranges, which every block-skipping table uses, and `pairs`, the count of
+  what it lets through (the memory calculator's attention FLOPs).
 * `Bias` (static, hashable): an additive logit bias fn(q_pos, kv_pos, *params)
   with `num_params` fixed f32 scalars per head (`ALIBI`). The kernels take the
   parameters as one f32 array bias_params_HP [H, num_params], load head h's row
@@ -83,6 +84,21 @@ class Mask:
             ok = _and(ok, (k_hi // c >= q_lo // c) & (k_lo // c <= q_hi // c))
         shape = jnp.broadcast_shapes(q_lo.shape, q_hi.shape, k_lo.shape, k_hi.shape)
         return jnp.ones(shape, bool) if ok is None else jnp.broadcast_to(ok, shape)
+
+    def pairs(self, length: int, keys_per_query: int | None = None) -> int:
+        """Visible (query, key) pairs in one document of `length` tokens: the work an attention that skips
+        what it cannot see does. With `keys_per_query` k, each query counts min(its visible keys, k), as a
+        top-k selection mixes. Exact, from each query's contiguous range of visible keys (as `visible`)."""
+        t = np.arange(length, dtype=np.int64)
+        lo, hi = np.zeros_like(t), (t if self.causal else np.full_like(t, length - 1))
+        if self.window is not None:
+            lo = np.maximum(lo, t - self.window + 1)
+            hi = hi if self.causal else np.minimum(hi, t + self.window - 1)
+        if self.chunk is not None:
+            start = t // self.chunk * self.chunk
+            lo, hi = np.maximum(lo, start), np.minimum(hi, start + self.chunk - 1)
+        n = hi - lo + 1
+        return int((n if keys_per_query is None else np.minimum(n, keys_per_query)).sum())
 
     @property
     def max_distance(self) -> int | None:
