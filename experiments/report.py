@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
+from lc_jax import cli
+from lc_jax.errors import UserError
 from lc_jax.plots import draw_retrieval, plot_extrapolation, pyplot
 
 
@@ -28,7 +31,8 @@ def load(workdir: Path) -> list[dict]:
         res.setdefault("name", path.parent.parent.name)
         results.append(res)
     if not results:
-        raise SystemExit(f"no */eval/extrapolation.json under {workdir}")
+        raise UserError(f"--workdir={str(workdir)!r}: no */eval/extrapolation.json under it; run python -m "
+                        "experiments.sweep first")
     return results
 
 
@@ -121,17 +125,22 @@ def retrieval_sections(workdir: Path, out: Path) -> list[str]:
     return md
 
 
-def main():
+def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--out", required=True)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    if not Path(a.workdir).is_dir():
+        raise UserError(f"--workdir={a.workdir!r}: no such directory (a sweep's workdir)")
+    if not any(Path(a.workdir).glob("*/eval/*.json")):
+        raise UserError(f"--workdir={a.workdir!r}: no member has eval/*.json yet; run python -m experiments.sweep "
+                        "first")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if any("validation" in json.loads(p.read_text()) for p in Path(a.workdir).glob("*/eval/summary.json")):
         print(summary_table(Path(a.workdir), out))
         print(f"wrote {out}/results.md, results.json")
-        return
+        return 0
     results = load(Path(a.workdir))
     all_tab, notes = table(results, "loss")
     beyond_tab, _ = table(results, "beyond_loss")
@@ -150,7 +159,8 @@ def main():
                        title=f"validation loss vs evaluation length (trained at {train_len})")
     print("\n".join(md))
     print(f"wrote {out}/results.md, results.json, loss_vs_length.png")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

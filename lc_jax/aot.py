@@ -25,6 +25,7 @@ kernels, never the host's interpret-mode ones.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -37,11 +38,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
 from jax.experimental.pallas import tpu as pltpu
-from ml_collections import config_flags
 
-from lc_jax import attention, sharding, state, steps
+from lc_jax import attention, cli, sharding, state, steps
 from lc_jax.config import ConfigError, resolve, validate
 
 GiB = 2**30
@@ -243,17 +242,21 @@ def run(config, *, name: str, topology: str = "", stage: str = "auto", json_path
     return 0 if report.fits else 1
 
 
-def main(argv) -> None:
-    del argv
-    f = flags.FLAGS
-    sys.exit(run(f.config, name=config_flags.get_config_filename(f["config"]), topology=f.topology, stage=f.stage,
-                 json_path=f.json))
+def main(argv: list[str]) -> int:
+    """`python -m lc_jax.aot --config path.py[:arg] [--topology v5p:4x4x4] [--stage auto] [--json out.json]
+    [--config.a.b=value ...]`."""
+    rest, overrides = cli.split_overrides(argv)
+    ap = argparse.ArgumentParser(prog="python -m lc_jax.aot", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True, help="config file, e.g. configs/tpu/llama1b_32k.py[:arg]")
+    ap.add_argument("--topology", default="", help="TPU slice to compile for, e.g. v5p:4x4x4 (default: the "
+                    "config's aot.topology)")
+    ap.add_argument("--stage", default="auto", help="variants with stages (DSA: dense, sparse): which stage's step "
+                    "to compile")
+    ap.add_argument("--json", default="", help="also write the report as JSON to this path")
+    args = ap.parse_args(rest)
+    config = cli.load(args.config, overrides)
+    return run(config, name=args.config, topology=args.topology, stage=args.stage, json_path=args.json)
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/tpu/llama1b_32k.py[:arg]")
-    flags.DEFINE_string("topology", "", "TPU slice to compile for, e.g. v5p:4x4x4 (default: the config's aot.topology)")
-    flags.DEFINE_string("stage", "auto", "variants with stages (DSA: dense, sparse): which stage's step to compile")
-    flags.DEFINE_string("json", "", "also write the report as JSON to this path")
-    flags.mark_flags_as_required(["config"])
-    app.run(main)
+    sys.exit(cli.run(main))

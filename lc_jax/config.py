@@ -15,23 +15,28 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import ml_collections
+from etils import epath
 
 from lc_jax import attention, fields, model, ops, positions
 from lc_jax import data as data_lib
 from lc_jax.data import corpus, packing, synthetic, tokenizer
+from lc_jax.errors import UserError
 from lc_jax.positions import rope_scaling
 from lc_jax.sharding import MESH_AXES, mesh_shape
 from pallas_kernels import ring_attention
 
 EVAL_PROTOCOLS = ("chunks", "sliding")  # per-position / length evaluation: see lc_jax/evaluate.py
+RETRIEVAL_TASKS = ("passkey", "kv_recall", "mqar")  # eval.retrieval.tasks: lc_jax/evaluate.py
+NONFINITE_POLICIES = ("stop", "skip", "rewind")  # a step with a non-finite loss or gradient: lc_jax/train.py
 
 
-class ConfigError(ValueError):
-    """A config failed validation; the message lists every problem found."""
+class ConfigError(UserError, ValueError):
+    """A config failed validation; the message lists every problem found, one line each."""
 
     def __init__(self, problems: list[str]):
         self.problems = problems
-        super().__init__("invalid config:\n  - " + "\n  - ".join(problems))
+        super().__init__("invalid config: " + problems[0] if len(problems) == 1 else
+                         "invalid config:\n  - " + "\n  - ".join(problems))
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -40,7 +45,9 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     for item in filter(None, (arg or "").split(",")):
         key, _, value = item.partition("=")
         if key not in defaults:
-            raise ConfigError([f"config arg {key!r} is not one of {sorted(defaults)}"])
+            near = difflib.get_close_matches(key, list(defaults), n=1)
+            raise ConfigError([f"config arg {key!r} is not one of {sorted(defaults)}"
+                               + (f"; did you mean {near[0]!r}?" if near else "")])
         default = defaults[key]
         if isinstance(default, bool):
             out[key] = value.lower() in ("", "1", "true", "yes")
@@ -95,6 +102,7 @@ def defaults() -> ml_collections.ConfigDict:
         source="stdlib",  # stdlib | files
         files="",  # glob of .txt/.py/... (one document per file) or .jsonl (one per line)
         jsonl_field="text",
+        val_files="",  # data.source='files': a glob of validation files (then all of `files` trains)
         seq_len=2048,
         batch_size=8,  # global batch
         packing="concat",  # concat | pad
@@ -123,6 +131,13 @@ def defaults() -> ml_collections.ConfigDict:
         # optimizer and its schedule restart as configured here.
         init_from="",
         init_from_step=0,  # 0: its latest checkpoint
+        # A step with a non-finite loss or gradient: 'stop' (keep the last checkpoint saved before it, exit 1),
+        # 'skip' (drop its update; stop after `nonfinite_limit` in a row), or 'rewind' (reload the last
+        # checkpoint before it, skip its batch, multiply the learning rate by `rewind_lr_scale`; stop after
+        # `nonfinite_limit` rewinds).
+        nonfinite="stop",
+        nonfinite_limit=10,
+        rewind_lr_scale=1.0,
     )
     c.checkpoint = dict(every=500, keep=3)
     # Device mesh; -1: the remaining devices. context > 1 turns attention into ring attention over that
@@ -193,11 +208,12 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def upgrade_saved(d: dict) -> dict:
-    """A run directory's config.json written before the reference-matching change, in today's fields.
+    """A run directory's config.json written by an earlier version, in today's fields.
 
     Such a run trained with YaRN's ratio ramp (fields alpha / beta) and the RMSNorm
     indexer key, so it is mapped to `yarn_ratio_ramp` and `index_norm='rmsnorm'`:
-    its checkpoint restores and evaluates as it trained. Current configs pass unchanged.
+    its checkpoint restores and evaluates as it trained. Training fields added since take their defaults.
+    Current configs pass unchanged.
     """
     model = d.get("model", {})
     sc = model.get("position", {}).get("scaling")
@@ -210,6 +226,9 @@ def upgrade_saved(d: dict) -> dict:
     ds = model.get("attention", {}).get("dsa")
     if ds is not None and "index_norm" not in ds:
         ds["index_norm"] = "rmsnorm"
+    if "train" in d:  # runs from before the non-finite policies stopped at the first non-finite step
+        for key in ("nonfinite", "nonfinite_limit", "rewind_lr_scale"):
+            d["train"].setdefault(key, defaults().train[key])
     return d
 
 
@@ -321,7 +340,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
                              f"{d.batch_size * d.seq_len} tokens do not split into whole sequences of it")
 
     # --- train / checkpoint / eval
-    if t.init_from and not (Path(t.init_from) / "config.json").exists():
+    if t.init_from and not (epath.Path(t.init_from) / "config.json").exists():
         p.append(f"train.init_from={t.init_from!r}: not a run directory (no config.json there)")
     for f in ("steps", "log_every", "eval_every"):
         _positive(p, f"train.{f}", t[f])
@@ -336,14 +355,34 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     for f in ("b1", "b2"):
         if isinstance(t[f], float) and not t[f] < 1:
             p.append(f"train.{f}={t[f]}: must be in (0, 1)")
+    _allowed(p, "train.nonfinite", t.nonfinite, NONFINITE_POLICIES)
+    _positive(p, "train.nonfinite_limit", t.nonfinite_limit)
+    if not isinstance(t.rewind_lr_scale, (int, float)) or not 0 < t.rewind_lr_scale <= 1:
+        p.append(f"train.rewind_lr_scale={t.rewind_lr_scale!r}: must be in (0, 1]")
     _positive(p, "checkpoint.every", config.checkpoint.every)
     _positive(p, "checkpoint.keep", config.checkpoint.keep)
     _positive(p, "eval.position_buckets", config.eval.position_buckets)
     ev_cfg = config.eval
     _allowed(p, "eval.protocol", ev_cfg.get("protocol", "chunks"), EVAL_PROTOCOLS)
+    mults = ev_cfg.length_multipliers
+    mults_ok = (isinstance(mults, (tuple, list)) and len(mults) > 0
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in mults))
+    if not mults_ok:
+        p.append(f"eval.length_multipliers={mults!r}: must be a non-empty tuple of positive numbers (multiples of "
+                 "data.seq_len), e.g. (1, 2, 4)")
+    for name in ev_cfg.scalings:
+        _allowed(p, "eval.scalings", name, rope_scaling.SCALINGS)
+    _positive(p, "eval.max_tokens", ev_cfg.max_tokens)
+    r = ev_cfg.get("retrieval", {})
+    for task in r.get("tasks", ()):
+        _allowed(p, "eval.retrieval.tasks", task, RETRIEVAL_TASKS)
+    for f in ("depths", "samples"):
+        _positive(p, f"eval.retrieval.{f}", r.get(f, 1))
+    for n in r.get("mqar_pairs", ()):
+        _positive(p, "eval.retrieval.mqar_pairs", n)
     stride = ev_cfg.get("stride", 0)
     _positive(p, "eval.stride", stride, zero_ok=True)
-    if isinstance(stride, int) and stride > 0 and isinstance(d.seq_len, int):
+    if isinstance(stride, int) and stride > 0 and isinstance(d.seq_len, int) and mults_ok:
         shortest = min(int(x * d.seq_len) for x in ev_cfg.length_multipliers)
         if stride > shortest:
             p.append(f"eval.stride={stride}: allowed 0 (half of each evaluation length) or 1..{shortest} "

@@ -19,6 +19,7 @@ Per-position curves bucket each target by its position with equal-width buckets.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import json
@@ -27,14 +28,15 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import logging
 from flax import nnx
-from ml_collections import config_flags
 from tqdm import tqdm
 
-from lc_jax import plots, sharding, state, steps
-from lc_jax.config import ConfigError, resolve, validate
-from lc_jax.data import corpus, packing, synthetic
+from lc_jax import cli, plots, sharding, state, steps
+from lc_jax import data as data_lib
+from lc_jax.config import RETRIEVAL_TASKS, ConfigError, resolve, validate
+from lc_jax.data import packing, synthetic
+from lc_jax.errors import UserError
 from pallas_kernels.ring_attention import check_layout
 
 # `eval.protocol='sliding'` states this protocol instead of the module docstring's.
@@ -110,8 +112,7 @@ def loss_at_length(graphdef, params, config, seq_len: int, train_len: int, max_t
     Documents shorter than `min_doc_len` (default: `seq_len`) are left out; a sweep passes its
     longest length so that every length reads the same text, only cut differently.
     """
-    docs = corpus.load_documents(source=config.data.source, split="validation", val_fraction=config.data.val_fraction,
-                                 files=config.data.files, jsonl_field=config.data.jsonl_field)
+    docs = data_lib.documents(config.data, "validation")
     long_docs = [d for d in docs if len(d) >= (min_doc_len or seq_len)] or docs
     stride = eval_stride(config, seq_len)
     src = packing.PackedSequences(long_docs, seq_len=seq_len, packing="concat", seed=0, stride=stride)
@@ -184,9 +185,6 @@ def extrapolation_sweep(workdir: str | Path, config=None, *, lengths=None, scali
 
 # ----------------------------------------------------------------------------- retrieval heatmaps
 
-RETRIEVAL_TASKS = ("passkey", "kv_recall", "mqar")
-
-
 def retrieval_grid(workdir: str | Path, config=None, *, task: str = "passkey", lengths=None, depths=None,
                    pairs=None, samples: int | None = None, out_dir: str | Path | None = None) -> dict:
     """Accuracy of a retrieval task on a grid of lengths x depths (or x pairs): `eval/<task>.{json,png}`.
@@ -218,9 +216,7 @@ def retrieval_grid(workdir: str | Path, config=None, *, task: str = "passkey", l
     step, params = state.load_params(workdir, config)
     kwargs = {}
     if task == "kv_recall":
-        d = config.data
-        docs = corpus.load_documents(source=d.source, split="validation", val_fraction=d.val_fraction, files=d.files,
-                                     jsonl_field=d.jsonl_field)
+        docs = data_lib.documents(config.data, "validation")
         kwargs["haystack_tokens"] = packing.PackedSequences(docs, seq_len=max(lengths), packing="concat").tokens
     cells = []
     scaling = config.eval.position.scaling or None
@@ -317,25 +313,25 @@ def summary_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv):
-    del argv
+def main(argv: list[str]) -> int:
+    """`python -m lc_jax.evaluate --workdir DIR [--config.eval.<field>=value ...] [--verbose]`: the run's own
+    config, with overrides of any field (eval.* usually), validated before anything is loaded."""
+    rest, overrides = cli.split_overrides(argv)
+    ap = argparse.ArgumentParser(prog="python -m lc_jax.evaluate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", required=True, help="run directory with config.json and checkpoints/")
+    args = ap.parse_args(rest)
+    if not (Path(args.workdir) / "config.json").is_file():
+        raise UserError(f"--workdir={args.workdir!r}: no config.json there (not a training run directory)")
+    config = state.load_config(args.workdir)
+    for key, value in overrides:
+        cli.override(config, key, value)
+    validate(config)
     logging.set_verbosity(logging.WARNING)
-    results = run_suite(flags.FLAGS.workdir, flags.FLAGS.config)
-    out = Path(flags.FLAGS.workdir) / "eval"
+    results = run_suite(args.workdir, config)
+    out = Path(args.workdir) / "eval"
     print(f"wrote {out / 'results.json'}, {out / 'summary.md'} and the plots of: {', '.join(results)}")
-
-
-def _workdir_from_argv(argv: list[str]) -> str:
-    for i, a in enumerate(argv):
-        if a.startswith("--workdir="):
-            return a.split("=", 1)[1]
-        if a == "--workdir" and i + 1 < len(argv):
-            return argv[i + 1]
-    raise SystemExit("usage: python -m lc_jax.evaluate --workdir runs/x [--config.eval.<field>=value ...]")
+    return 0
 
 
 if __name__ == "__main__":
-    # The run's own config is the default; --config.x=y overrides any field of it (eval.* usually).
-    config_flags.DEFINE_config_dict("config", state.load_config(_workdir_from_argv(sys.argv)), lock_config=True)
-    flags.DEFINE_string("workdir", None, "run directory with config.json and checkpoints/")
-    app.run(main)
+    sys.exit(cli.run(main))

@@ -44,8 +44,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lc_jax import cli
 from lc_jax import state as state_lib
 from lc_jax.data import tokenizer
+from lc_jax.errors import UserError
 from lc_jax.model import KVCache, Transformer
 
 #: int8 cache logits stay within this (absolute, f32 logits of O(1)) of the float cache's; see tests.
@@ -235,25 +237,24 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> str:
-    """Parse flags, load the run, print and return the continuation."""
-    ap = _parser()
-    args = ap.parse_args(argv)
+    """Parse flags, load the run, print and return the continuation. Bad flags raise `UserError`."""
+    args = _parser().parse_args(argv)
     if args.max_new_tokens <= 0:
-        ap.error(f"--max_new_tokens must be positive, got {args.max_new_tokens}")
+        raise UserError(f"--max_new_tokens={args.max_new_tokens}: must be positive")
     if args.temperature < 0:
-        ap.error(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
+        raise UserError(f"--temperature={args.temperature}: must be >= 0 (0: greedy)")
     if not 0 < args.top_p <= 1:
-        ap.error(f"--top_p must be in (0, 1], got {args.top_p}")
+        raise UserError(f"--top_p={args.top_p}: must be in (0, 1]")
     if args.chunk <= 0:
-        ap.error(f"--chunk must be positive, got {args.chunk}")
+        raise UserError(f"--chunk={args.chunk}: must be positive")
     if not (Path(args.workdir) / "config.json").exists():
-        ap.error(f"--workdir {args.workdir}: no config.json (not a training run directory)")
+        raise UserError(f"--workdir={args.workdir!r}: no config.json there (not a training run directory)")
     model, _ = load_model(args.workdir)
     try:
         model.check_cache_support()
         check_length(model, len(args.prompt.encode()) + 1 + args.max_new_tokens)
     except (ValueError, NotImplementedError) as e:
-        ap.error(str(e))
+        raise UserError(str(e)) from None
     prompt = np.concatenate([[tokenizer.BOS], tokenizer.encode(args.prompt.encode())]).astype(np.int32)
     new_BN = generate(model, prompt[None], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_p=args.top_p, seed=args.seed, chunk=args.chunk, kv_int8=args.kv_int8,
@@ -267,4 +268,4 @@ def main(argv: Sequence[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(cli.run(lambda argv: main(argv) and 0))

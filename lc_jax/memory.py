@@ -30,16 +30,15 @@ from any lc_jax config (`configs/*.py[:arg]`). Conventions, stated once:
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from lc_jax import attention
-from lc_jax import config as config_lib
+from lc_jax import attention, cli
 from lc_jax.attention import Cost
+from lc_jax.errors import UserError
 
 GB, GiB = 10**9, 2**30
 
@@ -51,7 +50,7 @@ KV_QUANTS = ("int8",)
 KV_SCALE_BYTES = 4  # one f32 scale per (token, kv head) for K and for V, per layer
 
 
-class CalculatorError(ValueError):
+class CalculatorError(UserError, ValueError):
     """A bad input; the message names the flag (or argument) and the values it allows."""
 
 
@@ -506,12 +505,7 @@ def load(spec: str, overrides: list[tuple[str, str]] | None = None) -> tuple[Mod
     if not path.endswith(".py") or not Path(path).is_file():
         raise CalculatorError(f"--model={spec!r}: not a preset and not a config file; presets are "
                               f"{list(PRESETS)}, or give a config path like configs/quickstart.py[:arg]")
-    try:
-        cfg = config_lib.load(path, arg if sep else None)
-    except config_lib.ConfigError as e:
-        raise CalculatorError(f"--model={spec!r}: {e}") from e
-    for key, value in overrides:
-        _override(cfg, key, value)
+    cfg = cli.load(spec, overrides, flag="--model")
     return from_config(cfg, name=spec), cfg
 
 
@@ -531,31 +525,6 @@ def topology_chips(topology: str) -> tuple[str, int]:
     for x in dims:
         n *= int(x)
     return gen, n
-
-
-def _override(cfg: Any, key: str, value: str) -> None:
-    """Set `--config.key=value`, typed like the field it replaces (as ml_collections' config flags do)."""
-    *parents, leaf = key.split(".")
-    node = cfg
-    try:
-        for p in parents:
-            node = node[p]
-        old = node[leaf]
-    except (KeyError, TypeError):
-        raise CalculatorError(f"--config.{key}: no such config field") from None
-    try:
-        if isinstance(old, bool):
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(value)
-            new: Any = value.lower() in ("true", "1")
-        elif isinstance(old, (int, float, str)):
-            new = type(old)(value)
-        else:
-            new = ast.literal_eval(value)
-        node[leaf] = new
-    except (ValueError, TypeError, SyntaxError):
-        raise CalculatorError(f"--config.{key}={value!r}: expected a {type(old).__name__} "
-                              f"(the field holds {old!r})") from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -579,46 +548,37 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _parse_overrides(rest: list[str]) -> list[tuple[str, str]]:
-    out, i = [], 0
-    while i < len(rest):
-        a = rest[i]
-        if not a.startswith("--config."):
-            raise CalculatorError(f"unrecognised argument {a!r}; flags are --model, --context, --dtype, --kv-dtype, "
-                                  "--kv-quant, --batch, --json, --train, --topology and --config.a.b=value")
-        key, eq, value = a[len("--config."):].partition("=")
-        if not eq:
-            if i + 1 >= len(rest):
-                raise CalculatorError(f"{a}: needs a value (--config.a.b=value)")
-            value, i = rest[i + 1], i + 1
-        out.append((key, value))
-        i += 1
-    return out
+    others, overrides = cli.split_overrides(rest)
+    if others:
+        raise CalculatorError(f"unrecognised argument {others[0]!r}; flags are --model, --context, --dtype, "
+                              "--kv-dtype, --kv-quant, --batch, --json, --train, --topology and --config.a.b=value")
+    return overrides
+
+
+def _main(argv: list[str]) -> int:
+    args, rest = _parser().parse_known_args(argv)
+    if args.kv_quant is not None and args.kv_quant not in KV_QUANTS:
+        raise CalculatorError(f"--kv-quant={args.kv_quant!r}: allowed values are {list(KV_QUANTS)}")
+    if not args.batch.isdigit() or int(args.batch) <= 0:
+        raise CalculatorError(f"--batch={args.batch!r}: must be a positive integer")
+    dtype_bytes(args.dtype, "--dtype")
+    if args.kv_dtype is not None:
+        dtype_bytes(args.kv_dtype, "--kv-dtype")
+    if args.train:
+        return _train_main(args, _parse_overrides(rest))
+    if args.context is None:
+        raise CalculatorError("--context is required (tokens per sequence, e.g. 8K,128K), unless --train")
+    contexts = parse_contexts(args.context)
+    model = load_model(args.model, _parse_overrides(rest))
+    rep = report(model, contexts, batch=int(args.batch), dtype=args.dtype, kv_dtype=args.kv_dtype,
+                 kv_quant=args.kv_quant)
+    print(json.dumps(rep, indent=2) if args.json else format_table(model, rep))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print the table (or JSON); return 0, or 2 with a message naming the bad flag."""
-    args, rest = _parser().parse_known_args(argv)
-    try:
-        if args.kv_quant is not None and args.kv_quant not in KV_QUANTS:
-            raise CalculatorError(f"--kv-quant={args.kv_quant!r}: allowed values are {list(KV_QUANTS)}")
-        if not args.batch.isdigit() or int(args.batch) <= 0:
-            raise CalculatorError(f"--batch={args.batch!r}: must be a positive integer")
-        dtype_bytes(args.dtype, "--dtype")
-        if args.kv_dtype is not None:
-            dtype_bytes(args.kv_dtype, "--kv-dtype")
-        if args.train:
-            return _train_main(args, _parse_overrides(rest))
-        if args.context is None:
-            raise CalculatorError("--context is required (tokens per sequence, e.g. 8K,128K), unless --train")
-        contexts = parse_contexts(args.context)
-        model = load_model(args.model, _parse_overrides(rest))
-        rep = report(model, contexts, batch=int(args.batch), dtype=args.dtype, kv_dtype=args.kv_dtype,
-                     kv_quant=args.kv_quant)
-    except CalculatorError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(rep, indent=2) if args.json else format_table(model, rep))
-    return 0
+    """Print the table (or JSON); return 0, or 2 with one line naming the bad flag (`lc_jax.cli.run`)."""
+    return cli.run(_main, argv)
 
 
 def _plan(spec: str, overrides, topology: str | None, context: int | None):

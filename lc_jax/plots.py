@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from etils import epath
 
 
 @dataclasses.dataclass
@@ -26,9 +27,9 @@ class PerPositionLoss:
         loss = [float(s / c) if c > 0 else None for s, c in zip(sums, counts)]
         return cls([i * width for i in range(len(sums))], width, loss, [int(c) for c in counts])
 
-    def save(self, path_stem: Path, title: str = "validation loss by position") -> None:
-        """Write `<stem>.json` and `<stem>.png`."""
-        path_stem = Path(path_stem)
+    def save(self, path_stem, title: str = "validation loss by position") -> None:
+        """Write `<stem>.json` and `<stem>.png` (a local path or gs://, through epath)."""
+        path_stem = epath.Path(path_stem)
         path_stem.with_suffix(".json").write_text(json.dumps({
             "protocol": "validation chunks (non-overlapping, as in training); position = tokens of the same "
                         "document before the target within the chunk; equal-width buckets; mean next-token loss "
@@ -45,7 +46,8 @@ class PerPositionLoss:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(path_stem.with_suffix(".png"), dpi=120)
+        with path_stem.with_suffix(".png").open("wb") as f:
+            fig.savefig(f, format="png", dpi=120)
         plt.close(fig)
 
 

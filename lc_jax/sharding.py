@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -221,6 +222,12 @@ def _cluster_asks() -> str | None:
         if int(os.environ.get(var, "1") or 1) > 1:
             return what
     return None
+
+
+def sync_processes(name: str) -> None:
+    """Wait until every process reaches this point (`name` must be the same on all); free when there is one."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def maybe_initialize_distributed(dist_cfg=None) -> bool:

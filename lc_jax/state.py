@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
+import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from lc_jax import attention, sharding
@@ -119,7 +120,7 @@ def init_state(config, mesh, tx):
 # ----------------------------------------------------------------------------- checkpoints and runs
 
 
-def checkpoint_manager(workdir: Path, c) -> ocp.CheckpointManager:
+def checkpoint_manager(workdir: epath.Path, c) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         (workdir / "checkpoints").absolute(),
         options=ocp.CheckpointManagerOptions(max_to_keep=c.keep, create=True),
@@ -132,7 +133,7 @@ def phase_start(config) -> int:
         return 0
     if config.train.init_from_step:
         return config.train.init_from_step
-    mgr = ocp.CheckpointManager((Path(config.train.init_from) / "checkpoints").absolute())
+    mgr = ocp.CheckpointManager((epath.Path(config.train.init_from) / "checkpoints").absolute())
     step = mgr.latest_step()
     mgr.close()
     if step is None:
@@ -146,23 +147,23 @@ def stage_at(config, step: int) -> str:
     return attention.REGISTRY[att.name].stage_at(att, step - phase_start(config))
 
 
-def load_config(workdir: str | Path):
+def load_config(workdir: str | os.PathLike):
     """The resolved config a run saved; lists become tuples so `--config.x=(a,b)` overrides work."""
     def tuples(x):
         if isinstance(x, dict):
             return {k: tuples(v) for k, v in x.items()}
         return tuple(tuples(v) for v in x) if isinstance(x, list) else x
 
-    saved = config_lib.upgrade_saved(json.loads((Path(workdir) / "config.json").read_text()))
+    saved = config_lib.upgrade_saved(json.loads((epath.Path(workdir) / "config.json").read_text()))
     return ml_collections.ConfigDict(tuples(saved))
 
 
-def load_params(workdir: str | Path, config, step: int | None = None):
+def load_params(workdir: str | os.PathLike, config, step: int | None = None):
     """(step, params) from a run's checkpoint, restored onto this host's default device."""
-    mgr = ocp.CheckpointManager((Path(workdir) / "checkpoints").absolute())
+    mgr = ocp.CheckpointManager((epath.Path(workdir) / "checkpoints").absolute())
     step = mgr.latest_step() if step is None else step
     if step is None:
-        raise FileNotFoundError(f"no checkpoint in {Path(workdir) / 'checkpoints'}")
+        raise FileNotFoundError(f"no checkpoint in {epath.Path(workdir) / 'checkpoints'}")
     tx, _ = make_optimizer(config.train, config.model)
     abstract = jax.eval_shape(lambda: fresh_state(config, tx))
     restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
@@ -172,7 +173,7 @@ def load_params(workdir: str | Path, config, step: int | None = None):
 
 def init_from(config, state):
     """Continued training: take parameters and step from another run; the optimizer starts afresh."""
-    src = Path(config.train.init_from)
+    src = epath.Path(config.train.init_from)
     src_config = load_config(src)
     step, params = load_params(src, src_config, step=config.train.init_from_step or None)
     want = jax.tree.map(lambda x: (x.shape, x.dtype), state["params"])

@@ -39,23 +39,33 @@ def loss_fn(params, graphdef, batch, *, stage: str | None = None, diagnostics: b
 
 
 def make_train_step(graphdef, tx, schedule, *, stage: str | None = None, aux_weights: dict[str, float] | None = None,
-                    state_shardings=None):
+                    state_shardings=None, skip_nonfinite: bool = False):
     """The jitted, donated step for one `stage` of the attention variant, its objective adding `aux_weights`.
 
     `state_shardings` (the state's tree of shardings) pins the new state to the layout it came in, so that
     the optimizer state stays sharded like the parameters whatever XLA's propagation would choose.
+    `lr_scale` multiplies the update, which for AdamW (decoupled weight decay included) is multiplying the
+    learning rate. With `skip_nonfinite`, a step whose objective or gradient norm is not finite keeps the
+    parameters and optimizer state it got (metric `skipped` = 1); the step counter still advances.
     """
-    def train_step(state, batch):
+    def train_step(state, batch, lr_scale=1.0):
         (objective, (ce, aux, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state["params"], graphdef, batch, stage=stage, aux_weights=aux_weights)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        updates = jax.tree.map(lambda u: u * jnp.asarray(lr_scale, u.dtype), updates)
         params = optax.apply_updates(state["params"], updates)
-        lr = schedule(state["step"] - state["phase_start"])
+        lr = schedule(state["step"] - state["phase_start"]) * lr_scale
         mask = batch["loss_mask"]
         loss = (ce * mask).sum() / jnp.maximum(mask.sum(), 1.0)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr}
+        grad_norm = optax.tree.norm(grads)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr}
         metrics.update({k: v[0] / jnp.maximum(v[1], 1.0) for k, v in aux.items()})
         new_state = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}
+        if skip_nonfinite:
+            ok = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
+            new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state,
+                                     {**state, "step": new_state["step"]})
+            metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
         if state_shardings is not None:
             new_state = jax.lax.with_sharding_constraint(new_state, state_shardings)
         return new_state, metrics

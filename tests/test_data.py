@@ -107,8 +107,8 @@ def test_user_text_and_jsonl_files(tmp_path, tiny_config):
         source="files", files=str(tmp_path / "*"), jsonl_field="body", split=split, val_fraction=0.2)]
     assert len(docs) == 41
     assert any(d.startswith(b"document") for d in docs) and any(d.startswith(b"hello") for d in docs)
-    with pytest.raises(KeyError, match="jsonl_field='text'"):
+    with pytest.raises(corpus.DataError, match="line without data.jsonl_field='text'"):
         corpus._user_docs.cache_clear()
         corpus.load_documents(source="files", files=str(tmp_path / "*.jsonl"), split="train", val_fraction=0.2)
-    with pytest.raises(FileNotFoundError, match="matches no file"):
+    with pytest.raises(corpus.DataError, match="matches no file"):
         corpus.load_documents(source="files", files=str(tmp_path / "*.nope"), split="train", val_fraction=0.2)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lc_jax import generate, train
+from lc_jax import cli, generate, train
 from lc_jax.state import build_model
 
 B, T, P, W = 2, 40, 24, 8  # batch, sequence, prompt (prefilled), sliding window (< T: the ring wraps)
@@ -171,11 +171,14 @@ def test_cli_end_to_end(tiny_config, tmp_path, capsys):
     argv = ["--workdir", str(tmp_path), "--prompt", "def main(", "--max_new_tokens", "8", "--chunk", "5"]
     text = generate.main(argv + ["--temperature", "0.8", "--top_p", "0.9", "--seed", "3", "--kv_int8"])
     assert isinstance(text, str) and capsys.readouterr().out == text + "\n"
-    for bad, msg in ((["--top_p", "0"], "--top_p must be in"), (["--chunk", "0"], "--chunk must be positive"),
-                     (["--temperature", "-1"], "--temperature must be >= 0"), (["--nope"], "unrecognized")):
-        with pytest.raises(SystemExit):
-            generate.main(argv + bad)
-        assert msg in capsys.readouterr().err
+    run = lambda args: cli.run(lambda a: generate.main(a) and 0, args)  # noqa: E731  (the module's __main__)
+    for bad, msg in ((["--top_p", "0"], "error: --top_p=0.0: must be in"), (["--chunk", "0"], "--chunk=0: must be "
+                     "positive"), (["--temperature", "-1"], "--temperature=-1.0: must be >= 0")):
+        assert run(argv + bad) == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1
     with pytest.raises(SystemExit):
-        generate.main(["--workdir", str(tmp_path / "missing"), "--prompt", "x"])
+        generate.main(argv + ["--nope"])
+    assert "unrecognized" in capsys.readouterr().err
+    assert run(["--workdir", str(tmp_path / "missing"), "--prompt", "x"]) == 2
     assert "no config.json" in capsys.readouterr().err

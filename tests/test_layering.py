@@ -19,12 +19,12 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pallas_kernels", "lc_jax", "experiments", "configs")
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("pallas_kernels",),
-    ("lc_jax.fields", "lc_jax.sharding", "lc_jax.data", "lc_jax.plots"),
+    ("lc_jax.errors", "lc_jax.fields", "lc_jax.sharding", "lc_jax.data", "lc_jax.plots"),
     ("lc_jax.ops",),
     ("lc_jax.positions", "lc_jax.attention"),
     ("lc_jax.model",),
     ("lc_jax.config",),
-    ("lc_jax.state",),
+    ("lc_jax.state", "lc_jax.cli"),
     ("lc_jax.steps",),
     ("lc_jax.train", "lc_jax.evaluate", "lc_jax.generate", "lc_jax.aot", "lc_jax.memory"),
     ("experiments", "configs"),

@@ -9,6 +9,24 @@ from lc_jax.data.stages import curriculum  # noqa: F401
 from lc_jax.data.synthetic import TASKS, check_config  # noqa: F401
 
 
+def documents(d, split: str, max_docs: int = 0) -> list[bytes]:
+    """The documents of one split of `d` (`config.data`): its source, files and validation split."""
+    return corpus.load_documents(source=d.source, split=split, val_fraction=d.val_fraction, files=d.files,
+                                 jsonl_field=d.jsonl_field, max_docs=max_docs, val_files=d.get("val_files", ""))
+
+
+def check(d, batch_size: int) -> None:
+    """Fail early, with a `corpus.DataError`, on data that cannot make a run: no file, no document in a split,
+    or a validation split with fewer than `batch_size` sequences."""
+    documents(d, "train", d.max_docs)
+    if len(make_dataset(d, split="validation", batch_size=batch_size, seed=0)) == 0:
+        raise corpus.DataError(
+            f"the validation split has fewer than data.batch_size={batch_size} sequences of data.seq_len="
+            f"{d.seq_len} tokens; raise data.val_fraction (now {d.val_fraction})"
+            + (", name validation files in data.val_files" if d.source == "files" else "")
+            + " or lower data.batch_size")
+
+
 def make_dataset(d, *, split: str, batch_size: int, seed: int, process_index: int = 0,
                  process_count: int = 1) -> grain.MapDataset:
     """`d` is `config.data`. Train: shuffled each epoch, repeated forever. Validation: one ordered pass.
@@ -18,8 +36,7 @@ def make_dataset(d, *, split: str, batch_size: int, seed: int, process_index: in
     the examples (both splits, each with its own seed) is replaced by the synthetic task, and
     every example carries `answer_mask` and `key_position` too (see `synthetic`).
     """
-    docs = corpus.load_documents(source=d.source, split=split, val_fraction=d.val_fraction, files=d.files,
-                                 jsonl_field=d.jsonl_field, max_docs=d.max_docs)
+    docs = documents(d, split, d.max_docs)
     src = packing.PackedSequences(docs, seq_len=d.seq_len, packing=d.packing, seed=seed)
     syn = d.get("synthetic")  # absent in configs saved by older runs
     if syn is not None and syn.ratio > 0:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from lc_jax.data import tokenizer
+from lc_jax.data.corpus import DataError
 
 PACKINGS = ("concat", "pad")
 
@@ -48,7 +49,8 @@ class PackedSequences:
             self.chunk_starts = np.asarray(starts, np.int64)
             self._num = len(starts)
         if self._num == 0:
-            raise ValueError(f"corpus of {len(self.tokens)} tokens is too short for data.seq_len={seq_len}")
+            raise DataError(f"the documents hold {len(self.tokens)} tokens, too few for one sequence of "
+                            f"data.seq_len={seq_len}")
 
     def __len__(self) -> int:
         return self._num
