@@ -79,7 +79,10 @@ def trial(config: str, overrides: list[str], how: str, kill_at: int, timeout: fl
         resumed_s = time.monotonic() - t0
         m = re.search(r"at step (\d+)", line)
         resumed_from = int(m.group(1)) if m else 0
-        first_new_s = resumed_s + _watch(again, workdir, lambda s: s > resumed_from, timeout)
+        # The rows the killed run logged after its checkpoint go first (the restart drops them), then a new
+        # step comes.
+        _watch(again, workdir, lambda s: s <= resumed_from, timeout)
+        first_new_s = time.monotonic() - t0 + _watch(again, workdir, lambda s: s > resumed_from, timeout)
         t1, s1 = time.monotonic(), _last_step(workdir)
         _watch(again, workdir, lambda s: s >= s1 + 5, timeout)
         step_s = (time.monotonic() - t1) / (_last_step(workdir) - s1)
