@@ -298,9 +298,13 @@ class NonFinite:
         """Whether the batch that would train step `step` is one a rewind left out."""
         return any(r["bad_step"] == step for r in self.rewinds)
 
-    def lr_scale(self, step: int):
-        """The learning-rate factor for the update that leaves step `step` (rewinds to `step` or before)."""
-        return jnp.float32(math.prod(r["lr_scale"] for r in self.rewinds if r["to"] <= step))
+    def step_args(self, step: int) -> tuple:
+        """The train step's extra arguments: under `rewind`, the learning-rate factor for the update that leaves
+        step `step` (from the rewinds to `step` or before). Other policies pass none, so that their step is the
+        program it always was (a traced factor of 1 changes XLA's fusion, and with it the last bits)."""
+        if self.policy != "rewind":
+            return ()
+        return (jnp.float32(math.prod(r["lr_scale"] for r in self.rewinds if r["to"] <= step)),)
 
     def check(self, step: int, m: dict[str, float]) -> None:
         """Apply the policy to the metrics of step `step` (each step counts once, however often it is checked)."""
@@ -477,7 +481,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, stop: S
                     if nonfinite.skips_batch(step + 1):  # the batch a rewind left out
                         next(data["iter"])
                     batch = _put(next(data["iter"]), mesh, config, stages[stage][2])
-                    state, metrics = train_steps[stage_at(step)](state, batch, nonfinite.lr_scale(step))
+                    state, metrics = train_steps[stage_at(step)](state, batch, *nonfinite.step_args(step))
                     data["untrained"] = None
                     done = step + 1
                     if pending is not None:
