@@ -56,22 +56,22 @@ def main(argv: list[str]) -> int:
         except config_lib.ConfigError as e:
             raise UserError(f"sweep member {name!r}: {e}") from None
         configs[name] = (arg, cfg)
-    stop = train.Stop()
-    for name, (arg, cfg) in configs.items():
-        workdir = Path(a.workdir) / name
-        print(f"=== {name} ({arg})", flush=True)
-        try:
-            train.train(cfg, workdir, stop=stop)
-        except train.Interrupted as e:
-            print(f"stopped on {e} (member {name}; rerun the sweep to continue)")
-            return 0
-        if hasattr(module, "evaluate"):  # the config module says what its ablation measures
-            res, out = module.evaluate(workdir), workdir / "eval" / "summary.json"
-        else:  # default: loss at 1x..8x the training length under each RoPE scaling
-            res, out = evaluate.extrapolation_sweep(workdir), workdir / "eval" / "extrapolation.json"
-        res["name"] = name
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(res, indent=2))
+    with train.Stop() as stop:  # one stop for every member (routed by the first); handlers back after
+        for name, (arg, cfg) in configs.items():
+            workdir = Path(a.workdir) / name
+            print(f"=== {name} ({arg})", flush=True)
+            try:
+                train.train(cfg, workdir, stop=stop)
+            except train.Interrupted as e:
+                print(f"stopped on {e} (member {name}; rerun the sweep to continue)")
+                return 0
+            if hasattr(module, "evaluate"):  # the config module says what its ablation measures
+                res, out = module.evaluate(workdir), workdir / "eval" / "summary.json"
+            else:  # default: loss at 1x..8x the training length under each RoPE scaling
+                res, out = evaluate.extrapolation_sweep(workdir), workdir / "eval" / "extrapolation.json"
+            res["name"] = name
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(res, indent=2))
     return 0
 
 

@@ -72,18 +72,43 @@ class Interrupted(Exception):
 
 
 class Stop:
-    """Set by SIGTERM / SIGINT once `install`ed; the loop saves and stops at the end of its current step."""
+    """Set by SIGTERM / SIGINT while `install`ed; the loop saves and stops at the end of its current step.
+
+    `train` routes the signals here once jax.distributed is up and puts the handlers it replaced back when it
+    returns, so a notebook or a test process that trains in-process keeps its own Ctrl-C. Inside a
+    `with Stop() as stop:` block (a sweep: several runs, one stop) they stay routed until the block ends.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.signum: int | None = None
+        self._replaced: dict | None = None
+        self._held = False  # inside `with`: the block, not `train`, gives the handlers back
 
-    def install(self) -> None:
-        """Route SIGTERM and SIGINT here (`train` calls it once jax.distributed is up). Under jax.distributed
-        nothing is routed: a stop must be collective, and JAX's preemption notifier already turns SIGTERM into
-        one sync point for every host (`reached_preemption`), while Ctrl-C on one host ends that host."""
-        if jax.process_count() == 1:
-            signal.signal(signal.SIGINT, lambda signum, _: self.request(signum))
-            signal.signal(signal.SIGTERM, lambda signum, _: self.request(signum))
+    def install(self) -> bool:
+        """Route SIGTERM and SIGINT here; True if this call did (`train` calls it once jax.distributed is up).
+        Under jax.distributed nothing is routed: a stop must be collective, and JAX's preemption notifier
+        already turns SIGTERM into one sync point for every host (`reached_preemption`), while Ctrl-C on one
+        host ends that host."""
+        if self._replaced is not None or jax.process_count() > 1:
+            return False
+        self._replaced = {s: signal.signal(s, lambda signum, _: self.request(signum)) for s in self.SIGNALS}
+        return True
+
+    def restore(self) -> None:
+        """Put back the handlers `install` replaced."""
+        for s, handler in (self._replaced or {}).items():
+            signal.signal(s, handler)
+        self._replaced = None
+
+    def __enter__(self) -> Stop:
+        self._held = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._held = False
+        self.restore()
 
     def request(self, signum: int) -> None:
         if self.signum is not None:  # a second signal: no more waiting
@@ -385,12 +410,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, stop: S
     without it (notebooks), KeyboardInterrupt saves and re-raises.
     """
     sharding.maybe_initialize_distributed(config.get("distributed"))
-    if stop is not None:
-        stop.install()
+    routed = stop is not None and stop.install()
+    try:
+        return _train(config, epath.Path(workdir), stop)
+    finally:
+        if routed and not stop._held:
+            stop.restore()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: Stop | None) -> dict:
     validate(config, num_devices=jax.device_count(), vmem_bytes=flash_tpu.chip_vmem())
     config = resolve(config)
     data_lib.check(config.data, config.data.batch_size)
-    workdir = epath.Path(workdir)  # a local path or gs://: every file operation goes through epath
     is_main = jax.process_index() == 0
     tx, schedule = state_lib.make_optimizer(config.train, config.model)
     saved_config = check_resumable(config, workdir, tx)

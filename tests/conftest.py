@@ -1,14 +1,18 @@
 import os
+import shutil
 import tempfile
 
 # Multi-device tests (ring attention, meshes) run on fake CPU devices; harmless for the rest.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Many tests (and the fault suite's processes) compile the same small programs: a persistent compilation
-# cache, shared by the xdist workers and the processes they start, halves their time.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "lc_jax_test_jax_cache"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+# A persistent compilation cache, new for each test run and shared by its xdist workers: many tests compile
+# the same programs, and the cache takes minutes off a run. (One directory reused across runs stalled a CI leg:
+# see `no_persistent_cache` in tests/test_ring.py.) Workers name it by the run's id; the controller removes it.
+CACHE_DIR = os.path.join(tempfile.gettempdir(),
+                         f"lc_jax_test_jax_cache_{os.environ.get('PYTEST_XDIST_TESTRUNUID') or os.getpid()}")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = CACHE_DIR
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 
 import pytest  # noqa: E402
 
@@ -31,3 +35,20 @@ def tiny_config_factory(arg=None, **overrides):
 def tiny_config():
     """`tiny_config_factory` as a fixture: tiny_config(arg, **{'dotted.field': value})."""
     return tiny_config_factory
+
+
+_worker_caches: set[str] = set()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """(xdist, in the controller) A worker is done: note its cache directory, removed once all are."""
+    _worker_caches.add(getattr(node, "workeroutput", {}).get("lc_jax_cache", ""))
+
+
+def pytest_sessionfinish(session):
+    if hasattr(session.config, "workerinput"):  # an xdist worker: the controller removes the cache
+        session.config.workeroutput["lc_jax_cache"] = CACHE_DIR
+        return
+    for d in {CACHE_DIR, *_worker_caches} - {""}:
+        shutil.rmtree(d, ignore_errors=True)

@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from etils import epath
+from tensorboardX.proto import event_pb2
 
 from configs import tiny
 from experiments import sweep
@@ -35,6 +37,25 @@ def _losses(workdir: Path) -> dict[int, float]:
     steps = [r["step"] for r in rows if r["split"] == "train"]
     assert len(steps) == len(set(steps)), f"duplicate train rows: {sorted(steps)}"
     return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
+
+
+def _tensorboard(workdir: Path, tag: str) -> dict[int, float]:
+    """The scalars TensorBoard shows for `tag`: the event files in the order they were created, where a file
+    that starts with SessionLog.START at step P (a resumed writer's purge_step) drops what earlier files
+    logged at steps >= P. A step logged twice, or missing, is what a resume must never leave."""
+    points: list[tuple[int, float]] = []
+    for f in sorted((workdir / "tb").glob("events.out.tfevents.*"), key=lambda p: int(p.name.split(".")[3])):
+        data, i = f.read_bytes(), 0
+        while i + 12 <= len(data):  # TFRecord: u64 length, u32 crc, payload, u32 crc
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 16 + n
+            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                points = [(s, v) for s, v in points if s < event.step]
+            points += [(event.step, v.simple_value) for v in event.summary.value if v.tag == tag]
+    steps = [s for s, _ in points]
+    assert len(steps) == len(set(steps)), f"{tag} logged twice at steps {sorted(steps)}"
+    return dict(points)
 
 
 def _files(workdir: Path) -> dict[str, tuple[int, int]]:
@@ -122,6 +143,23 @@ def test_intended_changes_resume_and_are_recorded(finished, tmp_path):
     assert sorted(_losses(run)) == list(range(1, 8))
 
 
+def test_training_in_process_gives_the_signal_handlers_back(finished, tmp_path):
+    # A notebook (or this test process) keeps its own Ctrl-C once a run with a Stop has ended; a sweep's
+    # `with Stop()` block keeps them routed from its first run to its end.
+    handlers = lambda: {s: signal.getsignal(s) for s in train.Stop.SIGNALS}  # noqa: E731
+    before = handlers()
+    config = finished[0].copy_and_resolve_references()
+    config.train.steps = 7
+    run = _copy(finished, tmp_path)
+    train.train(config, run, stop=train.Stop())
+    assert handlers() == before
+    with train.Stop() as stop:
+        config.train.steps = 8
+        train.train(config, run, stop=stop)
+        assert all(h is not before[s] for s, h in handlers().items())
+    assert handlers() == before
+
+
 @pytest.mark.parametrize("appends", [True, False])
 def test_metrics_written_after_the_last_checkpoint_are_not_duplicated(finished, tmp_path, monkeypatch, appends):
     # A kill after steps 4..6 were logged but before checkpoint 6 was written: the resume starts at 3.
@@ -133,6 +171,7 @@ def test_metrics_written_after_the_last_checkpoint_are_not_duplicated(finished, 
     shutil.rmtree(run / "checkpoints" / "6")
     train.train(config, epath.Path(run))
     assert _losses(run) == losses
+    assert _tensorboard(run, "train/loss") == {s: float(np.float32(v)) for s, v in losses.items()}
 
 
 # ----------------------------------------------------------------------------- non-finite steps
@@ -202,9 +241,34 @@ def test_nonfinite_rewind_reloads_the_last_good_checkpoint_and_leaves_the_batch_
     assert lr[3] == clean_lr[3] and lr[6] == pytest.approx(0.5 * clean_lr[6], rel=1e-6)
 
 
+def test_a_run_stopped_after_a_rewind_resumes_as_if_never_stopped(tmp_path, monkeypatch):
+    config = _nonfinite_config("rewind", rewind_lr_scale=0.5)
+    _poison(monkeypatch, {5})
+    train.train(config, tmp_path / "whole")
+    monkeypatch.undo()
+
+    stop, real, calls = train.Stop(), sharding.shard_batch, {"n": 0}
+
+    def shard(batch, mesh, **kw):  # step 5's batch is bad again; a SIGTERM arrives while step 6 trains
+        calls["n"] += 1            # (call 6 places step 4 after the rewind, call 8 step 6)
+        if calls["n"] == 5:
+            batch = {**batch, "loss_mask": np.full_like(batch["loss_mask"], np.nan)}
+        if calls["n"] == 8:
+            stop.signum = signal.SIGTERM
+        return real(batch, mesh, **kw)
+
+    monkeypatch.setattr(sharding, "shard_batch", shard)
+    with pytest.raises(train.Interrupted, match="checkpoint saved at step 6"):
+        train.train(config, tmp_path / "run", stop=stop)
+    monkeypatch.undo()
+    train.train(config, tmp_path / "run")  # the rewind's record (nonfinite.json) carries the scaled rate over
+    assert (tmp_path / "run" / "nonfinite.json").read_text() == (tmp_path / "whole" / "nonfinite.json").read_text()
+    assert _losses(tmp_path / "run") == _losses(tmp_path / "whole")
+
+
 # ----------------------------------------------------------------------------- real processes and signals
 
-STEPS = 24
+STEPS = 48  # tiny steps take milliseconds: room for a stop to land well before the end
 
 
 def _command(workdir: Path) -> list[str]:
@@ -214,6 +278,11 @@ def _command(workdir: Path) -> list[str]:
 
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONUNBUFFERED": "1"}  # one CPU device each
+RUN_S = 300  # far more than a 24-step run takes on 2 busy cores; a hang fails the test instead of stalling CI
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=RUN_S)
 
 
 def _start(workdir: Path) -> subprocess.Popen:
@@ -230,7 +299,7 @@ def _wait_for_step(proc: subprocess.Popen, workdir: Path, step: int, timeout: fl
                 return
         except (OSError, ValueError):
             pass
-        time.sleep(0.05)
+        time.sleep(0.005)
     raise AssertionError(f"no step {step} within {timeout} s")
 
 
@@ -242,16 +311,35 @@ def _row_steps(workdir: Path) -> list[int]:
 def reference(tmp_path_factory) -> dict[int, float]:
     """The uninterrupted run, in a process of its own (one CPU device, as the interrupted ones)."""
     workdir = tmp_path_factory.mktemp("reference")
-    subprocess.run(_command(workdir), cwd=REPO, env=ENV, check=True, capture_output=True)
+    done = _run(_command(workdir))
+    assert done.returncode == 0, done.stderr
     return _losses(workdir)
 
 
-def _stop(workdir: Path, sig: signal.Signals, at: int) -> int:
-    """Start the run (again), send `sig` once step `at` is logged; return the step it resumed from."""
+def _wait_for_a_save(proc: subprocess.Popen, workdir: Path, timeout: float = 120.0) -> str:
+    """Wait until an asynchronous save is under way (orbax writes `<step>.orbax-checkpoint-tmp` first)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        assert proc.poll() is None, proc.communicate()
+        saving = [p.name for p in (workdir / "checkpoints").glob("*.orbax-checkpoint-tmp*")]
+        if saving:
+            return saving[0]
+        time.sleep(0.002)
+    raise AssertionError(f"no save began within {timeout} s")
+
+
+def _stop(workdir: Path, sig: signal.Signals, at: int, during_save: bool = False) -> int:
+    """Start the run (again), send `sig` once step `at` is logged (and, with `during_save`, once the next
+    save has begun); return the step it resumed from."""
     proc = _start(workdir)
-    _wait_for_step(proc, workdir, at)
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=120)
+    try:
+        _wait_for_step(proc, workdir, at)
+        if during_save:
+            _wait_for_a_save(proc, workdir)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # no-op once it has exited; never leave a run behind a failed wait
     if sig == signal.SIGKILL:
         return _resumed_from(out)
     assert proc.returncode == 0 and "Traceback" not in err, err
@@ -267,17 +355,30 @@ def _resumed_from(out: str) -> int:
     return next((int(x.rsplit(" ", 1)[1]) for x in out.splitlines() if x.startswith("resumed from")), 0)
 
 
+def _newest_checkpoint(workdir: Path) -> int:
+    return max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
 def test_signals_and_kill_9_lose_nothing_and_resume_exactly(reference, tmp_path):
-    # One run stopped three times, each start resuming where the previous stop left it: SIGTERM (what
-    # preemption sends), SIGINT (Ctrl-C), then kill -9 at a random step around the saves at 6, 12 and 18.
+    # One run stopped four times, each start resuming where the previous stop left it: SIGTERM (what
+    # preemption sends), SIGINT (Ctrl-C), kill -9 a few steps after a random one (saves come every 6), then
+    # kill -9 while the save after a random step is being written.
+    rng = random.Random(os.getpid())
     assert _stop(tmp_path, signal.SIGTERM, 3) == 0
     first = max(_row_steps(tmp_path))
     assert _stop(tmp_path, signal.SIGINT, first + 2) == first
     second = max(_row_steps(tmp_path))
-    assert _stop(tmp_path, signal.SIGKILL, random.Random(os.getpid()).randint(second + 1, 20)) == second
-    done = subprocess.run(_command(tmp_path), cwd=REPO, env=ENV, capture_output=True, text=True)
+    kill_at = rng.randint(second + 1, second + 6)
+    assert _stop(tmp_path, signal.SIGKILL, kill_at) == second, f"killed after step {kill_at}"
+    newest = _newest_checkpoint(tmp_path)
+    kill_at = rng.randint(newest + 1, newest + 6)
+    assert _stop(tmp_path, signal.SIGKILL, kill_at, during_save=True) == newest, f"killed saving after {kill_at}"
+    done = _run(_command(tmp_path))
     assert done.returncode == 0, done.stderr
+    assert "resumed from" in done.stdout and "does not restore" not in done.stdout, done.stdout
     assert _losses(tmp_path) == reference  # every step once, each loss as in the uninterrupted run
+    shown = _tensorboard(tmp_path, "train/loss")
+    assert shown == {s: float(np.float32(v)) for s, v in reference.items()}  # TensorBoard shows the same
 
 
 # ----------------------------------------------------------------------------- bad input: one line, nothing written
@@ -367,12 +468,11 @@ def test_evaluate_and_memory_report_bad_input_in_one_line(finished, tmp_path, ca
 
 
 def test_a_real_process_prints_no_traceback(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "lc_jax.train", "--config", "configs/base.py:postion=alibi",
-                          "--workdir", str(tmp_path / "run")], cwd=REPO, env=ENV, capture_output=True, text=True)
+    out = _run([sys.executable, "-m", "lc_jax.train", "--config", "configs/base.py:postion=alibi",
+                "--workdir", str(tmp_path / "run")])
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
         "error: --config='configs/base.py:postion=alibi': invalid config: config arg 'postion' is not one of "
         "['attention', 'position']; did you mean 'position'?"]
-    verbose = subprocess.run([sys.executable, "-m", "lc_jax.train", "--config", "configs/base.py:postion=alibi",
-                              "--workdir", str(tmp_path / "run"), "--verbose"], cwd=REPO, env=ENV,
-                             capture_output=True, text=True)
+    verbose = _run([sys.executable, "-m", "lc_jax.train", "--config", "configs/base.py:postion=alibi",
+                    "--workdir", str(tmp_path / "run"), "--verbose"])
     assert verbose.returncode == 1 and "Traceback" in verbose.stderr
