@@ -124,15 +124,18 @@ def _acc_attn_fn(impl, backend, T, H, D, window):
     import jax.numpy as jnp
 
     ident = lambda *xs: xs  # noqa: E731
-    if impl == "lc_jax_pallas":
+    if impl.startswith("lc_jax_pallas"):  # "lc_jax_pallas" (the kernel's default blocks) or "lc_jax_pallas@QxK"
         from lc_jax import ops
         from pallas_kernels.flash_attention.masks import Mask
+        from pallas_kernels.flash_attention.xla import BlockSizes
 
         pos = jnp.arange(T, dtype=jnp.int32)[None]
+        blocks = None if "@" not in impl else BlockSizes(*(int(n) for n in impl.split("@")[1].split("x")))
 
         def attn(q, k, v):
             p = jnp.broadcast_to(pos, q.shape[:2])
-            return ops.attention(q, k, v, q_pos_BT=p, kv_pos_BS=p, mask=Mask(window=window), impl="pallas")
+            return ops.attention(q, k, v, q_pos_BT=p, kv_pos_BS=p, mask=Mask(window=window), impl="pallas",
+                                 block_sizes=blocks)
         return attn, ident
     if impl in ("jax_xla", "jax_cudnn"):
         if impl == "jax_cudnn" and backend != "gpu":
@@ -165,6 +168,14 @@ def _acc_attn_fn(impl, backend, T, H, D, window):
     raise ValueError(f"unknown impl {impl!r}; allowed: {ACC_IMPLS}")
 
 
+def _blocks(text: str) -> str:
+    """argparse type of --acc-pallas-blocks: 'QxK' with positive ints."""
+    q, _, k = text.partition("x")
+    if not (q.isdigit() and k.isdigit() and int(q) > 0 and int(k) > 0):
+        raise argparse.ArgumentTypeError(f"--acc-pallas-blocks {text!r}: expected QxK, e.g. 128x64")
+    return f"{int(q)}x{int(k)}"
+
+
 class _Skip(Exception):
     pass
 
@@ -194,7 +205,7 @@ def accelerator_main(a, command: str):
         for T in a.acc_lengths:
             ks = jax.random.split(jax.random.PRNGKey(0), 4)
             q, k, v, do = (jax.random.normal(kk, (B, T, H, D), jnp.bfloat16) for kk in ks)
-            entries = [(i, None) for i in a.acc_impls]
+            entries = [(i, None) for i in a.acc_impls] + [(f"lc_jax_pallas@{b}", None) for b in a.acc_pallas_blocks]
             if T == t_max and "lc_jax_pallas" in a.acc_impls:
                 entries.append(("lc_jax_pallas", a.acc_window))
             # prepare: compile fwd and fwd+bwd for every entry, record errors / skips
@@ -337,6 +348,8 @@ def main():
     ap.add_argument("--acc-heads", type=int, default=16)
     ap.add_argument("--acc-window", type=int, default=1024, help="sliding window compared at the longest length")
     ap.add_argument("--acc-impls", nargs="+", default=list(ACC_IMPLS), choices=ACC_IMPLS)
+    ap.add_argument("--acc-pallas-blocks", nargs="*", default=[], type=_blocks, metavar="QxK",
+                    help="also time lc_jax's kernel with these query x key blocks (e.g. 128x128), as lc_jax_pallas@QxK")
     a = ap.parse_args()
     command = "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:])
 

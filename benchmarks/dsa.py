@@ -214,8 +214,28 @@ def layer_main(a) -> None:
     variants = {f"dsa@{s}" + ("" if p == "xla" else f"+{p}"): (s, p) for p in sparses for s in selects}
     names = ["full", *variants]
     print(f"{'T':>6} {'k':>4} " + " ".join(f"{n + ' s':>11}" for n in names) + " "
-          + " ".join(f"{'full/' + n:>14}" for n in names[1:]) + f" {'full MiB':>9} {'DSA MiB':>8}"
-          + "   parts (s): select / attention / KL, of the first variant that builds")
+          + " ".join(f"{'full/' + n:>14}" for n in names[1:]) + f" {'full MiB':>9} {'DSA MiB':>8}")
+
+    def write() -> None:  # after each row's timings and again after its parts: a time box loses only parts
+        probe = jnp.zeros((1, 1024, LAYER["H"], LAYER["D"]), dtype)
+        full_how = ("blockwise XLA flash, blocks 256 x 512" if _runs_xla(a.full_impl, probe, probe, None)
+                    else "the Pallas flash kernel, its default blocks")
+        _write(a, {
+            "benchmark": "dsa_layer_vs_full",
+            "layer": f"{a.layer}: one attention layer, batch 1, {dtype.name}: {LAYER['H']} query heads / {LAYER['K']} "
+                     f"kv heads of {LAYER['D']}, d_model {LAYER['E']}; DSA indexer {LAYER['J']} heads x {LAYER['d']} "
+                     f"(RoPE on {LAYER['rope']}); full = ops.attention impl {a.full_impl} ({full_how}); DSA = indexer "
+                     f"+ top-k selection (dsa@host: scores by XLA, numpy introselect in a host callback; dsa@xla: "
+                     f"streaming lax.top_k; query block {a.index_block_q}, key block {a.index_block_k}) + sparse "
+                     "attention (XLA gather path returning the head-mean probabilities, query block "
+                     f"{a.sparse_block_q or 'default_block_q'}; '+pallas': the Pallas sparse kernel, the KL then "
+                     "scoring the selected keys itself) + sparse KL, with gradients for q, k, v and the indexer",
+            "measure": f"forward + backward (value_and_grad), median of {a.repeats} runs after a warm-up, full and DSA "
+                       "alternating in one process; parts: one run each after a warm-up; memory: XLA memory analysis "
+                       "(args + outputs - donated + temps; host-callback buffers are not counted)",
+            "rows": rows,
+        }, "dsa_layer_cpu.json" if a.layer == "quickstart" else f"dsa_layer_{a.layer}_cpu.json")
+
     for T in (int(x) for x in a.lengths.split(",")):
         opts = dict(index_block_q=a.index_block_q, sparse_block_q=a.sparse_block_q, full_impl=a.full_impl,
                     dtype=dtype)
@@ -241,7 +261,21 @@ def layer_main(a) -> None:
             for n, c in compiled.items():
                 times[n].append(_time(c, runs[n][1]))
         med = {n: float(np.median(t)) for n, t in times.items()}
-        parts, lead = {}, next(iter(fns), None)
+        lead = next(iter(fns), None)
+        row = {"T": T, "topk": a.topk, "seconds": med, "runs_s": times, "mib": mem,
+               "full_over_dsa": {n: med["full"] / med[n] for n in names[1:] if n in med and "full" in med},
+               "dsa_parts_s": {}, "dsa_parts_select": variants[lead or names[1]][0], "dsa_parts_variant": lead}
+        if errors:
+            row["errors"] = errors
+        rows.append(row)
+        fmt = lambda d, n, f: format(d[n], f) if n in d else "-"  # noqa: E731
+        print(f"{T:>6} {a.topk:>4} " + " ".join(f"{fmt(med, n, '.3f'):>11}" for n in names) + " "
+              + " ".join(f"{fmt(row['full_over_dsa'], n, '.2f') + 'x':>14}" for n in names[1:])
+              + f" {fmt(mem, 'full', '.1f'):>9} {fmt(mem, names[1], '.1f'):>8}", flush=True)
+        for n, e in errors.items():
+            print(f"  {n}: {e}", flush=True)
+        write()
+        parts = row["dsa_parts_s"]
         if lead is not None:
             for part in ("dsa_select", "dsa_attention", "dsa_kl"):  # one timed run each, after a warm-up
                 fn, args = fns[lead][part]
@@ -250,38 +284,14 @@ def layer_main(a) -> None:
                     parts[part] = _time(fn, args)
                 except Exception as e:  # noqa: BLE001
                     errors[part] = _error(e)
-        row = {"T": T, "topk": a.topk, "seconds": med, "runs_s": times, "mib": mem,
-               "full_over_dsa": {n: med["full"] / med[n] for n in names[1:] if n in med and "full" in med},
-               "dsa_parts_s": parts, "dsa_parts_select": variants[lead or names[1]][0], "dsa_parts_variant": lead}
+        print(f"{'':>6} {'':>4}   parts (s): select / attention / KL of {lead}: "
+              + " / ".join(fmt(parts, p, ".2f") for p in ("dsa_select", "dsa_attention", "dsa_kl")), flush=True)
+        for n in ("dsa_select", "dsa_attention", "dsa_kl"):
+            if n in errors:
+                print(f"  {n}: {errors[n]}", flush=True)
         if errors:
             row["errors"] = errors
-        rows.append(row)
-        fmt = lambda d, n, f: format(d[n], f) if n in d else "-"  # noqa: E731
-        print(f"{T:>6} {a.topk:>4} " + " ".join(f"{fmt(med, n, '.3f'):>11}" for n in names) + " "
-              + " ".join(f"{fmt(row['full_over_dsa'], n, '.2f') + 'x':>14}" for n in names[1:])
-              + f" {fmt(mem, 'full', '.1f'):>9} {fmt(mem, names[1], '.1f'):>8}   "
-              + " / ".join(fmt(parts, p, ".2f") for p in ("dsa_select", "dsa_attention", "dsa_kl"))
-              + f" ({lead})", flush=True)
-        for n, e in errors.items():
-            print(f"  {n}: {e}", flush=True)
-    probe = jnp.zeros((1, 1024, LAYER["H"], LAYER["D"]), dtype)
-    full_how = ("blockwise XLA flash, blocks 256 x 512" if _runs_xla(a.full_impl, probe, probe, None)
-                else "the Pallas flash kernel, its default blocks")
-    _write(a, {
-        "benchmark": "dsa_layer_vs_full",
-        "layer": f"{a.layer}: one attention layer, batch 1, {dtype.name}: {LAYER['H']} query heads / {LAYER['K']} "
-                 f"kv heads of {LAYER['D']}, d_model {LAYER['E']}; DSA indexer {LAYER['J']} heads x {LAYER['d']} "
-                 f"(RoPE on {LAYER['rope']}); full = ops.attention impl {a.full_impl} ({full_how}); DSA = indexer "
-                 f"+ top-k selection (dsa@host: scores by XLA, numpy introselect in a host callback; dsa@xla: "
-                 f"streaming lax.top_k; query block {a.index_block_q}, key block {a.index_block_k}) + sparse "
-                 "attention (XLA gather path returning the head-mean probabilities, query block "
-                 f"{a.sparse_block_q or 'default_block_q'}; '+pallas': the Pallas sparse kernel, the KL then "
-                 "scoring the selected keys itself) + sparse KL, with gradients for q, k, v and the indexer",
-        "measure": f"forward + backward (value_and_grad), median of {a.repeats} runs after a warm-up, full and DSA "
-                   "alternating in one process; parts: one run each after a warm-up; memory: XLA memory analysis "
-                   "(args + outputs - donated + temps; host-callback buffers are not counted)",
-        "rows": rows,
-    }, "dsa_layer_cpu.json" if a.layer == "quickstart" else f"dsa_layer_{a.layer}_cpu.json")
+        write()
 
 
 def _write(a, out: dict, default_name: str) -> None:

@@ -486,7 +486,8 @@ def _pick_stages(name: str, make_smem, st: _Static) -> tuple[int, dict]:
         f"the {name} kernel needs {_smem_bytes(smem) / 1024:.0f} KiB of shared memory with "
         f"block_q={st.block_q}, block_k={st.block_k}, num_stages={stages} and "
         f"{'f32 inputs (3 bf16 terms per value)' if st.parts > 1 else 'bf16/f16 inputs'} "
-        f"(limit {_SMEM_LIMIT // 1024} KiB); use smaller blocks or head dims, fewer stages, or bf16 inputs")
+        f"(limit {_SMEM_LIMIT // 1024} KiB); use smaller blocks or head dims, fewer stages"
+        f"{', or bf16 inputs' if st.parts > 1 else ''}")
 
 
 def _untransposed(shape_PBHDL) -> tuple[int, ...]:
@@ -608,12 +609,23 @@ def _dkv_call(k, v, qT, q, doT, do, qpos, kvpos, stats, params, ranges, st: _Sta
 
 
 def _split(x, st: _Static):
-    """[parts, *x.shape] 16-bit terms whose f32 sum is x (parts == 1: x in the MMA dtype)."""
+    """[parts, *x.shape] 16-bit terms whose f32 sum is x (parts == 1: x in the MMA dtype).
+
+    All terms but the last keep the top 16 bits of the remainder (a bit mask, so exact in bf16); the
+    last is rounded. A rounding split, `r - r.astype(bf16).astype(f32)`, is what XLA on GPU folds to
+    zero (`xla_allow_excess_precision` drops the round trip): the H200 run gave bf16-grade f32 results.
+    """
+    if st.parts == 1:
+        return x.astype(st.mma_dtype)[None]
     terms, r = [], x.astype(jnp.float32)
-    for _ in range(st.parts):
-        term = r.astype(st.mma_dtype)
-        terms.append(term)
-        r = r - term.astype(jnp.float32)
+    for i in range(st.parts):
+        if i == st.parts - 1:
+            terms.append(r.astype(st.mma_dtype))
+            break
+        bits = lax.bitcast_convert_type(r, jnp.uint32) & jnp.uint32(0xFFFF0000)
+        head = lax.bitcast_convert_type(bits, jnp.float32)
+        terms.append(head.astype(st.mma_dtype))
+        r = r - head
     return jnp.stack(terms)
 
 
