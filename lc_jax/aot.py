@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas import tpu as pltpu
 
-from lc_jax import attention, cli, sharding, state, steps
+from lc_jax import attention, cli, layers, sharding, state, steps
 from lc_jax.config import ConfigError, resolve, validate
 
 GiB = 2**30
@@ -178,7 +178,7 @@ def compile_train_step(config, devices, *, name: str = "config", topology: str =
     validate(config, num_devices=len(devices), vmem_bytes=chip["vmem_bytes"])
     config = resolve(config)
     mesh = sharding.make_mesh(config.mesh, devices)
-    att = config.model.attention
+    att = layers.staged_attention(config.model)
     variant = attention.REGISTRY[att.name]
     if stage == "auto":  # the stage of the last step, where a run spends most of its time
         stage = variant.stage_at(att, config.train.steps - 1)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
-from lc_jax import attention, fields, model, ops, positions
+from lc_jax import attention, fields, layers, model, ops, positions
 from lc_jax import data as data_lib
 from lc_jax.data import corpus, packing, synthetic, tokenizer
 from lc_jax.errors import UserError
@@ -97,6 +97,10 @@ def defaults() -> ml_collections.ConfigDict:
         # switch the name and keep the rest.
         position=dict(name="rope", **positions.fields()),
         attention=dict(name="full", **attention.fields()),
+        # Per-layer pattern of layer types, each with its own attention variant and position scheme, e.g.
+        # pattern='5*local,global' with types.local.attention.name='sliding' (lc_jax/layers.py; presets:
+        # configs/base.py:pattern=gemma3|llama4|gpt_oss). Empty: every layer as model.attention / position.
+        layers=dict(layers.FIELDS),
     )
     c.data = dict(
         source="stdlib",  # stdlib | files
@@ -176,12 +180,27 @@ def unknown_keys(config, schema, prefix: str = "") -> list[str]:
     p = []
     for key in config.keys():
         field = f"{prefix}{key}"
-        if key not in schema:
+        if field == "model.layers.types":  # named by the user: each type holds a partial attention / position
+            p += _unknown_type_keys(config[key])
+        elif key not in schema:
             near = difflib.get_close_matches(key, list(schema.keys()), n=1, cutoff=0.6)
             hint = f"did you mean {prefix}{near[0]}?" if near else f"valid keys here: {sorted(schema.keys())}"
             p.append(f"{field}: unknown key; {hint}")
         elif isinstance(schema[key], ml_collections.ConfigDict) and isinstance(config[key], ml_collections.ConfigDict):
             p += unknown_keys(config[key], schema[key], f"{field}.")
+    return p
+
+
+def _unknown_type_keys(types) -> list[str]:
+    schema = defaults().model
+    p = []
+    for name, spec in types.items():
+        where = f"model.layers.types.{name}"
+        if not isinstance(spec, ml_collections.ConfigDict):
+            p.append(f"{where}={spec!r}: must be a dict with 'attention' and/or 'position'")
+            continue
+        p += unknown_keys(spec, ml_collections.ConfigDict(dict(attention=schema.attention, position=schema.position)),
+                          f"{where}.")
     return p
 
 
@@ -226,10 +245,19 @@ def upgrade_saved(d: dict) -> dict:
     ds = model.get("attention", {}).get("dsa")
     if ds is not None and "index_norm" not in ds:
         ds["index_norm"] = "rmsnorm"
+    model.setdefault("layers", dict(layers.FIELDS))  # runs from before per-layer patterns: one layer type
     if "train" in d:  # runs from before the non-finite policies stopped at the first non-finite step
         for key in ("nonfinite", "nonfinite_limit", "rewind_lr_scale"):
             d["train"].setdefault(key, defaults().train[key])
     return d
+
+
+def _layer_types(m) -> list:
+    """The resolved layer types, or none while the pattern itself is invalid (reported by layers.check)."""
+    try:
+        return list(layers.resolve(m).values())
+    except ValueError:
+        return []
 
 
 def _check_mesh(p: list[str], config, sizes: dict[str, int]) -> None:
@@ -253,10 +281,11 @@ def _check_mesh(p: list[str], config, sizes: dict[str, int]) -> None:
     for f in ("num_heads", "num_kv_heads"):
         if isinstance(m[f], int) and m[f] % tp:
             p.append(f"model.{f}={m[f]} is not divisible by mesh.tensor={tp} (heads are split over it)")
-    variant = attention.REGISTRY.get(m.attention.name)
-    if ctx > 1 and variant is not None and not variant.RING:
-        p.append(f"model.attention.name={m.attention.name!r} does not run under context parallelism yet "
-                 f"(mesh.context={ctx}): use mesh.context=1")
+    for name in {t.attention.name for t in _layer_types(m)}:
+        variant = attention.REGISTRY.get(name)
+        if ctx > 1 and variant is not None and not variant.RING:
+            p.append(f"model.attention.name={name!r} does not run under context parallelism yet "
+                     f"(mesh.context={ctx}): use mesh.context=1")
     if ctx > 1 and ops.check_impl(m.attention.impl) is None and not ops.can_ring(m.attention.impl):
         ring = [n for n in ops.IMPLS if ops.can_ring(n)]
         p.append(f"model.attention.impl={m.attention.impl!r} cannot run inside ring attention (mesh.context={ctx}): "
@@ -303,6 +332,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
                                                           factor_field="eval.position.factor", head_dim=hd)
     itemsize = jnp.dtype(model.DTYPES[m.dtype]).itemsize if m.dtype in model.DTYPES else None
     p += attention.check(m.attention, head_dim=hd, itemsize=itemsize, vmem_bytes=vmem_bytes)
+    p += layers.check(m, head_dim=hd, itemsize=itemsize, vmem_bytes=vmem_bytes)  # each layer type's own
 
     # --- data
     _allowed(p, "data.source", d.source, corpus.SOURCES)

@@ -14,7 +14,7 @@ from any lc_jax config (`configs/*.py[:arg]`). Conventions, stated once:
   it (sliding window W, chunk C: a ring buffer, as `lc_jax.model.Transformer.cache_slots`). int8 (`kv_quant`) adds
   one f32 scale per (token, kv head, layer) for K and one for V, the granularity
   `lc_jax.model.LayerKV` stores. The position / segment bookkeeping of lc_jax's
-  KVCache (8 bytes per slot, shared by all layers) is not counted.
+  KVCache (8 bytes per slot and layer) is not counted.
 * FLOPs: 2 per multiply-add, matmuls only (no softmax, norms, activations).
   Attention counts the exact visible (query, key) pairs of each layer's mask: causal
   T(T+1)/2 (half of T x T), sliding ~T x W, chunked ~T x C / 2; a top-k variant
@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from lc_jax import attention, cli
+from lc_jax import layers as layers_lib
 from lc_jax.attention import Cost
 from lc_jax.errors import UserError
 
@@ -122,7 +123,8 @@ def from_config(config: Any, name: str = "config") -> ModelShape:
         name=name, num_layers=m.num_layers, d_model=m.d_model, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
         head_dim=m.head_dim or m.d_model // m.num_heads, mlp_dim=m.mlp_dim, vocab_size=m.vocab_size,
         tie_embeddings=bool(m.tie_embeddings), learned_positions=m.max_seq_len if m.position.name == "learned" else 0,
-        attention=(attention.cost(m.attention, d_model=m.d_model, num_heads=m.num_heads),),
+        attention=tuple(attention.cost(t.attention, d_model=m.d_model, num_heads=m.num_heads)
+                        for t in layers_lib.per_layer(m)),
     )
 
 
@@ -391,6 +393,8 @@ def report(model: ModelShape, contexts: list[int], *, batch: int = 1, dtype: str
         attn, train = attention_flops(model, T), total_train_flops(model, T)
         rows.append({
             "context": T, "cached_tokens": [cached_tokens(c, T) for c, _ in types], "params": params,
+            "kv_cache_gb_by_type": [kv_cache_bytes(dataclasses.replace(model, num_layers=n, attention=(c,)), T, batch,
+                                                   kv_dtype, kv_quant) / GB for c, n in types],
             "weight_bytes": wbytes, "weights_gb": wbytes / GB, "weights_gib": wbytes / GiB,
             "kv_cache_bytes": kv, "kv_cache_gb": kv / GB, "kv_cache_gib": kv / GiB,
             "extra_cache_bytes": extra, "total_bytes": wbytes + kv + extra, "total_gb": (wbytes + kv + extra) / GB,
@@ -453,12 +457,14 @@ def format_table(model: ModelShape, rep: dict[str, Any]) -> str:
     extra = any(c.cache_per_token for c, _ in types)
     header = ["context"] + (["cached tokens"] if bounded else []) + ["params", "weights GB", "KV cache GB",
                                                                      "KV cache GiB"]
+    header += ["KV GB by type"] if len(types) > 1 else []
     header += ["other cache GB", "weights+caches GB"] if extra else ["weights+KV GB"]
     header += ["attn fwd TFLOPs", "train TFLOPs", "attn % of train"]
     table = [header]
     for r in rep["rows"]:
         row = [f"{r['context']:,}"] + (["/".join(f"{t:,}" for t in r["cached_tokens"])] if bounded else [])
         row += [_params(r["params"]), _num(r["weights_gb"]), _num(r["kv_cache_gb"]), _num(r["kv_cache_gib"])]
+        row += ["/".join(_num(x) for x in r["kv_cache_gb_by_type"])] if len(types) > 1 else []
         row += [_num(r["extra_cache_bytes"] / GB)] if extra else []
         row += [_num(r["total_gb"]), _num(r["attention_tflops"]), _num(r["train_tflops"]),
                 f"{100 * r['attention_share_of_train']:.1f}%"]

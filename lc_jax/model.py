@@ -5,11 +5,14 @@ Parameters are f32 (`param_dtype`) and carry logical axis names
 (`out_sharding`) that `lc_jax.sharding` maps onto mesh axes; compute runs in
 `dtype` (bf16 on accelerators), with norms, softmax statistics and logits in f32.
 
+Layers may differ (`lc_jax.layers`: a repeating pattern of layer types, each with its attention variant
+and its position scheme); the model-wide position scheme embeds the input tokens.
+
 Cached decoding (`Transformer.decode`, driven by `lc_jax.generate`) runs the same
 blocks against a `KVCache`: new keys are attended together with the cached ones
 through the same variant (masks from positions and segment ids), then written
-into the cache at slot = position mod S_cache (a ring buffer when S_cache is a
-sliding window).
+into each layer's cache at slot = position mod S (a ring buffer of S slots when the
+layer's mask sees at most S - 1 tokens back: a sliding window or a chunk).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from flax import nnx
 
 from lc_jax import attention as attention_variants
 from lc_jax import ops, positions
+from lc_jax.layers import LayerType, per_layer
 from lc_jax.positions.rope import RoPE
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -44,33 +48,24 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, stddev: float) -> nnx.Param:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LayerKV:
-    """One layer's cached keys and values: only the K kv heads (GQA: never repeated to H).
-
-    Float caches hold k/v in the compute dtype and no scales. int8 caches hold
-    k/v as int8 plus one f32 scale per (batch, slot, kv head), i.e. per token and
-    kv head over the D dims: x ~= q * scale, scale = max|x| / 127.
-    """
-
-    k_BSKD: jax.Array
-    v_BSKD: jax.Array
-    k_scale_BSK: jax.Array | None = None
-    v_scale_BSK: jax.Array | None = None
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class KVCache:
-    """Per-layer K/V plus the position and segment of every slot (shared by all layers).
+    """One layer's cached keys and values (only the K kv heads: GQA is never repeated to H), with the
+    position and segment of every slot. Layers of different types keep different numbers of slots.
 
     seg_BS is 0 for a filled slot and -1 for an empty one; queries carry segment 0,
     so empty slots are never visible. Slot of position p: p mod S (S = slots).
+    Float caches hold k/v in the compute dtype and no scales. int8 caches hold
+    k/v as int8 plus one f32 scale per (batch, slot, kv head), i.e. per token and
+    kv head over the D dims: x ~= q * scale, scale = max|x| / 127.
     `pre_rotation`: keys are cached before RoPE and rotated at read time with the
     current frequencies (dynamic NTK, whose frequencies depend on the length).
     """
 
-    layers: tuple[LayerKV, ...]
+    k_BSKD: jax.Array
+    v_BSKD: jax.Array
     pos_BS: jax.Array
     seg_BS: jax.Array
+    k_scale_BSK: jax.Array | None = None
+    v_scale_BSK: jax.Array | None = None
     pre_rotation: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
@@ -79,7 +74,19 @@ class KVCache:
 
     @property
     def int8(self) -> bool:
-        return self.layers[0].k_scale_BSK is not None
+        return self.k_scale_BSK is not None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """One `LayerKV` per layer."""
+
+    layers: tuple[LayerKV, ...]
+
+    @property
+    def int8(self) -> bool:
+        return self.layers[0].int8
 
 
 EMPTY_SEGMENT = -1
@@ -153,7 +160,7 @@ class Attention(nnx.Module):
         )
         return jnp.einsum("bthd,hde->bte", out_BTHD.astype(dt), self.wo[...].astype(dt)), aux
 
-    def decode(self, x_BTE, pos_BT, cache: KVCache, layer: LayerKV, position: positions.PositionScheme,
+    def decode(self, x_BTE, pos_BT, layer: LayerKV, position: positions.PositionScheme,
                rope_len=None) -> tuple[jax.Array, LayerKV]:
         """Attend new tokens to [cached keys; themselves], then write them into the cache.
 
@@ -167,9 +174,9 @@ class Attention(nnx.Module):
         q_BTHD = jnp.einsum("bte,ehd->bthd", x_BTE, self.wq[...].astype(dt))
         k_BTKD = jnp.einsum("bte,ekd->btkd", x_BTE, self.wk[...].astype(dt))
         v_BTKD = jnp.einsum("bte,ekd->btkd", x_BTE, self.wv[...].astype(dt))
-        if not cache.pre_rotation:
+        if not layer.pre_rotation:
             q_BTHD, k_BTKD = position.rotate(q_BTHD, k_BTKD, pos_BT, pos_BT)
-        if cache.int8:  # new tokens see their own keys as the cache will hold them: chunking stays exact
+        if layer.int8:  # new tokens see their own keys as the cache will hold them: chunking stays exact
             kq, ks = quantize_int8(k_BTKD)
             vq, vs = quantize_int8(v_BTKD)
             k_BTKD, v_BTKD = dequantize_int8(kq, ks, dt), dequantize_int8(vq, vs, dt)
@@ -179,10 +186,10 @@ class Attention(nnx.Module):
             old_k, old_v = layer.k_BSKD.astype(dt), layer.v_BSKD.astype(dt)
         keys_BSKD = jnp.concatenate([old_k, k_BTKD], axis=1)
         values_BSKD = jnp.concatenate([old_v, v_BTKD], axis=1)
-        kv_pos_BS = jnp.concatenate([cache.pos_BS, pos_BT], axis=1)
-        kv_seg_BS = jnp.concatenate([cache.seg_BS, jnp.zeros((B, T), jnp.int32)], axis=1)
-        if cache.pre_rotation:
-            current_len = jnp.maximum(pos_BT.max(), cache.pos_BS.max()) + 1 if rope_len is None else rope_len
+        kv_pos_BS = jnp.concatenate([layer.pos_BS, pos_BT], axis=1)
+        kv_seg_BS = jnp.concatenate([layer.seg_BS, jnp.zeros((B, T), jnp.int32)], axis=1)
+        if layer.pre_rotation:
+            current_len = jnp.maximum(pos_BT.max(), layer.pos_BS.max()) + 1 if rope_len is None else rope_len
             q_BTHD, keys_BSKD = position.rotate(q_BTHD, keys_BSKD, pos_BT, kv_pos_BS, current_len)
         out_BTHD, _ = self.variant(
             q_BTHD, keys_BSKD, values_BSKD, q_pos_BT=pos_BT, kv_pos_BS=kv_pos_BS,
@@ -190,16 +197,19 @@ class Attention(nnx.Module):
             bias=position.bias(), x_BTE=x_BTE,
         )
         # Only the last S tokens of a chunk can survive in S slots (and their slots are distinct).
-        n = min(T, cache.slots)
-        slots_BN = pos_BT[:, T - n:] % cache.slots
-        if cache.int8:
-            new = LayerKV(_write_slots(layer.k_BSKD, kq[:, T - n:], slots_BN),
-                          _write_slots(layer.v_BSKD, vq[:, T - n:], slots_BN),
-                          _write_slots(layer.k_scale_BSK, ks[:, T - n:], slots_BN),
-                          _write_slots(layer.v_scale_BSK, vs[:, T - n:], slots_BN))
+        n = min(T, layer.slots)
+        slots_BN = pos_BT[:, T - n:] % layer.slots
+        if layer.int8:
+            k_new, v_new = kq, vq
+            scales = dict(k_scale_BSK=_write_slots(layer.k_scale_BSK, ks[:, T - n:], slots_BN),
+                          v_scale_BSK=_write_slots(layer.v_scale_BSK, vs[:, T - n:], slots_BN))
         else:
-            new = LayerKV(_write_slots(layer.k_BSKD, k_BTKD[:, T - n:], slots_BN),
-                          _write_slots(layer.v_BSKD, v_BTKD[:, T - n:], slots_BN))
+            k_new, v_new, scales = k_BTKD, v_BTKD, {}
+        new = LayerKV(_write_slots(layer.k_BSKD, k_new[:, T - n:], slots_BN),
+                      _write_slots(layer.v_BSKD, v_new[:, T - n:], slots_BN),
+                      pos_BS=_write_slots(layer.pos_BS, pos_BT[:, T - n:], slots_BN),
+                      seg_BS=_write_slots(layer.seg_BS, jnp.zeros_like(slots_BN), slots_BN),
+                      pre_rotation=layer.pre_rotation, **scales)
         out_BTE = jnp.einsum("bthd,hde->bte", out_BTHD.astype(dt), self.wo[...].astype(dt))
         return out_BTE, new
 
@@ -235,29 +245,35 @@ class Block(nnx.Module):
         x_BTE = x_BTE + a_BTE
         return x_BTE + self.mlp(self.mlp_norm(x_BTE)), aux
 
-    def decode(self, x_BTE, pos_BT, cache: KVCache, layer: LayerKV, position, rope_len=None):
-        a_BTE, layer = self.attn.decode(self.attn_norm(x_BTE), pos_BT, cache, layer, position, rope_len)
+    def decode(self, x_BTE, pos_BT, layer: LayerKV, position, rope_len=None):
+        a_BTE, layer = self.attn.decode(self.attn_norm(x_BTE), pos_BT, layer, position, rope_len)
         x_BTE = x_BTE + a_BTE
         return x_BTE + self.mlp(self.mlp_norm(x_BTE)), layer
 
 
 class Transformer(nnx.Module):
-    def __init__(self, *, vocab_size: int, d_model: int, num_layers: int, num_heads: int, num_kv_heads: int,
-                 head_dim: int, mlp_dim: int, max_seq_len: int, position, attention, tie_embeddings: bool = False,
-                 dtype: str = "float32", param_dtype: str = "float32", remat: str = "none",
-                 norm_eps: float = 1e-6, rngs: nnx.Rngs):
+    def __init__(self, *, vocab_size: int, d_model: int, num_heads: int, num_kv_heads: int,
+                 head_dim: int, mlp_dim: int, max_seq_len: int, position, layers: list[LayerType],
+                 tie_embeddings: bool = False, dtype: str = "float32", param_dtype: str = "float32",
+                 remat: str = "none", norm_eps: float = 1e-6, rngs: nnx.Rngs):
+        """`position`: the model-wide scheme's config; `layers`: each layer's type (`lc_jax.layers.per_layer`)."""
         dt, pdt = DTYPES[dtype], DTYPES[param_dtype]
+        num_layers = len(layers)
         self.dtype, self.remat, self.tie_embeddings = dt, remat, tie_embeddings
         self.embed = _param(rngs, (vocab_size, d_model), ("vocab", "embed"), pdt, 1.0)
-        self.position = positions.build(
-            position, num_heads=num_heads, head_dim=head_dim, d_model=d_model, max_seq_len=max_seq_len,
-            param_dtype=pdt, rngs=rngs,
-        )
+        dims = dict(num_heads=num_heads, head_dim=head_dim, d_model=d_model, max_seq_len=max_seq_len,
+                    param_dtype=pdt, rngs=rngs)
+        self.position = positions.build(position, **dims)
+        # Layer types with a scheme of their own (a RoPE base, NoPE on global layers) share one module each.
+        own = {t.name: t.position for t in layers if t.own_position}
+        self.layer_positions = nnx.Dict({name: positions.build(cfg, **dims) for name, cfg in own.items()}) \
+            if own else None  # (no node at all without them: checkpoints from before patterns restore as they were)
+        self.position_of_layer = tuple(t.name if t.own_position else None for t in layers)
         self.blocks = nnx.List([
             Block(d_model=d_model, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                  mlp_dim=mlp_dim, num_layers=num_layers, attention_cfg=attention, norm_eps=norm_eps,
+                  mlp_dim=mlp_dim, num_layers=num_layers, attention_cfg=t.attention, norm_eps=norm_eps,
                   dtype=dt, param_dtype=pdt, rngs=rngs)
-            for _ in range(num_layers)
+            for t in layers
         ])
         self.final_norm = RMSNorm(d_model, eps=norm_eps, param_dtype=pdt)
         if not tie_embeddings:
@@ -267,9 +283,9 @@ class Transformer(nnx.Module):
     def from_config(cls, m, *, rngs: nnx.Rngs) -> Transformer:
         """Build from a `config.model` ConfigDict (already validated)."""
         return cls(
-            vocab_size=m.vocab_size, d_model=m.d_model, num_layers=m.num_layers, num_heads=m.num_heads,
+            vocab_size=m.vocab_size, d_model=m.d_model, num_heads=m.num_heads,
             num_kv_heads=m.num_kv_heads, head_dim=m.head_dim or m.d_model // m.num_heads, mlp_dim=m.mlp_dim,
-            max_seq_len=m.max_seq_len, position=m.position, attention=m.attention,
+            max_seq_len=m.max_seq_len, position=m.position, layers=per_layer(m),
             tie_embeddings=m.tie_embeddings, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
             norm_eps=m.norm_eps, rngs=rngs,
         )
@@ -297,12 +313,17 @@ class Transformer(nnx.Module):
             run_block = nnx.remat(run_block, policy=REMAT_POLICIES[self.remat])
         x_BTE = ops.constrain(x_BTE, "batch", "seq", None)
         aux: dict[str, jax.Array] = {}
-        for block in self.blocks:
-            x_BTE, block_aux = run_block(block, x_BTE, positions_BT, segment_ids_BT, self.position)
+        for i, block in enumerate(self.blocks):
+            x_BTE, block_aux = run_block(block, x_BTE, positions_BT, segment_ids_BT, self.layer_position(i))
             x_BTE = ops.constrain(x_BTE, "batch", "seq", None)
             aux = {k: aux.get(k, 0.0) + v for k, v in block_aux.items()}
         logits = ops.constrain(self._logits(x_BTE), "batch", "seq", "vocab")
         return (logits, aux) if return_aux else logits
+
+    def layer_position(self, i: int) -> positions.PositionScheme:
+        """The position scheme layer `i` attends with."""
+        name = self.position_of_layer[i]
+        return self.position if name is None else self.layer_positions[name]
 
     def _logits(self, x_BTE):
         h_BTE = self.final_norm(x_BTE)
@@ -325,30 +346,28 @@ class Transformer(nnx.Module):
                     f"model.attention.name={name!r} is not supported with a KV cache yet; generate with "
                     f"model.attention.name in {can}")
 
-    def cache_slots(self, max_len: int) -> int:
-        """Slots a cache needs for `max_len` tokens: bounded by how far back the variants' masks see (a ring
-        buffer of `mask.max_distance + 1` slots under a sliding window or chunks)."""
-        windows = [b.attn.variant.mask.max_distance for b in self.blocks]
-        if any(w is None for w in windows):
-            return max_len
-        return min(max_len, max(windows) + 1)
+    def cache_slots(self, max_len: int) -> list[int]:
+        """Slots each layer's cache needs for `max_len` tokens: bounded by how far back its mask sees (a ring
+        buffer of `mask.max_distance + 1` slots under a sliding window or chunks; all of them otherwise)."""
+        reach = [b.attn.variant.mask.max_distance for b in self.blocks]
+        return [max_len if r is None else min(max_len, r + 1) for r in reach]
 
     def init_cache(self, batch: int, max_len: int, *, int8: bool = False) -> KVCache:
-        """An empty cache for `max_len` tokens per row (memory bounded by the window for sliding attention)."""
+        """An empty cache for `max_len` tokens per row; a windowed or chunked layer keeps only what it sees."""
         self.check_cache_support()
-        S = self.cache_slots(max_len)
-        attn = self.blocks[0].attn
-        shape = (batch, S, attn.num_kv_heads, attn.head_dim)
 
-        def layer():
+        def layer(i: int, S: int) -> LayerKV:
+            attn = self.blocks[i].attn
+            shape = (batch, S, attn.num_kv_heads, attn.head_dim)
+            book = dict(pos_BS=jnp.zeros((batch, S), jnp.int32), seg_BS=jnp.full((batch, S), EMPTY_SEGMENT, jnp.int32),
+                        pre_rotation=rotation_depends_on_length(self.layer_position(i)))
             if int8:
-                return LayerKV(jnp.zeros(shape, jnp.int8), jnp.zeros(shape, jnp.int8),
-                               jnp.zeros(shape[:3], jnp.float32), jnp.zeros(shape[:3], jnp.float32))
-            return LayerKV(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+                return LayerKV(jnp.zeros(shape, jnp.int8), jnp.zeros(shape, jnp.int8), **book,
+                               k_scale_BSK=jnp.zeros(shape[:3], jnp.float32),
+                               v_scale_BSK=jnp.zeros(shape[:3], jnp.float32))
+            return LayerKV(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype), **book)
 
-        return KVCache(layers=tuple(layer() for _ in self.blocks), pos_BS=jnp.zeros((batch, S), jnp.int32),
-                       seg_BS=jnp.full((batch, S), EMPTY_SEGMENT, jnp.int32),
-                       pre_rotation=rotation_depends_on_length(self.position))
+        return KVCache(layers=tuple(layer(i, S) for i, S in enumerate(self.cache_slots(max_len))))
 
     def decode(self, tokens_BT, positions_BT, cache: KVCache, *, rope_len=None) -> tuple[jax.Array, KVCache]:
         """(logits [B, T, V] f32, updated cache) for T new tokens at `positions_BT` after those in `cache`.
@@ -360,16 +379,10 @@ class Transformer(nnx.Module):
         self.check_cache_support()
         x_BTE = self.position.embed(jnp.take(self.embed[...], tokens_BT, axis=0).astype(self.dtype), positions_BT)
         layers = []
-        for block, layer in zip(self.blocks, cache.layers, strict=True):
-            x_BTE, layer = block.decode(x_BTE, positions_BT, cache, layer, self.position, rope_len)
+        for i, (block, layer) in enumerate(zip(self.blocks, cache.layers, strict=True)):
+            x_BTE, layer = block.decode(x_BTE, positions_BT, layer, self.layer_position(i), rope_len)
             layers.append(layer)
-        T, S = positions_BT.shape[1], cache.slots
-        n = min(T, S)
-        slots_BN = positions_BT[:, T - n:] % S
-        new = KVCache(layers=tuple(layers), pos_BS=_write_slots(cache.pos_BS, positions_BT[:, T - n:], slots_BN),
-                      seg_BS=_write_slots(cache.seg_BS, jnp.zeros_like(slots_BN), slots_BN),
-                      pre_rotation=cache.pre_rotation)
-        return self._logits(x_BTE), new
+        return self._logits(x_BTE), KVCache(layers=tuple(layers))
 
 
 def count_params(model: nnx.Module) -> int:

@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from lc_jax import attention, sharding
+from lc_jax import attention, layers, sharding
 from lc_jax import config as config_lib
 from lc_jax.model import Transformer
 
@@ -143,7 +143,7 @@ def phase_start(config) -> int:
 
 def stage_at(config, step: int) -> str:
     """The attention variant's stage after global step `step` (a run that continued another counts its own)."""
-    att = config.model.attention
+    att = layers.staged_attention(config.model)
     return attention.REGISTRY[att.name].stage_at(att, step - phase_start(config))
 
 

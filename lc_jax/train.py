@@ -43,7 +43,7 @@ from etils import epath
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from lc_jax import attention, cli, plots, sharding, steps
+from lc_jax import attention, cli, layers, plots, sharding, steps
 from lc_jax import data as data_lib
 from lc_jax import state as state_lib
 from lc_jax.config import resolve, validate
@@ -465,7 +465,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: Stop | 
             state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data["iter"])), force=force)
 
     # One compiled step per stage of the attention variant (DSA: dense warm-up, then sparse).
-    att = config.model.attention
+    att = layers.staged_attention(config.model)
     variant = attention.REGISTRY[att.name]
     nonfinite = NonFinite(config.train, workdir, mgr)
     train_steps = {s: steps.make_train_step(graphdef, tx, schedule, stage=s, aux_weights=variant.aux_losses(att),

@@ -67,6 +67,10 @@ CASES = {
     "alibi-sliding-ring-reference-impl": ("position=alibi,attention=sliding", {"model.attention.impl": "reference"}),
     "rope-chunked-ring": ("position=rope,attention=chunked", {"model.attention.chunk": W}),
     "alibi-sinks": ("position=alibi", {"model.attention.sinks": True}),
+    # The released patterns (lc_jax/layers.py) with their local layers cut to W: each layer keeps its own ring.
+    "gemma3-pattern": ("pattern=gemma3", {"model.num_layers": 6, "model.layers.types.local.attention.window": W}),
+    "llama4-pattern": ("pattern=llama4", {"model.num_layers": 4, "model.layers.types.local.attention.chunk": W}),
+    "gpt-oss-pattern": ("pattern=gpt_oss", {"model.layers.types.local.attention.window": W}),
     # One layer: every key then comes from the embeddings, so the cache is exact for dynamic NTK too
     # (deeper layers' keys depend on the base used when their token was processed; see generate.py).
     "rope-dynamic-ntk": ("position=rope", {**DYN_NTK, "model.num_layers": 1}),
@@ -88,7 +92,11 @@ def test_cached_decoding_matches_full_forward(tiny_config, case):
     tokens_BT = _tokens()
     cached_BTV, cache = _cached_logits(model, tokens_BT)
     if "sliding" in arg or "chunked" in arg:
-        assert cache.slots == W < T
+        assert {layer.slots for layer in cache.layers} == {W}
+    if "pattern" in arg:  # local layers keep W slots, global ones every token
+        assert [layer.slots for layer in cache.layers] == [W if b.attn.variant.mask.max_distance else T
+                                                           for b in model.blocks]
+        assert {layer.slots for layer in cache.layers} == {W, T}
     ref_BTV = _reference(model, tokens_BT, prefix_rope="dynamic" in case)
     np.testing.assert_allclose(cached_BTV, ref_BTV, atol=1e-5, rtol=0)
     if case == "rope":  # the int8 cache against the f32 one
@@ -110,9 +118,9 @@ def test_chunked_prefill_equals_one_shot(tiny_config):
         np.testing.assert_allclose(got_BTV, one_BTV, atol=1e-5, rtol=0, err_msg=f"chunk={chunk}")
         for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(one_cache), strict=True):
             np.testing.assert_allclose(a, b, atol=1e-5, rtol=0, err_msg=f"cache, chunk={chunk}")
-    pos_S = np.asarray(one_cache.pos_BS[0])  # the ring holds the last W positions, each at slot pos mod W
+    pos_S = np.asarray(one_cache.layers[0].pos_BS[0])  # the ring holds the last W positions, each at slot pos mod W
     assert sorted(pos_S.tolist()) == list(range(T - W, T)) and (pos_S % W == np.arange(W)).all()
-    assert (np.asarray(one_cache.seg_BS) == 0).all()
+    assert (np.asarray(one_cache.layers[0].seg_BS) == 0).all()
 
 
 def test_ring_buffer_memory_bounded_by_window(tiny_config):

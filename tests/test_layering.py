@@ -22,7 +22,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("lc_jax.errors", "lc_jax.fields", "lc_jax.sharding", "lc_jax.data", "lc_jax.plots"),
     ("lc_jax.ops",),
     ("lc_jax.positions", "lc_jax.attention"),
-    ("lc_jax.model",),
+    ("lc_jax.layers", "lc_jax.model"),
     ("lc_jax.config",),
     ("lc_jax.state", "lc_jax.cli"),
     ("lc_jax.steps",),
