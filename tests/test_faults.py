@@ -472,7 +472,7 @@ def test_a_real_process_prints_no_traceback(tmp_path):
                 "--workdir", str(tmp_path / "run")])
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
         "error: --config='configs/base.py:postion=alibi': invalid config: config arg 'postion' is not one of "
-        "['attention', 'position']; did you mean 'position'?"]
+        "['attention', 'pattern', 'position']; did you mean 'position'?"]
     verbose = _run([sys.executable, "-m", "lc_jax.train", "--config", "configs/base.py:postion=alibi",
                     "--workdir", str(tmp_path / "run"), "--verbose"])
     assert verbose.returncode == 1 and "Traceback" in verbose.stderr
