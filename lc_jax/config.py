@@ -281,7 +281,7 @@ def _check_mesh(p: list[str], config, sizes: dict[str, int]) -> None:
     for f in ("num_heads", "num_kv_heads"):
         if isinstance(m[f], int) and m[f] % tp:
             p.append(f"model.{f}={m[f]} is not divisible by mesh.tensor={tp} (heads are split over it)")
-    for name in {t.attention.name for t in _layer_types(m)}:
+    for name in dict.fromkeys(t.attention.name for t in _layer_types(m)):  # in layer order: stable messages
         variant = attention.REGISTRY.get(name)
         if ctx > 1 and variant is not None and not variant.RING:
             p.append(f"model.attention.name={name!r} does not run under context parallelism yet "
