@@ -20,7 +20,7 @@ quickstart: $(STAMP)
 
 ## Run the test suite (CPU, ~12 min on 2 cores; includes deviceless TPU compiles).
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile tests
+	$(PY) -m pytest -n 2 --dist loadfile --durations=25 tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/attention.py

@@ -8,6 +8,7 @@ and the process's peak RSS above its pre-compile baseline.
 
     python benchmarks/attention.py                    # 2K, 8K, 16K; writes benchmarks/results/attention_cpu.json
     python benchmarks/attention.py --lengths 2048 --reps 1
+    python benchmarks/attention.py --masks --heads 4  # chunked and sink-token masks at 32K
 
 Accelerator mode (the default when jax's default backend is 'gpu' or 'tpu', or
 with --accelerator): bf16 causal attention, B=1, H=K=--acc-heads, head_dim in
@@ -107,6 +108,81 @@ def worker(impl: str, T: int, B: int, H: int, D: int, iters: int, mem_limit_gb: 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {**result, "time_s": statistics.median(times), "times_s": times, "peak_rss_mb": peak,
             "peak_rss_above_baseline_mb": peak - baseline}
+
+
+# ----------------------------------------------------------------------------- masks mode (CPU)
+
+
+def masks_main(a, command: str) -> None:
+    """lc_jax's blockwise XLA path under several masks at one length, fwd+bwd, in one process, alternating.
+
+    Targets (issue 17): chunked attention (chunks of --chunk) at most 0.3x full causal time, since it skips
+    the blocks in other chunks; sink tokens at most 1.10x the same mask without them.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from lc_jax import ops
+    from pallas_kernels.flash_attention.masks import Mask
+
+    T, B, H, D, C, W, N = a.masks_length, a.batch, a.heads, a.head_dim, a.chunk, a.window, a.sink_tokens
+    masks = {
+        "full causal": Mask(),
+        f"chunked {C}": Mask(chunk=C),
+        f"chunked {C} + {N} sink tokens": Mask(chunk=C, sink_tokens=N),
+        f"sliding {W}": Mask(window=W),
+        f"sliding {W} + {N} sink tokens": Mask(window=W, sink_tokens=N),
+    }
+    ks = jax.random.split(jax.random.PRNGKey(0), 4)
+    q, k, v, do = (jax.random.normal(kk, (B, T, H, D), jnp.float32) for kk in ks)
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    compiled = {}
+    for name, mask in masks.items():
+        def fwd_bwd(q, k, v, do, mask=mask):
+            out, vjp = jax.vjp(lambda q, k, v: ops.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, mask=mask,
+                                                             impl="xla"), q, k, v)
+            return out, vjp(do)
+        compiled[name] = jax.jit(fwd_bwd).lower(q, k, v, do).compile()
+        jax.block_until_ready(compiled[name](q, k, v, do))  # warm-up
+        print(f"  compiled and warmed up: {name}", flush=True)
+    times: dict[str, list[float]] = {n: [] for n in masks}
+    names = list(masks)
+    for rep in range(a.reps):
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            for _ in range(a.iters):
+                t0 = time.perf_counter()
+                jax.block_until_ready(compiled[name](q, k, v, do))
+                times[name].append(time.perf_counter() - t0)
+    med = {n: statistics.median(t) for n, t in times.items()}
+    full = med["full causal"]
+    ratios = {
+        "chunked_vs_full": med[f"chunked {C}"] / full,
+        "chunked_sinks_vs_chunked": med[f"chunked {C} + {N} sink tokens"] / med[f"chunked {C}"],
+        "sliding_sinks_vs_sliding": med[f"sliding {W} + {N} sink tokens"] / med[f"sliding {W}"],
+    }
+    targets = {"chunked_vs_full": 0.3, "chunked_sinks_vs_chunked": 1.10, "sliding_sinks_vs_sliding": 1.10}
+    print(f"\nlc_jax blockwise XLA attention fwd+bwd, T={T} B={B} H={H} D={D} f32, CPU ({os.cpu_count()} cores), "
+          f"median of {a.reps} alternating reps x {a.iters} calls")
+    print(f"{'mask':34} {'time (s)':>9} {'vs full':>8} {'visible pairs vs full':>22}")
+    for name, mask in masks.items():
+        print(f"{name:34} {med[name]:9.3f} {med[name] / full:8.3f} {mask.pairs(T) / Mask().pairs(T):22.3f}")
+    for key, val in ratios.items():
+        print(f"{key}: {val:.3f} (target <= {targets[key]}: {'PASS' if val <= targets[key] else 'FAIL'})")
+    out = {
+        "benchmark": "attention_masks_cpu", "command": command,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "versions": {"python": platform.python_version(), "jax": jax.__version__},
+        "shape": {"T": T, "batch": B, "heads": H, "head_dim": D, "dtype": "float32"},
+        "blocks": "ops.attention impl='xla' defaults (256 x 512)",
+        "timing": {"reps": a.reps, "iters": a.iters, "statistic": "median of all timed calls, masks alternating"},
+        "seconds": med, "times_s": times, "ratios": ratios, "targets_max": targets,
+        "pass": {k: v <= targets[k] for k, v in ratios.items()},
+    }
+    path = Path(a.out or RESULTS / "attention_masks_cpu.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {path}")
 
 
 # ----------------------------------------------------------------------------- accelerator mode
@@ -350,8 +426,19 @@ def main():
     ap.add_argument("--acc-impls", nargs="+", default=list(ACC_IMPLS), choices=ACC_IMPLS)
     ap.add_argument("--acc-pallas-blocks", nargs="*", default=[], type=_blocks, metavar="QxK",
                     help="also time lc_jax's kernel with these query x key blocks (e.g. 128x128), as lc_jax_pallas@QxK")
+    ap.add_argument("--masks", action="store_true",
+                    help="CPU: lc_jax's XLA path under full causal, chunked and sliding masks, with and without sink "
+                         "tokens, at --masks-length; writes results/attention_masks_cpu.json")
+    ap.add_argument("--masks-length", type=int, default=32768)
+    ap.add_argument("--chunk", type=int, default=8192)
+    ap.add_argument("--window", type=int, default=1024)
+    ap.add_argument("--sink-tokens", type=int, default=4)
     a = ap.parse_args()
     command = "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:])
+    if a.masks:
+        a.reps, a.iters = a.reps or 3, a.iters or 1
+        masks_main(a, command)
+        return
 
     if a.worker:
         a.iters = 2 if a.iters is None else a.iters

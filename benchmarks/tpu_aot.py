@@ -34,7 +34,7 @@ import jax  # noqa: E402
 from lc_jax import aot, memory  # noqa: E402
 from lc_jax import config as config_lib  # noqa: E402
 
-CONFIGS = ("llama1b_32k", "sliding1b_128k", "dsa1b_32k", "llama8b_128k")
+CONFIGS = ("llama1b_32k", "sliding1b_128k", "dsa1b_32k", "llama8b_128k", "gemma3_1b_128k")
 RESULTS = Path(__file__).parent / "results"
 SEARCH_CONFIG, SEARCH_TOPOLOGY, SEARCH_CONTEXTS = "llama8b_128k", "v5p:4x4x4", (1, 4, 16)
 STEP_PER_CHIP = 2048  # search granularity: tokens per chip

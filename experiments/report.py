@@ -125,6 +125,20 @@ def retrieval_sections(workdir: Path, out: Path) -> list[str]:
     return md
 
 
+def kv_cache_section(workdir: Path) -> list[str]:
+    """A table of the calculator's KV cache per token for members whose evaluation recorded it (summary.json)."""
+    rows, ctx = [], None
+    for path in sorted(workdir.glob("*/eval/summary.json")):
+        kv = json.loads(path.read_text()).get("kv_cache")
+        if isinstance(kv, dict):
+            rows.append(f"| {path.parent.parent.name} | {kv['bytes_per_token']:,.0f} | {kv['describe']} |")
+            ctx = kv["context"]
+    if not rows:
+        return []
+    return [f"## KV cache per token at {ctx:,} tokens (lc_jax.memory: K and V in bf16, batch 1)", "",
+            "| run | bytes per token | layers |", "|---|---:|---|", *rows, ""]
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", required=True)
@@ -153,6 +167,7 @@ def main(argv: list[str]) -> int:
     if notes:
         md += ["## Not evaluated", ""] + [f"- {n}" for n in sorted(set(notes))] + [""]
     md += retrieval_sections(Path(a.workdir), out)
+    md += kv_cache_section(Path(a.workdir))
     (out / "results.md").write_text("\n".join(md))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot_extrapolation(results, out / "loss_vs_length.png",

@@ -246,6 +246,10 @@ def upgrade_saved(d: dict) -> dict:
     if ds is not None and "index_norm" not in ds:
         ds["index_norm"] = "rmsnorm"
     model.setdefault("layers", dict(layers.FIELDS))  # runs from before per-layer patterns: one layer type
+    for section in ("position", "attention"):  # fields added since (sink_tokens, temperature tuning): defaults
+        if section in model:
+            for key, value in defaults().model[section].to_dict().items():
+                model[section].setdefault(key, value)
     if "train" in d:  # runs from before the non-finite policies stopped at the first non-finite step
         for key in ("nonfinite", "nonfinite_limit", "rewind_lr_scale"):
             d["train"].setdefault(key, defaults().train[key])

@@ -11,6 +11,8 @@ carry segment -1), so every kernel, sliding windows and ALiBi work unchanged.
 
 * Sliding window: S = W slots, slot = position mod W (a ring buffer; masks come
   from positions, so the ring order does not matter). Memory is O(W), not O(T).
+  Chunks: C slots. Sink tokens (`sink_tokens` N): N more slots that keep the
+  first N positions (`LayerKV.slot_of`).
 * Positions: learned / sinusoidal embeddings use the token positions, ALiBi
   lives inside attention, NoPE does nothing, static RoPE scalings rotate keys
   before they are cached. Dynamic NTK changes its frequencies with the length,

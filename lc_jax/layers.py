@@ -46,10 +46,10 @@ PRESETS: dict[str, dict] = {
             "name": "rope", "theta": 1e6, "scaling": {"name": "linear", "factor": 8.0}}},
     }},
     # Llama 4 Scout / Maverick (iRoPE): chunked local attention (chunks of 8192) with RoPE, every fourth
-    # layer global without positions.
+    # layer global without positions and with attention temperature tuning (floor 8192, scale 0.1).
     "llama4": {"pattern": "3*local,global", "types": {
         "local": {"attention": {"name": "chunked", "chunk": 8192}, "position": {"name": "rope"}},
-        "global": {"attention": {"name": "full"}, "position": {"name": "nope"}},
+        "global": {"attention": {"name": "full"}, "position": {"name": "nope", "temperature_tuning": True}},
     }},
     # gpt-oss (model card, 2025): alternating sliding (W=128) and full layers, learned sinks on both.
     "gpt_oss": {"pattern": "local,global", "types": {

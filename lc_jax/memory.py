@@ -40,6 +40,7 @@ from lc_jax import attention, cli
 from lc_jax import layers as layers_lib
 from lc_jax.attention import Cost
 from lc_jax.errors import UserError
+from pallas_kernels.flash_attention.masks import Mask
 
 GB, GiB = 10**9, 2**30
 
@@ -108,11 +109,38 @@ def _llama(name: str, layers: int, d: int, heads: int, mlp: int) -> ModelShape:
                       mlp_dim=mlp, vocab_size=128256, tie_embeddings=False)
 
 
-# Published Llama-3.1 shapes (config.json of meta-llama/Llama-3.1-*): GQA with 8 KV heads, head_dim 128.
+def _sliding(window: int, sinks_h: int = 0) -> Cost:
+    return Cost(label=f"sliding window {window}" + (" + sinks" if sinks_h else ""), mask=Mask(window=window),
+                params=(("sinks", sinks_h),) if sinks_h else (), elementwise_params=sinks_h)
+
+
+def _full(sinks_h: int = 0) -> Cost:
+    return Cost(label="full attention" + (" + sinks" if sinks_h else ""),
+                params=(("sinks", sinks_h),) if sinks_h else (), elementwise_params=sinks_h)
+
+
+_CHUNKED_8192 = Cost(label="chunked local attention, chunks of 8192", mask=Mask(chunk=8192))
+
+# Published shapes (each model's config.json on Hugging Face). Llama-3.1: GQA with 8 KV heads of 128. The
+# hybrid ones repeat their layer pattern from layer 0, as their configs do: Gemma 3 27B five sliding-window
+# layers (W=1024) then one global (`sliding_window_pattern` 6: 52 local, 10 global of 62); Llama 4 Scout three
+# chunked layers (chunks of 8192) then one global NoPE layer (`no_rope_layers` every 4th: 36 and 12 of 48);
+# gpt-oss-120b alternating sliding (W=128) and full layers, learned sinks on every head (18 and 18 of 36).
+# Only attention and the KV cache are theirs: Scout and gpt-oss are mixtures of experts and Gemma 3 has
+# its own norms, which this dense SwiGLU shape does not count, so their parameters and FLOPs are not.
 PRESETS: dict[str, ModelShape] = {
     "llama3.1-8b": _llama("llama3.1-8b", 32, 4096, 32, 14336),
     "llama3.1-70b": _llama("llama3.1-70b", 80, 8192, 64, 28672),
     "llama3.1-405b": _llama("llama3.1-405b", 126, 16384, 128, 53248),
+    "gemma3-27b": ModelShape(name="gemma3-27b", num_layers=62, d_model=5376, num_heads=32, num_kv_heads=16,
+                             head_dim=128, mlp_dim=21504, vocab_size=262208, tie_embeddings=True,
+                             attention=(_sliding(1024),) * 5 + (_full(),)),
+    "llama4-scout": ModelShape(name="llama4-scout", num_layers=48, d_model=5120, num_heads=40, num_kv_heads=8,
+                               head_dim=128, mlp_dim=16384, vocab_size=202048,
+                               attention=(_CHUNKED_8192,) * 3 + (_full(),)),
+    "gpt-oss-120b": ModelShape(name="gpt-oss-120b", num_layers=36, d_model=2880, num_heads=64, num_kv_heads=8,
+                               head_dim=64, mlp_dim=2880, vocab_size=201088,
+                               attention=(_sliding(128, 64), _full(64))),
 }
 
 
@@ -180,11 +208,11 @@ def weight_bytes(model: ModelShape, dtype: str = "bf16") -> int:
 
 
 def cached_tokens(cost: Cost, context: int) -> int:
-    """Tokens one layer's KV cache holds per sequence: min(context, mask.max_distance + 1) when the mask
-    bounds how far back a query sees (a sliding window W, a chunk C: a ring buffer), else the context."""
+    """Tokens one layer's KV cache holds per sequence: min(context, sink tokens + mask.max_distance + 1) when
+    the mask bounds how far back a query sees (a sliding window W, a chunk C: a ring buffer, with the sink
+    tokens kept beside it), else the context (`Mask.cache_slots`)."""
     _check_context(context)
-    span = cost.mask.max_distance
-    return context if span is None else min(context, span + 1)
+    return cost.mask.cache_slots(context)
 
 
 def kv_cache_bytes(model: ModelShape, context: int, batch: int = 1, dtype: str = "bf16",
@@ -441,7 +469,7 @@ def format_table(model: ModelShape, rep: dict[str, Any]) -> str:
     kv_q = rep["kv_quant"]
     kv_what = ("int8 + one f32 scale per (token, KV head) for K and for V" if kv_q
                else f"{rep['kv_dtype']} ({dtype_bytes(rep['kv_dtype'])} B/element)")
-    bounded = [f"{c.label}: min(context, {c.mask.max_distance + 1})" for c, _ in types
+    bounded = [f"{c.label}: min(context, {c.mask.cache_slots(2**62)})" for c, _ in types
                if c.mask.max_distance is not None]
     r0 = rep["rows"][0]
     lines = [

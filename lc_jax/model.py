@@ -12,7 +12,8 @@ Cached decoding (`Transformer.decode`, driven by `lc_jax.generate`) runs the sam
 blocks against a `KVCache`: new keys are attended together with the cached ones
 through the same variant (masks from positions and segment ids), then written
 into each layer's cache at slot = position mod S (a ring buffer of S slots when the
-layer's mask sees at most S - 1 tokens back: a sliding window or a chunk).
+layer's mask sees at most S - 1 tokens back: a sliding window or a chunk), its sink
+tokens, if any, kept in slots of their own.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ class LayerKV:
     position and segment of every slot. Layers of different types keep different numbers of slots.
 
     seg_BS is 0 for a filled slot and -1 for an empty one; queries carry segment 0,
-    so empty slots are never visible. Slot of position p: p mod S (S = slots).
+    so empty slots are never visible. Slot of position p: p mod S (S = slots); with N sink tokens
+    (`sink_slots`, StreamingLLM), p for p < N and N + (p - N) mod (S - N) after them.
     Float caches hold k/v in the compute dtype and no scales. int8 caches hold
     k/v as int8 plus one f32 scale per (batch, slot, kv head), i.e. per token and
     kv head over the D dims: x ~= q * scale, scale = max|x| / 127.
@@ -67,10 +69,21 @@ class LayerKV:
     k_scale_BSK: jax.Array | None = None
     v_scale_BSK: jax.Array | None = None
     pre_rotation: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    sink_slots: int = dataclasses.field(default=0, metadata=dict(static=True))
 
     @property
     def slots(self) -> int:
         return self.pos_BS.shape[1]
+
+    def slot_of(self, pos_BT):
+        """Where the new tokens at pos_BT (contiguous per row) go: the sink tokens to their own slots, the rest
+        round the ring; a token that a later one of the same chunk overwrites gets slot S (dropped)."""
+        S, N = self.slots, self.sink_slots
+        ring = max(S - N, 1)
+        slot_BT = jnp.where(pos_BT < N, pos_BT, N + (pos_BT - N) % ring)
+        T = pos_BT.shape[1]
+        last_BT = (jnp.arange(T) >= T - ring)[None, :]  # only the chunk's last `ring` tokens survive the ring
+        return jnp.where((pos_BT < N) | last_BT, slot_BT, S)
 
     @property
     def int8(self) -> bool:
@@ -110,9 +123,10 @@ def rotation_depends_on_length(position: positions.PositionScheme) -> bool:
 
 
 def _write_slots(cache_BS, new_BT, slots_BT):
-    """Scatter new entries (per batch row) into their slots; slots must be distinct within a row."""
+    """Scatter new entries (per batch row) into their slots; slots must be distinct within a row, and an
+    entry whose slot is out of range (`LayerKV.slot_of`: it would be overwritten in the same chunk) is dropped."""
     rows_B1 = jnp.arange(cache_BS.shape[0])[:, None]
-    return cache_BS.at[rows_B1, slots_BT].set(new_BT.astype(cache_BS.dtype))
+    return cache_BS.at[rows_B1, slots_BT].set(new_BT.astype(cache_BS.dtype), mode="drop")
 
 
 # ----------------------------------------------------------------------------- layers
@@ -196,20 +210,17 @@ class Attention(nnx.Module):
             q_seg_BT=jnp.zeros((B, T), jnp.int32), kv_seg_BS=kv_seg_BS,
             bias=position.bias(), x_BTE=x_BTE,
         )
-        # Only the last S tokens of a chunk can survive in S slots (and their slots are distinct).
-        n = min(T, layer.slots)
-        slots_BN = pos_BT[:, T - n:] % layer.slots
+        slots_BT = layer.slot_of(pos_BT)
         if layer.int8:
             k_new, v_new = kq, vq
-            scales = dict(k_scale_BSK=_write_slots(layer.k_scale_BSK, ks[:, T - n:], slots_BN),
-                          v_scale_BSK=_write_slots(layer.v_scale_BSK, vs[:, T - n:], slots_BN))
+            scales = dict(k_scale_BSK=_write_slots(layer.k_scale_BSK, ks, slots_BT),
+                          v_scale_BSK=_write_slots(layer.v_scale_BSK, vs, slots_BT))
         else:
             k_new, v_new, scales = k_BTKD, v_BTKD, {}
-        new = LayerKV(_write_slots(layer.k_BSKD, k_new[:, T - n:], slots_BN),
-                      _write_slots(layer.v_BSKD, v_new[:, T - n:], slots_BN),
-                      pos_BS=_write_slots(layer.pos_BS, pos_BT[:, T - n:], slots_BN),
-                      seg_BS=_write_slots(layer.seg_BS, jnp.zeros_like(slots_BN), slots_BN),
-                      pre_rotation=layer.pre_rotation, **scales)
+        new = LayerKV(_write_slots(layer.k_BSKD, k_new, slots_BT), _write_slots(layer.v_BSKD, v_new, slots_BT),
+                      pos_BS=_write_slots(layer.pos_BS, pos_BT, slots_BT),
+                      seg_BS=_write_slots(layer.seg_BS, jnp.zeros_like(slots_BT), slots_BT),
+                      pre_rotation=layer.pre_rotation, sink_slots=layer.sink_slots, **scales)
         out_BTE = jnp.einsum("bthd,hde->bte", out_BTHD.astype(dt), self.wo[...].astype(dt))
         return out_BTE, new
 
@@ -347,10 +358,10 @@ class Transformer(nnx.Module):
                     f"model.attention.name in {can}")
 
     def cache_slots(self, max_len: int) -> list[int]:
-        """Slots each layer's cache needs for `max_len` tokens: bounded by how far back its mask sees (a ring
-        buffer of `mask.max_distance + 1` slots under a sliding window or chunks; all of them otherwise)."""
-        reach = [b.attn.variant.mask.max_distance for b in self.blocks]
-        return [max_len if r is None else min(max_len, r + 1) for r in reach]
+        """Slots each layer's cache needs for `max_len` tokens: bounded by how far back its mask sees (its sink
+        tokens plus a ring buffer of `mask.max_distance + 1` slots under a sliding window or chunks; all of
+        them otherwise: `Mask.cache_slots`)."""
+        return [b.attn.variant.mask.cache_slots(max_len) for b in self.blocks]
 
     def init_cache(self, batch: int, max_len: int, *, int8: bool = False) -> KVCache:
         """An empty cache for `max_len` tokens per row; a windowed or chunked layer keeps only what it sees."""
@@ -359,8 +370,9 @@ class Transformer(nnx.Module):
         def layer(i: int, S: int) -> LayerKV:
             attn = self.blocks[i].attn
             shape = (batch, S, attn.num_kv_heads, attn.head_dim)
+            sinks = self.blocks[i].attn.variant.mask.sink_tokens or 0
             book = dict(pos_BS=jnp.zeros((batch, S), jnp.int32), seg_BS=jnp.full((batch, S), EMPTY_SEGMENT, jnp.int32),
-                        pre_rotation=rotation_depends_on_length(self.layer_position(i)))
+                        pre_rotation=rotation_depends_on_length(self.layer_position(i)), sink_slots=min(sinks, S))
             if int8:
                 return LayerKV(jnp.zeros(shape, jnp.int8), jnp.zeros(shape, jnp.int8), **book,
                                k_scale_BSK=jnp.zeros(shape[:3], jnp.float32),

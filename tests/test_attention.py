@@ -3,6 +3,8 @@
 Tolerance (f32): 2e-5 absolute on outputs / lse and 1e-4 on gradients, i.e. summation-order noise.
 """
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ from kernel_checks import alibi
 
 from lc_jax import ops
 from lc_jax.positions.alibi import alibi_slopes
+from pallas_kernels.flash_attention import xla as flash_xla
 from pallas_kernels.flash_attention.masks import Mask
 from pallas_kernels.flash_attention.xla import BlockSizes, visited_blocks
 
@@ -179,29 +182,52 @@ def test_mask_semantics_against_brute_force():
     """Mask.visible is the definition in words; block_visible never hides a visible pair; max_distance bounds it."""
     qp, kp = np.arange(-3, 40)[:, None], np.arange(-3, 40)[None, :]
     d = qp - kp
-    for causal in (True, False):
-        for window in (None, 1, 5):
-            for chunk in (None, 1, 7):
-                mask = Mask(causal=causal, window=window, chunk=chunk)
-                want = np.ones(d.shape, bool)
-                if causal:
-                    want &= d >= 0
-                if window is not None:
-                    want &= (d < window) if causal else (np.abs(d) < window)
-                if chunk is not None:
-                    want &= np.floor_divide(qp, chunk) == np.floor_divide(kp, chunk)
-                got = np.asarray(mask.visible(jnp.asarray(qp), jnp.asarray(kp)))
-                np.testing.assert_array_equal(got, want, err_msg=str(mask))
-                if causal and mask.max_distance is not None:
-                    assert d[got].max() == mask.max_distance
-                for lo_q, lo_k, n in ((0, 0, 5), (3, 9, 4), (12, 2, 6), (20, 27, 3)):  # ranges [lo, lo + n)
-                    pair = want[lo_q + 3:lo_q + 3 + n, lo_k + 3:lo_k + 3 + n].any()
-                    block = bool(mask.block_visible(lo_q, lo_q + n - 1, lo_k, lo_k + n - 1))
-                    assert block or not pair, (mask, lo_q, lo_k)
+    for causal, window, chunk, sinks in itertools.product((True, False), (None, 1, 5), (None, 1, 7), (None, 3)):
+        mask = Mask(causal=causal, window=window, chunk=chunk, sink_tokens=sinks)
+        local = np.ones(d.shape, bool)  # the window and chunk terms, which sink tokens override
+        if window is not None:
+            local &= (d < window) if causal else (np.abs(d) < window)
+        if chunk is not None:
+            local &= np.floor_divide(qp, chunk) == np.floor_divide(kp, chunk)
+        if sinks is not None:
+            local |= kp < sinks
+        want = local & (d >= 0) if causal else local
+        got = np.asarray(mask.visible(jnp.asarray(qp), jnp.asarray(kp)))
+        np.testing.assert_array_equal(got, want, err_msg=str(mask))
+        if causal and mask.max_distance is not None and sinks is None:
+            assert d[got].max() == mask.max_distance
+        for lo_q, lo_k, n in ((0, 0, 5), (3, 9, 4), (12, 2, 6), (20, 27, 3)):  # ranges [lo, lo + n)
+            pair = want[lo_q + 3:lo_q + 3 + n, lo_k + 3:lo_k + 3 + n].any()
+            block = bool(mask.block_visible(lo_q, lo_q + n - 1, lo_k, lo_k + n - 1))
+            assert block or not pair, (mask, lo_q, lo_k)
     assert Mask().max_distance is None and Mask(window=8, chunk=4).max_distance == 3
-    for bad in (dict(window=0), dict(chunk=-2), dict(chunk=2.5), dict(window=True)):
+    for bad in (dict(window=0), dict(chunk=-2), dict(chunk=2.5), dict(window=True), dict(sink_tokens=0)):
         with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a positive int or None"):
             Mask(**bad)
+
+
+@pytest.mark.parametrize("cuts, mask", [
+    ((), Mask(window=6, sink_tokens=3)),
+    ((5, 10, 12), Mask(chunk=20, sink_tokens=2)),
+    ((23,), Mask(causal=False, window=5, sink_tokens=4)),
+], ids=["one-doc-window", "short-docs-chunk", "two-docs-noncausal"])
+def test_sink_tokens_blockwise_visits(cuts, mask):
+    # The XLA path visits a key block that only sink tokens make visible in its sink columns alone when they
+    # lie in one run, else in full (short documents: several documents' sinks in one block). Both, with
+    # windows, chunks, non-causal windows and a length that is not a multiple of the blocks, against the
+    # reference, values and gradients.
+    T = 61
+    q, k, v = _inputs(T=T)
+    pos, seg = _packed(2, T, cuts)
+    _compare(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, q_seg_BT=seg, kv_seg_BS=seg, mask=mask)
+    pb, sb = pos[:, :48].reshape(2, 3, 16), seg[:, :48].reshape(2, 3, 16)
+    st = flash_xla._Static(Mask(window=6, sink_tokens=3), None, 1.0, None, 16, 16)
+    vis = flash_xla.block_visible(pb, pb, sb, sb, mask=st.mask)
+    modes, _ = flash_xla._visit_modes(vis, pb, sb, pb, sb, st)
+    # One document: query block 2 sees key block 0 for its sinks alone, in 8 columns. Short documents put
+    # four documents' sinks in block 0 (columns 0 to 14), so it is visited in full.
+    expected = {(): 2, (5, 10, 12): 1}.get(cuts)
+    assert expected is None or int(modes[2, 0]) == expected
 
 
 def _with_sink_brute_force(q, k, v, pos, sinks_H, mask):

@@ -277,7 +277,8 @@ def test_bad_shapes_raise():
 def test_kernels_lower_to_triton_for_cuda():
     # No GPU needed: lowering for platform "cuda" runs the real Pallas -> Triton IR lowering
     # (power-of-two load shapes, supported primitives, dot precisions) of all three kernels,
-    # with GQA, a window, chunks, packed segments, ALiBi and soft-cap. It does not run Triton's PTX compiler.
+    # with GQA, a window, chunks, sink tokens, packed segments, ALiBi and soft-cap. It does not run
+    # Triton's PTX compiler.
     B, T, H, K, D = 1, 100, 8, 2, 64
     pos = _arange(B, T)
     seg = pos // 40
@@ -285,8 +286,8 @@ def test_kernels_lower_to_triton_for_cuda():
 
     def loss(q, k, v):
         out, lse = flash_gpu.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, q_seg_BT=seg, kv_seg_BS=seg,
-                                       mask=Mask(window=50, chunk=30), **alibi(slopes), logits_soft_cap=30.0,
-                                       block_sizes=_bs(32, 64))
+                                       mask=Mask(window=50, chunk=30, sink_tokens=3), **alibi(slopes),
+                                       logits_soft_cap=30.0, block_sizes=_bs(32, 64))
         return out.astype(jnp.float32).sum() + jnp.where(jnp.isfinite(lse), lse, 0.0).sum()
 
     for dtype in (jnp.bfloat16, jnp.float32):

@@ -362,7 +362,7 @@ def test_ops_runs_mosaic_gpu_on_hopper_from_jax_0_11(monkeypatch, version, hoppe
 def test_kernels_lower_for_cuda(dtype, D, bs):
     # No GPU needed: lowering for platform "cuda" runs the real Pallas -> Mosaic GPU lowering of all
     # three kernels (wgmma operand layouts and swizzles, TMA descriptors, register layouts of the
-    # masks and softmax), with GQA, a window, chunks, packed segments, ALiBi and soft-cap. It stops at the
+    # masks and softmax), with GQA, a window, chunks, sink tokens, packed segments, ALiBi and soft-cap. It stops at the
     # serialized Mosaic GPU module: no PTX / cubin is produced.
     B, T, H, K = 1, 100, 8, 2
     pos = _arange(B, T)
@@ -371,8 +371,8 @@ def test_kernels_lower_for_cuda(dtype, D, bs):
 
     def loss(q, k, v):
         out, lse = flash_mgpu.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, q_seg_BT=seg, kv_seg_BS=seg,
-                                        mask=Mask(window=50, chunk=30), **alibi(slopes), logits_soft_cap=30.0,
-                                        block_sizes=bs)
+                                        mask=Mask(window=50, chunk=30, sink_tokens=3), **alibi(slopes),
+                                        logits_soft_cap=30.0, block_sizes=bs)
         return out.astype(jnp.float32).sum() + jnp.where(jnp.isfinite(lse), lse, 0.0).sum()
 
     text = lower_for("cuda", jax.grad(loss, argnums=(0, 1, 2)), *_inputs(B, T, T, H, K, D, dtype))

@@ -67,9 +67,15 @@ CASES = {
     "alibi-sliding-ring-reference-impl": ("position=alibi,attention=sliding", {"model.attention.impl": "reference"}),
     "rope-chunked-ring": ("position=rope,attention=chunked", {"model.attention.chunk": W}),
     "alibi-sinks": ("position=alibi", {"model.attention.sinks": True}),
+    # StreamingLLM sink tokens: W ring slots plus slots that keep the first positions.
+    "rope-sliding-sink-tokens": ("position=rope,attention=sliding", {"model.attention.sink_tokens": 3}),
+    "alibi-chunked-sink-tokens": ("position=alibi,attention=chunked", {"model.attention.chunk": W,
+                                                                       "model.attention.sink_tokens": 2}),
     # The released patterns (lc_jax/layers.py) with their local layers cut to W: each layer keeps its own ring.
     "gemma3-pattern": ("pattern=gemma3", {"model.num_layers": 6, "model.layers.types.local.attention.window": W}),
-    "llama4-pattern": ("pattern=llama4", {"model.num_layers": 4, "model.layers.types.local.attention.chunk": W}),
+    # Llama 4's temperature tuning on the global layers, its floor cut from 8192 to 8 so that it acts here.
+    "llama4-pattern": ("pattern=llama4", {"model.num_layers": 4, "model.layers.types.local.attention.chunk": W,
+                                          "model.layers.types.global.position.temperature_floor_scale": 8}),
     "gpt-oss-pattern": ("pattern=gpt_oss", {"model.layers.types.local.attention.window": W}),
     # One layer: every key then comes from the embeddings, so the cache is exact for dynamic NTK too
     # (deeper layers' keys depend on the base used when their token was processed; see generate.py).
@@ -92,7 +98,12 @@ def test_cached_decoding_matches_full_forward(tiny_config, case):
     tokens_BT = _tokens()
     cached_BTV, cache = _cached_logits(model, tokens_BT)
     if "sliding" in arg or "chunked" in arg:
-        assert {layer.slots for layer in cache.layers} == {W}
+        sinks = overrides.get("model.attention.sink_tokens", 0)
+        assert {layer.slots for layer in cache.layers} == {W + sinks}
+        if sinks:  # the sink tokens in their own slots, the ring holding the last W positions
+            pos_S = np.asarray(cache.layers[0].pos_BS[0])
+            assert pos_S[:sinks].tolist() == list(range(sinks))
+            assert sorted(pos_S[sinks:].tolist()) == list(range(T - W, T))
     if "pattern" in arg:  # local layers keep W slots, global ones every token
         assert [layer.slots for layer in cache.layers] == [W if b.attn.variant.mask.max_distance else T
                                                            for b in model.blocks]

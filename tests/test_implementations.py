@@ -30,7 +30,13 @@ CASES = {
     "window-gqa": dict(mask=Mask(window=9)),
     "packed-alibi": dict(segments=True, alibi=True),
     "chunk-window-softcap": dict(mask=Mask(window=20, chunk=24), logits_soft_cap=5.0),
+    # Sink tokens (the first N of each document, StreamingLLM) and learned sink logits (gpt-oss), with
+    # windows, chunks, packed documents, ALiBi, soft-cap and GQA (4 query heads on 2 kv heads throughout).
+    "sink-tokens-window-packed-alibi-learned-sinks": dict(mask=Mask(window=9, sink_tokens=3), segments=True,
+                                                          alibi=True, sinks=True),
+    "sink-tokens-chunk-softcap": dict(mask=Mask(chunk=24, sink_tokens=4), logits_soft_cap=5.0),
 }
+SINKS_H = jnp.asarray([-1.0, 0.0, 0.5, 2.0])
 
 
 def _inputs(case, dtype):
@@ -53,31 +59,40 @@ def _inputs(case, dtype):
 def test_implementation_against_reference(impl, case):
     dtype = jnp.bfloat16 if impl == "cudnn" else jnp.float32  # cuDNN computes in bf16 / f16 only
     q, k, v, pos, kw = _inputs(CASES[case], dtype)
+    sinks = CASES[case].get("sinks", False)
     call = ops.describe(q, k, pos, pos, q_seg_BT=kw.get("q_seg_BT"), mask=kw["mask"], bias=kw.get("bias"),
-                        logits_soft_cap=kw["logits_soft_cap"], lse=impl != "cudnn")
+                        logits_soft_cap=kw["logits_soft_cap"], lse=impl != "cudnn" or sinks)
     if (why := ops.FLASH[impl].declines(call)) is not None:
         pytest.skip(f"impl={impl!r} {why}")
     atol, gtol = tolerances(dtype)
     do = jax.random.normal(jax.random.key(1), q.shape, jnp.float32)
 
     def run(fn, *args):
-        """(fn's outputs, d(sum(out * do)) / d(q, k, v)); fn returns out or (out, lse)."""
-        def loss(q, k, v):
-            res = fn(q, k, v)
+        """(fn's outputs, d(sum(out * do)) / d(q, k, v[, sink logits])); fn returns out or (out, lse)."""
+        def loss(*args):
+            res = fn(*args)
             out = res[0] if isinstance(res, tuple) else res
             return jnp.sum(out.astype(jnp.float32) * do), res
 
-        (_, res), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(*args)
+        (_, res), grads = jax.value_and_grad(loss, tuple(range(len(args))), has_aux=True)(*args)
         return res, grads
 
-    ours = lambda q, k, v: ops.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, impl=impl,  # noqa: E731
-                                         return_lse=impl != "cudnn", block_sizes=BLOCKS.get(impl), **kw)
-    ref = lambda q, k, v: reference.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, **kw)  # noqa: E731
-    out, grads = run(jax.jit(ours), q, k, v)
+    ours = lambda q, k, v, *s: ops.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, impl=impl,  # noqa: E731
+                                             return_lse=impl != "cudnn", block_sizes=BLOCKS.get(impl),
+                                             sinks_H=s[0] if s else None, **kw)
+    if sinks:  # the learned logits enter through ops.with_sinks, whatever the implementation
+        ref = lambda q, k, v, s: ops.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, impl="reference",  # noqa: E731
+                                               return_lse=True, sinks_H=s, **kw)
+    else:
+        ref = lambda q, k, v: reference.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, **kw)  # noqa: E731
+    extra = (SINKS_H,) if sinks else ()
+    out, grads = run(jax.jit(ours), q, k, v, *extra)
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    (out_r, lse_r), grads_r = run(ref, *f32)
+    (out_r, lse_r), grads_r = run(ref, *f32, *extra)
     if impl == "cudnn":
         np.testing.assert_allclose(out.astype(jnp.float32), out_r, atol=atol, rtol=atol)
     else:
         assert_outputs_close(out[0], out[1], out_r, lse_r, q, v, atol)
-    assert_grads_close(grads, grads_r, dtype, gtol)
+    assert_grads_close(grads[:3], grads_r[:3], dtype, gtol)
+    if sinks:
+        np.testing.assert_allclose(grads[3], grads_r[3], atol=gtol, rtol=gtol, err_msg="dsinks")

@@ -91,11 +91,12 @@ def test_a_pattern_of_layer_types_sums_each_type():
 # ----------------------------------------------------------------------------- FLOPs
 
 
-@pytest.mark.parametrize("causal,window,chunk", list(itertools.product([True, False], [None, 1, 3, 20], [None, 4, 16])))
-def test_counted_pairs_are_what_the_mask_lets_through(causal, window, chunk):
+@pytest.mark.parametrize("causal,window,chunk,sinks", list(itertools.product(
+    [True, False], [None, 1, 3, 20], [None, 4, 16], [None, 2])))
+def test_counted_pairs_are_what_the_mask_lets_through(causal, window, chunk, sinks):
     # Mask.pairs (the calculator's count) against Mask.visible (what every kernel uses), whole chunks and a
-    # partial one, and with a top-k cap of k keys per query.
-    mask = Mask(causal=causal, window=window, chunk=chunk)
+    # partial one, with sink tokens, and with a top-k cap of k keys per query.
+    mask = Mask(causal=causal, window=window, chunk=chunk, sink_tokens=sinks)
     for T in (1, 2, 5, 9, 40):
         t = np.arange(T)
         per_query = np.asarray(mask.visible(t[:, None], t[None, :])).sum(1)
@@ -237,3 +238,18 @@ def test_train_cli(capsys):
     assert "topology='v9:2'" in capsys.readouterr().err
     assert memory.main(["--model", "llama3.1-8b", "--train"]) == 2
     assert "needs a config file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, per_layer_token, layers", [
+    # (K + V) x kv heads x head dim x 2 bytes per token and layer; (layer count, slots) per layer type.
+    ("gemma3-27b", 2 * 16 * 128 * 2, [(52, 1024), (10, None)]),  # 5 sliding (W=1024) : 1 global of 62
+    ("llama4-scout", 2 * 8 * 128 * 2, [(36, 8192), (12, None)]),  # 3 chunked (8192) : 1 global NoPE of 48
+    ("gpt-oss-120b", 2 * 8 * 64 * 2, [(18, 128), (18, None)]),  # sliding (W=128) and full, alternating
+])
+def test_hybrid_presets_count_each_layer_types_cache(name, per_layer_token, layers):
+    model = memory.PRESETS[name]
+    for context in (4096, 32768, 131072):
+        want = sum(n * per_layer_token * (context if slots is None else min(context, slots)) for n, slots in layers)
+        assert memory.kv_cache_bytes(model, context) == want, (name, context)
+    # At 128K the bounded layers hold what they see, the global ones everything: Gemma 3 27B 11.17 GB in bf16.
+    assert round(memory.kv_cache_bytes(memory.PRESETS["gemma3-27b"], 131072) / 1e9, 2) == 11.17

@@ -11,8 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lc_jax import config as config_lib
 from lc_jax.positions import rope_scaling
 from lc_jax.positions.alibi import alibi_slopes
+from lc_jax.positions.nope import NoPE
 from lc_jax.positions.rope import RoPE, apply_rope, rope_inv_freq
 
 PLAIN = np.array([1.0, 0.1, 0.01, 0.001])
@@ -184,3 +186,32 @@ def test_resolve_defaults():
         "name": "llama3", "factor": 8.0, "original_max_len": 8192}
     assert rope_scaling.resolve({"name": "yarn", "factor": 0, "original_max_len": 0}, train_seq_len=512) == {
         "name": "yarn", "factor": 1.0, "original_max_len": 512}
+
+
+def test_nope_temperature_tuning_is_llama4s():
+    # Hugging Face transformers' Llama4TextAttention on layers without RoPE:
+    # q *= log(floor((p + 1) / floor_scale) + 1) * attn_scale + 1, with floor_scale 8192, attn_scale 0.1.
+    pos = jnp.asarray([[0, 8190, 8191, 16382, 16383, 100_000]], jnp.int32)
+    want = [1.0 + 0.1 * math.log(math.floor((p + 1) / 8192) + 1) for p in pos[0].tolist()]
+    tuned = NoPE(temperature_tuning=True)
+    np.testing.assert_allclose(tuned.temperature(pos)[0], want, rtol=1e-6)
+    assert want[:2] == [1.0, 1.0] and want[2] == want[3] == 1.0 + 0.1 * math.log(2)
+    q = jax.random.normal(jax.random.key(0), (1, 6, 4, 8))
+    k = jax.random.normal(jax.random.key(1), (1, 6, 2, 8))
+    q2, k2 = tuned.rotate(q, k, pos, pos)
+    np.testing.assert_allclose(q2, q * np.asarray(want)[None, :, None, None], rtol=1e-6)
+    assert k2 is k  # keys (and so the KV cache) are untouched
+    q3, k3 = NoPE().rotate(q, k, pos, pos)
+    assert q3 is q and k3 is k
+
+
+def test_nope_temperature_fields_are_checked():
+    c = config_lib.defaults()
+    c.model.position.name = "nope"
+    c.model.position.temperature_tuning = True
+    c.model.position.temperature_floor_scale = 0
+    c.model.position.temperature_attn_scale = -1.0
+    with pytest.raises(ValueError) as e:
+        config_lib.validate(c)
+    assert "model.position.temperature_floor_scale=0: must be a positive int" in str(e.value)
+    assert "model.position.temperature_attn_scale=-1.0: must be a positive int/float" in str(e.value)

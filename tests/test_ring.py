@@ -60,7 +60,7 @@ def _ring_fn(mesh, *, segments, slopes, **kw):
 _alibi = alibi  # _compare's `alibi` flag shadows the helper
 
 
-def _compare(n, layout, *, window=None, chunk=None, H=4, K=2, packed=False, alibi=False, B=2, T=64, D=16):
+def _compare(n, layout, *, window=None, chunk=None, sinks=None, H=4, K=2, packed=False, alibi=False, B=2, T=64, D=16):
     q, k, v = _inputs(B, T, H, K, D)
     if packed:
         pos, seg = _packed_segments(B, T)
@@ -70,7 +70,7 @@ def _compare(n, layout, *, window=None, chunk=None, H=4, K=2, packed=False, alib
     q, k, v, pos = q[:, order], k[:, order], v[:, order], pos[:, order]
     seg = None if seg is None else seg[:, order]
     slopes = jnp.asarray(2.0 ** -np.arange(1, H + 1), jnp.float32) if alibi else None
-    mask = Mask(window=window, chunk=chunk)
+    mask = Mask(window=window, chunk=chunk, sink_tokens=sinks)
     ring = _ring_fn(_mesh(n), segments=packed, slopes=slopes, mask=mask)
     args = (q, k, v, pos) + ((seg,) if packed else ())
 
@@ -113,6 +113,8 @@ def test_ring_chunked_matches_single_device():
     # Chunks of 12 within each document (packed, zig-zag, ALiBi), and chunks of 20 with a window of 9.
     _compare(4, "zigzag", packed=True, alibi=True, chunk=12)
     _compare(4, "contiguous", window=9, chunk=20)
+    # Sink tokens: each packed document's first 2 keys stay visible beside a window of 7, across the ring.
+    _compare(4, "zigzag", packed=True, window=7, sinks=2)
 
 
 @pytest.fixture
@@ -248,16 +250,17 @@ def test_ring_pallas_gpu_kernel_interpret():
 
 
 def test_ring_with_sinks_through_ops_matches_one_device():
-    """`ops.attention` on a context mesh (the ring) with learned sinks and chunks: the values and gradients
-    (the sink logits' included) of the same call on one device."""
+    """`ops.attention` on a context mesh (the ring) with learned sinks, chunks and sink tokens (the first 3
+    positions, held by the first shard, visible from every chunk): the values and gradients (the sink logits'
+    included) of the same call on one device."""
     B, T, H, K, D = 2, 64, 4, 2, 16
     q, k, v = _inputs(B, T, H, K, D)
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     sinks = jnp.asarray([-1.0, 0.0, 0.5, 2.0])
 
     def loss(q, k, v, s):
-        out = ops.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, mask=Mask(chunk=20), sinks_H=s, impl="xla",
-                            block_sizes=flash_xla.BlockSizes(8, 8))
+        out = ops.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, mask=Mask(chunk=20, sink_tokens=3), sinks_H=s,
+                            impl="xla", block_sizes=flash_xla.BlockSizes(8, 8))
         return (out * jnp.cos(out)).sum()
 
     one = jax.value_and_grad(loss, (0, 1, 2, 3))(q, k, v, sinks)

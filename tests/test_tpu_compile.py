@@ -132,6 +132,18 @@ def test_tiny_train_step(topology):
     assert 0 < report.bytes["total"] == sum(report.bytes[t] for t in aot.TERMS)
 
 
+def test_gemma3_pattern_train_step_with_sink_tokens():
+    # The Gemma-3-shaped config's structure at toy size (five window layers to one global, 2-chip ring),
+    # its window layers also keeping 4 sink tokens: Mosaic must lower the mask's sink term, and each layer
+    # type runs its own ring.
+    c = config_lib.load("configs/tpu/gemma3_1b_128k.py", "local=1")
+    c.model.layers.types.local.attention.sink_tokens = 4
+    report, compiled = aot.compile_train_step(c, _devices("v5p:2x2x1"), name="gemma3_1b_128k:local")
+    assert report.fits and report.mesh["context"] == 2
+    text = compiled.as_text()
+    assert "flash_attention_fwd" in text and "collective-permute" in text and "callback" not in text
+
+
 def test_dsa_train_step_runs_its_kernel_per_device():
     # DSA's sparse stage on 4 chips of fsdp: its Pallas kernel must run per device (shard_map); XLA
     # cannot partition a Mosaic kernel.

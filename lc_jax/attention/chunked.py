@@ -16,17 +16,24 @@ from pallas_kernels.flash_attention.masks import Mask
 
 
 class Chunked(AttentionVariant):
-    FIELDS = dict(AttentionVariant.FIELDS, chunk=8192)  # C: tokens per chunk (Llama 4 Scout / Maverick: 8192)
+    FIELDS = dict(
+        AttentionVariant.FIELDS,
+        chunk=8192,  # C: tokens per chunk (Llama 4 Scout / Maverick: 8192)
+        sink_tokens=0,  # N: the first N tokens of each document stay visible from every chunk
+    )
 
     @classmethod
     def check(cls, cfg, **kw) -> list[str]:
-        return super().check(cfg, **kw) + fields.positive("model.attention.chunk", cfg.chunk)
+        return (super().check(cfg, **kw) + fields.positive("model.attention.chunk", cfg.chunk)
+                + fields.positive("model.attention.sink_tokens", cfg.sink_tokens, zero_ok=True))
 
     @classmethod
     def cost(cls, cfg, **dims) -> Cost:
-        return dataclasses.replace(super().cost(cfg, **dims), label=f"chunked local attention, chunks of {cfg.chunk}",
-                                   mask=Mask(causal=True, chunk=cfg.chunk))
+        sinks = f" + {cfg.sink_tokens} sink tokens" if cfg.sink_tokens else ""
+        return dataclasses.replace(super().cost(cfg, **dims),
+                                   label=f"chunked local attention, chunks of {cfg.chunk}{sinks}",
+                                   mask=Mask(causal=True, chunk=cfg.chunk, sink_tokens=cfg.sink_tokens or None))
 
-    def __init__(self, *, chunk: int, **kwargs):
+    def __init__(self, *, chunk: int, sink_tokens: int = 0, **kwargs):
         super().__init__(**kwargs)
-        self.mask = Mask(causal=True, chunk=chunk)
+        self.mask = Mask(causal=True, chunk=chunk, sink_tokens=sink_tokens or None)

@@ -5,7 +5,7 @@ indices, so that packed documents, ring shards, zig-zag layouts and chunked
 prefill against a KV cache all reuse one definition.
 
 * `Mask` (static, hashable): which keys a query sees (causal, sliding window,
-  chunked local attention) as `visible` on broadcastable arrays (kernels call it
+  chunked local attention, sink tokens) as `visible` on broadcastable arrays (kernels call it
   on [bq, 1] / [1, bk] block views) and as a conservative `block_visible` on
   position ranges, which every block-skipping table uses, and `pairs`, the count of
   what it lets through (the memory calculator's attention FLOPs).
@@ -39,15 +39,19 @@ class Mask:
     causal: kv_pos <= q_pos. window W: 0 <= q_pos - kv_pos < W when causal, |q_pos - kv_pos| < W when not.
     chunk C (chunked local attention, Llama 4 iRoPE style): q_pos // C == kv_pos // C, positions being
     global token positions within a document.
+    sink_tokens N (StreamingLLM, Xiao et al. 2024): keys at kv_pos < N, the first N tokens of each document,
+    stay visible whatever the window or chunk; causality and segments still apply. It widens only the local
+    terms: (window AND chunk) OR kv_pos < N, then AND causal AND same segment.
     """
 
     causal: bool = True
     window: int | None = None
     chunk: int | None = None
+    sink_tokens: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "causal", bool(self.causal))
-        for name in ("window", "chunk"):
+        for name in ("window", "chunk", "sink_tokens"):
             v = getattr(self, name)
             if v is None:
                 continue
@@ -58,13 +62,15 @@ class Mask:
     def visible(self, q_pos, kv_pos, q_seg=None, kv_seg=None):
         """Bool, elementwise on broadcastable arrays: may a query at q_pos see the key at kv_pos."""
         d = q_pos - kv_pos
-        ok = None
-        if self.causal:
-            ok = d >= 0
+        local = None
         if self.window is not None:
-            ok = _and(ok, (d < self.window) if self.causal else (jnp.abs(d) < self.window))
+            local = (d < self.window) if self.causal else (jnp.abs(d) < self.window)
         if self.chunk is not None:
-            ok = _and(ok, q_pos // self.chunk == kv_pos // self.chunk)
+            local = _and(local, q_pos // self.chunk == kv_pos // self.chunk)
+        if local is not None and self.sink_tokens is not None:
+            local = local | (kv_pos < self.sink_tokens)
+        ok = (d >= 0) if self.causal else None
+        ok = local if ok is None else _and(local, ok)
         if q_seg is not None:
             ok = _and(ok, q_seg == kv_seg)
         return jnp.ones(jnp.shape(d), bool) if ok is None else ok
@@ -72,16 +78,18 @@ class Mask:
     def block_visible(self, q_lo, q_hi, k_lo, k_hi):
         """Conservative bool for position ranges: False only if no (query, key) pair in them can be visible."""
         q_lo, q_hi, k_lo, k_hi = (jnp.asarray(x) for x in (q_lo, q_hi, k_lo, k_hi))
-        ok = None
-        if self.causal:
-            ok = k_lo <= q_hi
+        local = None
         if self.window is not None:
-            ok = _and(ok, q_lo - k_hi < self.window)
+            local = q_lo - k_hi < self.window
             if not self.causal:
-                ok = _and(ok, k_lo - q_hi < self.window)
+                local = local & (k_lo - q_hi < self.window)
         if self.chunk is not None:
             c = self.chunk
-            ok = _and(ok, (k_hi // c >= q_lo // c) & (k_lo // c <= q_hi // c))
+            local = _and(local, (k_hi // c >= q_lo // c) & (k_lo // c <= q_hi // c))
+        if local is not None and self.sink_tokens is not None:
+            local = local | (k_lo < self.sink_tokens)
+        ok = (k_lo <= q_hi) if self.causal else None
+        ok = local if ok is None else _and(local, ok)
         shape = jnp.broadcast_shapes(q_lo.shape, q_hi.shape, k_lo.shape, k_hi.shape)
         return jnp.ones(shape, bool) if ok is None else jnp.broadcast_to(ok, shape)
 
@@ -98,13 +106,26 @@ class Mask:
             start = t // self.chunk * self.chunk
             lo, hi = np.maximum(lo, start), np.minimum(hi, start + self.chunk - 1)
         n = hi - lo + 1
+        if self.sink_tokens is not None and (self.window is not None or self.chunk is not None):
+            sink_hi = np.minimum(self.sink_tokens, length) - 1  # sinks: keys 0 .. sink_hi, causal as well
+            if self.causal:
+                sink_hi = np.minimum(sink_hi, t)
+            n = n + (sink_hi + 1) - np.clip(np.minimum(sink_hi, hi) - lo + 1, 0, None)  # minus the overlap
         return int((n if keys_per_query is None else np.minimum(n, keys_per_query)).sum())
 
     @property
     def max_distance(self) -> int | None:
-        """The largest q_pos - kv_pos that can be visible, or None (unbounded): what a KV cache must keep."""
+        """The largest q_pos - kv_pos a local term lets through, or None (unbounded): with `sink_tokens`, a
+        KV cache keeps those first tokens beside the last max_distance + 1 (`cache_slots`)."""
         bounds = [x - 1 for x in (self.window, self.chunk) if x is not None]
         return min(bounds) if bounds else None
+
+    def cache_slots(self, max_len: int) -> int:
+        """KV-cache slots for `max_len` tokens: the sink tokens plus a ring of max_distance + 1, or all."""
+        reach = self.max_distance
+        if reach is None:
+            return max_len
+        return min(max_len, (self.sink_tokens or 0) + reach + 1)
 
 
 #: The default: causal, no window, no chunks.

@@ -2,7 +2,8 @@
 
 Queries are processed one block at a time; for each query block a loop walks
 only the key blocks that can be visible (from per-block min/max summaries of
-positions and segment ids), keeping an online softmax. Nothing of size T x S
+positions and segment ids), keeping an online softmax. A key block that only
+sink tokens make visible is visited in its sink columns alone (`_visit_modes`). Nothing of size T x S
 is ever built. The backward pass is a `custom_vjp` that recomputes each block's
 probabilities from the saved log-sum-exp, in one sweep that yields dq, dk, dv.
 
@@ -70,13 +71,43 @@ def _logits(q_i, k_j, qp_i, kp_j, qs_i, ks_j, params, st: _Static):
     return scores(s, rows(qp_i), cols(kp_j), *segs, params, mask=st.mask, bias=st.bias, soft_cap=st.soft_cap)
 
 
-def _block_range(vis_NM):
-    """First and one-past-last visible key block per query block (empty rows give lo == hi)."""
-    nk = vis_NM.shape[1]
-    any_N = vis_NM.any(1)
-    lo = jnp.where(any_N, jnp.argmax(vis_NM, 1), 0)
-    hi = jnp.where(any_N, nk - jnp.argmax(vis_NM[:, ::-1], 1), 0)
-    return lo, hi
+def _visit_list(visit_NM):
+    """Per query block, the key blocks to visit in increasing order, then the rest: (int32 [N, M] block
+    indices, int32 [N] how many to visit). The loops walk only these, so a query block pays for the blocks
+    it sees, however far apart (sink tokens and a window), and for no others."""
+    order = jnp.argsort(~visit_NM, axis=1, stable=True).astype(jnp.int32)
+    return order, visit_NM.sum(1).astype(jnp.int32)
+
+
+def _sink_width(st: _Static) -> int:
+    """Columns a sink-only visit computes: the sink tokens, rounded up to 8, at most a block."""
+    return min(st.block_k, -(-st.mask.sink_tokens // 8) * 8)
+
+
+def _visit_modes(vis, kpb, ksb, qpb, qsb, st: _Static):
+    """int32 [nq, nk]: 0 skip, 1 the whole key block, 2 only the sink tokens' columns of it; and their offset
+    per key block (None without sink tokens). A block is visited narrowly when only sink tokens make it
+    visible (its window / chunk terms hide it) and every key of it with kv_pos < N lies in one run of
+    `_sink_width` columns (over the batch): sinks then cost N columns per query block, not a key block."""
+    if st.mask.sink_tokens is None:
+        return vis.astype(jnp.int32), None
+    local = block_visible(qpb, kpb, qsb, ksb, mask=dataclasses.replace(st.mask, sink_tokens=None))
+    width, bk = _sink_width(st), st.block_k
+    sink = kpb < st.mask.sink_tokens  # [B, nk, bk]; padded keys (segment -1) are never sinks
+    if ksb is not None:
+        sink &= ksb >= 0
+    col = jnp.arange(bk)
+    first = jnp.where(sink, col, bk).min((0, 2))
+    last = jnp.where(sink, col, -1).max((0, 2))
+    narrow_ok = last - first < width  # all of a block's sinks in one run of `width` (True if it has none)
+    offset = jnp.clip(first, 0, bk - width)
+    modes = jnp.where(local, 1, jnp.where(vis, jnp.where(narrow_ok[None, :], 2, 1), 0))
+    return modes.astype(jnp.int32), offset
+
+
+def _sink_columns(x, o, width):
+    """Columns [o, o + width) of a key block ([B, bk, ...] or [B, bk])."""
+    return None if x is None else lax.dynamic_slice_in_dim(x, o, width, axis=1)
 
 
 def _blocked(q, k, v, q_pos, kv_pos, q_seg, kv_seg, st: _Static):
@@ -104,35 +135,44 @@ def _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, bias_params_HP, st: _Static)
     K, Dv = k.shape[2], v.shape[3]
     G = H // K
     qb, kb, vb, qpb, kpb, qsb, ksb, vis = _blocked(q, k, v, q_pos, kv_pos, q_seg, kv_seg, st)
-    lo, hi = _block_range(vis)
+    modes, offset = _visit_modes(vis, kpb, ksb, qpb, qsb, st)
+    order, count = _visit_list(modes == 1)
+    sink_order, sink_count = _visit_list(modes == 2)
     params = head_params(bias_params_HP, K, lambda x_KG: x_KG[None, :, :, None, None])
 
     def q_block(i):
         q_i, qp_i, qs_i = qb[:, i], qpb[:, i], _take(qsb, i)
 
-        def step(j, carry):
-            def compute(carry):
-                m, l, acc = carry
-                s, mask, _ = _logits(q_i, kb[:, j], qp_i, kpb[:, j], qs_i, _take(ksb, j), params, st)
-                s = jnp.where(mask, s, -jnp.inf)
-                m_new = jnp.maximum(m, s.max(-1))
-                m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-                p = jnp.exp(s - m_use[..., None])
-                alpha = jnp.exp(m - m_use)
-                l = alpha * l + p.sum(-1)
-                pv = jnp.einsum(
-                    "bkgqs,bskd->bkgqd", p.astype(v.dtype), vb[:, j], preferred_element_type=jnp.float32
-                )
-                return m_new, l, alpha[..., None] * acc + pv
+        def compute(carry, k_j, v_j, kp_j, ks_j):
+            m, l, acc = carry
+            s, mask, _ = _logits(q_i, k_j, qp_i, kp_j, qs_i, ks_j, params, st)
+            s = jnp.where(mask, s, -jnp.inf)
+            m_new = jnp.maximum(m, s.max(-1))
+            m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            p = jnp.exp(s - m_use[..., None])
+            alpha = jnp.exp(m - m_use)
+            l = alpha * l + p.sum(-1)
+            pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), v_j, preferred_element_type=jnp.float32)
+            return m_new, l, alpha[..., None] * acc + pv
 
-            return lax.cond(vis[i, j], compute, lambda c: c, carry)
+        def step(t, carry):  # a whole key block
+            j = order[i, t]
+            return compute(carry, kb[:, j], vb[:, j], kpb[:, j], _take(ksb, j))
+
+        def sink_step(t, carry):  # the sink columns of a key block that only they make visible
+            j = sink_order[i, t]
+            return compute(carry, *(_sink_columns(x, offset[j], _sink_width(st))
+                                    for x in (kb[:, j], vb[:, j], kpb[:, j], _take(ksb, j))))
 
         init = like_vma((
             jnp.full((B, K, G, st.block_q), -jnp.inf, jnp.float32),
             jnp.zeros((B, K, G, st.block_q), jnp.float32),
             jnp.zeros((B, K, G, st.block_q, Dv), jnp.float32),
         ), q, k, v)
-        m, l, acc = lax.fori_loop(lo[i], hi[i], step, init)
+        carry = lax.fori_loop(0, count[i], step, init)
+        if offset is not None:
+            carry = lax.fori_loop(0, sink_count[i], sink_step, carry)
+        m, l, acc = carry
         safe_l = jnp.where(l == 0, 1.0, l)
         out = (acc / safe_l[..., None]).transpose(0, 3, 1, 2, 4).reshape(B, st.block_q, H, Dv)
         lse = jnp.where(l == 0, -jnp.inf, m + jnp.log(safe_l)).transpose(0, 3, 1, 2).reshape(B, st.block_q, H)
@@ -149,7 +189,9 @@ def _backward(q, k, v, out, lse, do, dlse, q_pos, kv_pos, q_seg, kv_seg, bias_pa
     K, Dv = k.shape[2], v.shape[3]
     G = H // K
     qb, kb, vb, qpb, kpb, qsb, ksb, vis = _blocked(q, k, v, q_pos, kv_pos, q_seg, kv_seg, st)
-    lo, hi = _block_range(vis)
+    modes, offset = _visit_modes(vis, kpb, ksb, qpb, qsb, st)
+    order, count = _visit_list(modes == 1)
+    sink_order, sink_count = _visit_list(modes == 2)
     nq, nk = qb.shape[1], kb.shape[1]
     params = head_params(bias_params_HP, K, lambda x_KG: x_KG[None, :, :, None, None])
 
@@ -165,30 +207,44 @@ def _backward(q, k, v, out, lse, do, dlse, q_pos, kv_pos, q_seg, kv_seg, bias_pa
         q_i, do_i, qp_i, qs_i = qb[:, i], dob[:, i], qpb[:, i], _take(qsb, i)
         lse_i, delta_i, dlse_i = lse_safe[:, i], delta[:, i], dlse[:, i]
 
-        def step(j, c):
-            def compute(c):
-                dq_i, dk_acc, dv_acc = c
-                k_j, v_j = kb[:, j], vb[:, j]
-                s, mask, t = _logits(q_i, k_j, qp_i, kpb[:, j], qs_i, _take(ksb, j), params, st)
-                p = jnp.where(mask, jnp.exp(s - lse_i[..., None]), 0.0)
-                dp = jnp.einsum("bqkgd,bskd->bkgqs", do_i, v_j, preferred_element_type=jnp.float32)
-                ds = p * (dp - delta_i[..., None] + dlse_i[..., None])
-                if t is not None:
-                    ds = ds * (1.0 - t * t)
-                ds = (ds * st.scale).astype(q.dtype)
-                dq_i = dq_i + jnp.einsum("bkgqs,bskd->bqkgd", ds, k_j, preferred_element_type=jnp.float32)
-                dk_j = jnp.einsum("bkgqs,bqkgd->bskd", ds, q_i, preferred_element_type=jnp.float32)
-                dv_j = jnp.einsum(
-                    "bkgqs,bqkgd->bskd", p.astype(do.dtype), do_i, preferred_element_type=jnp.float32
-                )
-                dk_acc = lax.dynamic_update_index_in_dim(dk_acc, dk_acc[:, j] + dk_j, j, 1)
-                dv_acc = lax.dynamic_update_index_in_dim(dv_acc, dv_acc[:, j] + dv_j, j, 1)
-                return dq_i, dk_acc, dv_acc
+        def compute(c, j, o, width):
+            """Block j's part of the gradients: all its columns (width None) or columns [o, o + width)."""
+            dq_i, dk_acc, dv_acc = c
+            cols = (lambda x: x) if width is None else (lambda x: _sink_columns(x, o, width))  # noqa: E731
+            k_j, v_j, kp_j, ks_j = (cols(x) for x in (kb[:, j], vb[:, j], kpb[:, j], _take(ksb, j)))
+            s, mask, t = _logits(q_i, k_j, qp_i, kp_j, qs_i, ks_j, params, st)
+            p = jnp.where(mask, jnp.exp(s - lse_i[..., None]), 0.0)
+            dp = jnp.einsum("bqkgd,bskd->bkgqs", do_i, v_j, preferred_element_type=jnp.float32)
+            ds = p * (dp - delta_i[..., None] + dlse_i[..., None])
+            if t is not None:
+                ds = ds * (1.0 - t * t)
+            ds = (ds * st.scale).astype(q.dtype)
+            dq_i = dq_i + jnp.einsum("bkgqs,bskd->bqkgd", ds, k_j, preferred_element_type=jnp.float32)
+            dk_j = jnp.einsum("bkgqs,bqkgd->bskd", ds, q_i, preferred_element_type=jnp.float32)
+            dv_j = jnp.einsum("bkgqs,bqkgd->bskd", p.astype(do.dtype), do_i, preferred_element_type=jnp.float32)
 
-            return lax.cond(vis[i, j], compute, lambda c: c, c)
+            def add(acc, d):
+                blk = acc[:, j]
+                if width is None:
+                    blk = blk + d
+                else:
+                    blk = lax.dynamic_update_slice_in_dim(blk, lax.dynamic_slice_in_dim(blk, o, width, 1) + d, o, 1)
+                return lax.dynamic_update_index_in_dim(acc, blk, j, 1)
+
+            return dq_i, add(dk_acc, dk_j), add(dv_acc, dv_j)
+
+        def step(t, c):
+            return compute(c, order[i, t], 0, None)
+
+        def sink_step(t, c):
+            j = sink_order[i, t]
+            return compute(c, j, offset[j], _sink_width(st))
 
         dq0 = like_vma(jnp.zeros((B, st.block_q, K, G, D), jnp.float32), q, k, v)
-        dq_i, dk_acc, dv_acc = lax.fori_loop(lo[i], hi[i], step, (dq0, *carry))
+        c = lax.fori_loop(0, count[i], step, (dq0, *carry))
+        if offset is not None:
+            c = lax.fori_loop(0, sink_count[i], sink_step, c)
+        dq_i, dk_acc, dv_acc = c
         return (dk_acc, dv_acc), dq_i
 
     init = like_vma((
