@@ -316,12 +316,19 @@ def reference(tmp_path_factory) -> dict[int, float]:
     return _losses(workdir)
 
 
-def _wait_for_a_save(proc: subprocess.Popen, workdir: Path, timeout: float = 120.0) -> str:
-    """Wait until an asynchronous save is under way (orbax writes `<step>.orbax-checkpoint-tmp` first)."""
+def _wait_for_a_save(proc: subprocess.Popen, workdir: Path, since: float, timeout: float = 120.0) -> str:
+    """Wait until an asynchronous save of this process is under way (orbax writes `<step>.orbax-checkpoint-tmp`
+    first): one created at or after `since`, not a temporary directory an earlier kill -9 left behind."""
+    def new(p: Path) -> bool:
+        try:
+            return p.stat().st_mtime >= since
+        except FileNotFoundError:  # orbax removed it meanwhile
+            return False
+
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         assert proc.poll() is None, proc.communicate()
-        saving = [p.name for p in (workdir / "checkpoints").glob("*.orbax-checkpoint-tmp*")]
+        saving = [p.name for p in (workdir / "checkpoints").glob("*.orbax-checkpoint-tmp*") if new(p)]
         if saving:
             return saving[0]
         time.sleep(0.002)
@@ -331,11 +338,12 @@ def _wait_for_a_save(proc: subprocess.Popen, workdir: Path, timeout: float = 120
 def _stop(workdir: Path, sig: signal.Signals, at: int, during_save: bool = False) -> int:
     """Start the run (again), send `sig` once step `at` is logged (and, with `during_save`, once the next
     save has begun); return the step it resumed from."""
+    started = time.time()  # a stale temporary directory (an earlier kill -9 mid-save) is older
     proc = _start(workdir)
     try:
         _wait_for_step(proc, workdir, at)
         if during_save:
-            _wait_for_a_save(proc, workdir)
+            _wait_for_a_save(proc, workdir, since=started)
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=120)
     finally:
