@@ -164,15 +164,22 @@ class Attention(nnx.Module):
                  diagnostics=False):
         """(out_BTE, aux): the variant's auxiliary values (see `AttentionVariant.__call__`)."""
         dt = self.dtype
-        q_BTHD = jnp.einsum("bte,ehd->bthd", x_BTE, self.wq[...].astype(dt))
-        k_BTKD = jnp.einsum("bte,ekd->btkd", x_BTE, self.wk[...].astype(dt))
-        v_BTKD = jnp.einsum("bte,ekd->btkd", x_BTE, self.wv[...].astype(dt))
-        q_BTHD, k_BTKD = position.rotate(q_BTHD, k_BTKD, pos_BT, pos_BT)
+        q_BTHD, k_BTKD, v_BTKD = self.qkv(x_BTE, pos_BT, position)
         out_BTHD, aux = self.variant(
             q_BTHD, k_BTKD, v_BTKD, q_pos_BT=pos_BT, kv_pos_BS=pos_BT, q_seg_BT=seg_BT, kv_seg_BS=seg_BT,
             bias=position.bias(), x_BTE=x_BTE, stage=stage, diagnostics=diagnostics,
         )
         return jnp.einsum("bthd,hde->bte", out_BTHD.astype(dt), self.wo[...].astype(dt)), aux
+
+    def qkv(self, x_BTE, pos_BT, position: positions.PositionScheme):
+        """(q_BTHD, k_BTKD, v_BTKD) of a whole sequence, q and k after the position scheme's rotation (also what
+        `inspect_attention` reads)."""
+        dt = self.dtype
+        q_BTHD = jnp.einsum("bte,ehd->bthd", x_BTE, self.wq[...].astype(dt))
+        k_BTKD = jnp.einsum("bte,ekd->btkd", x_BTE, self.wk[...].astype(dt))
+        v_BTKD = jnp.einsum("bte,ekd->btkd", x_BTE, self.wv[...].astype(dt))
+        q_BTHD, k_BTKD = position.rotate(q_BTHD, k_BTKD, pos_BT, pos_BT)
+        return q_BTHD, k_BTKD, v_BTKD
 
     def decode(self, x_BTE, pos_BT, layer: LayerKV, position: positions.PositionScheme,
                rope_len=None) -> tuple[jax.Array, LayerKV]:
@@ -309,13 +316,7 @@ class Transformer(nnx.Module):
         `embeds_BTE` replaces the token lookup (causality tests, soft prompts). `stage` is the variant's
         training stage (None: its first); `diagnostics` asks variants for their extra measurements.
         """
-        if embeds_BTE is None:
-            embeds_BTE = jnp.take(self.embed[...], tokens_BT, axis=0)
-        x_BTE = embeds_BTE.astype(self.dtype)
-        B, T = x_BTE.shape[:2]
-        if positions_BT is None:
-            positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        x_BTE = self.position.embed(x_BTE, positions_BT)
+        x_BTE, positions_BT = self.inputs(tokens_BT, positions_BT, embeds_BTE)
 
         def run_block(block, x, pos, seg, position):
             return block(x, pos, seg, position, stage=stage, diagnostics=diagnostics)
@@ -327,9 +328,21 @@ class Transformer(nnx.Module):
         for i, block in enumerate(self.blocks):
             x_BTE, block_aux = run_block(block, x_BTE, positions_BT, segment_ids_BT, self.layer_position(i))
             x_BTE = ops.constrain(x_BTE, "batch", "seq", None)
-            aux = {k: aux.get(k, 0.0) + v for k, v in block_aux.items()}
+            for k, v in block_aux.items():  # a key only some layer types return (DSA's) is kept past the others
+                aux[k] = aux.get(k, 0.0) + v
         logits = ops.constrain(self._logits(x_BTE), "batch", "seq", "vocab")
         return (logits, aux) if return_aux else logits
+
+    def inputs(self, tokens_BT=None, positions_BT=None, embeds_BTE=None):
+        """(x_BTE, positions_BT): the first block's input (token embeddings plus the position scheme's, if any)
+        and the positions, 0..T-1 unless given."""
+        if embeds_BTE is None:
+            embeds_BTE = jnp.take(self.embed[...], tokens_BT, axis=0)
+        x_BTE = embeds_BTE.astype(self.dtype)
+        B, T = x_BTE.shape[:2]
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        return self.position.embed(x_BTE, positions_BT), positions_BT
 
     def layer_position(self, i: int) -> positions.PositionScheme:
         """The position scheme layer `i` attends with."""

@@ -26,7 +26,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("lc_jax.config",),
     ("lc_jax.state", "lc_jax.cli"),
     ("lc_jax.steps",),
-    ("lc_jax.train", "lc_jax.evaluate", "lc_jax.generate", "lc_jax.aot", "lc_jax.memory"),
+    ("lc_jax.train", "lc_jax.evaluate", "lc_jax.generate", "lc_jax.aot", "lc_jax.memory", "lc_jax.inspect_attention"),
     ("experiments", "configs"),
 )
 

@@ -126,3 +126,14 @@ def test_a_patterned_run_trains_with_remat_checkpoints_and_resumes(tiny_config, 
     train.train(c, tmp_path)
     rows = [r for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if r["split"] == "train"]
     assert [r["step"] for r in rows] == list(range(1, 9)) and all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_a_dsa_layer_before_other_types_keeps_its_indexer_loss(tiny_config):
+    # The aux of a layer type that only some layers return (DSA's indexer KL) is summed over those layers,
+    # whatever follows them: it trains every DSA layer's indexer.
+    c = tiny_config("pattern=dsa+full+dsa+full", **{"model.num_layers": 4, "model.attention.dsa.topk": 8})
+    model = build_model(c)
+    tokens = jax.random.randint(jax.random.key(0), (2, 32), 0, 256)
+    _, aux = model(tokens, return_aux=True)
+    assert set(aux) == {"dsa_kl"}
+    assert float(aux["dsa_kl"][1]) == 2 * tokens.size  # the rows of both DSA layers (B x T each)
