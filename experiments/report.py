@@ -9,7 +9,7 @@ Sweeps whose members wrote `eval/summary.json` (the attention ablation) get a
 table of their validation metrics and step times instead. Members whose
 evaluation suite ran retrieval tasks (`eval/results.json`, e.g. the passkey
 sweep) add a table per task (accuracy by depth or pairs x length, per member)
-and `<task>_heatmaps.png`, one panel per member side by side.
+and `<task>_heatmaps.png`, one panel per member side by side; `retrieval.json` keeps the grids.
 """
 
 from __future__ import annotations
@@ -95,6 +95,9 @@ def retrieval_sections(workdir: Path, out: Path) -> list[str]:
         for task, res in json.loads(path.read_text()).items():
             if task != "extrapolation":
                 by_task.setdefault(task, []).append((path.parent.parent.name, res))
+    # The grids themselves, to redraw them (notebooks/04) or compare with a new run: {task: {member: grid}}.
+    if by_task:
+        (out / "retrieval.json").write_text(json.dumps({t: dict(m) for t, m in by_task.items()}, indent=2))
     md = []
     for task, members in by_task.items():
         first = members[0][1]

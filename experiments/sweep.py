@@ -32,7 +32,7 @@ def main(argv: list[str]) -> int:
     a = ap.parse_args(argv)
     logging.set_verbosity(logging.WARNING)
 
-    if not a.config.endswith(".py") or not Path(a.config).is_file():
+    if not a.config.endswith(".py") or not config_lib.find(a.config).is_file():
         raise UserError(f"--config={a.config!r}: no config module there (a .py file with get_sweep())")
     module = config_lib.load_module(a.config)
     if not hasattr(module, "get_sweep"):

@@ -15,7 +15,6 @@ import ast
 import difflib
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import ml_collections
 
@@ -92,7 +91,7 @@ def load(spec: str, overrides: list[tuple[str, str]] = (), flag: str = "--config
     An error raised inside the config file becomes a `UserError` naming the file (the file is the user's).
     """
     path, sep, arg = spec.partition(":")
-    if not path.endswith(".py") or not Path(path).is_file():
+    if not path.endswith(".py") or not config_lib.find(path).is_file():
         raise UserError(f"{flag}={spec!r}: no config file {path!r}; give path.py[:arg], e.g. configs/quickstart.py "
                         "or configs/base.py:position=alibi")
     try:

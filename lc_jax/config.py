@@ -58,8 +58,22 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(out)
 
 
+ROOT = Path(__file__).resolve().parent.parent
+"""The directory holding lc_jax/ and configs/: the checkout, or site-packages after a plain install."""
+
+
+def find(path: str | Path) -> Path:
+    """A repository path such as configs/quickstart.py, from any working directory: as given when it
+    exists there, else under ROOT (a notebook starts in notebooks/, a script anywhere)."""
+    p = Path(path)
+    if p.is_absolute() or p.exists() or not (ROOT / p).exists():
+        return p
+    return ROOT / p
+
+
 def load_module(path: str):
-    """Import a config file by path (it may define get_config and get_sweep)."""
+    """Import a config file by path (it may define get_config and get_sweep); see `find`."""
+    path = str(find(path))
     spec = importlib.util.spec_from_file_location(Path(path).stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

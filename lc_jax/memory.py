@@ -33,10 +33,10 @@ import argparse
 import dataclasses
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from lc_jax import attention, cli
+from lc_jax import config as config_lib
 from lc_jax import layers as layers_lib
 from lc_jax.attention import Cost
 from lc_jax.errors import UserError
@@ -536,7 +536,7 @@ def load(spec: str, overrides: list[tuple[str, str]] | None = None) -> tuple[Mod
                                   f"preset {spec!r}")
         return PRESETS[spec.lower()], None
     path, sep, arg = spec.partition(":")
-    if not path.endswith(".py") or not Path(path).is_file():
+    if not path.endswith(".py") or not config_lib.find(path).is_file():
         raise CalculatorError(f"--model={spec!r}: not a preset and not a config file; presets are "
                               f"{list(PRESETS)}, or give a config path like configs/quickstart.py[:arg]")
     cfg = cli.load(spec, overrides, flag="--model")

@@ -1,13 +1,16 @@
 """Plots and the per-position loss record: what training and evaluation draw, in one place.
 
-matplotlib is imported on first use (`pyplot`), with the Agg backend, so that runs and
-tests without a display never load it.
+matplotlib is imported on first use (`pyplot`), so that runs and tests that draw nothing never load it. A
+process that has not chosen a backend gets Agg (files only); a notebook keeps its inline one. Each plot has a
+`draw_*(ax, ...)` that draws on given axes (a notebook's side-by-side figure) and a `plot_*` that writes a file.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +57,8 @@ class PerPositionLoss:
 def pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    if "matplotlib.pyplot" not in sys.modules and "MPLBACKEND" not in os.environ:
+        matplotlib.use("Agg")  # a command line or test: files only; Jupyter sets MPLBACKEND to its inline one
     import matplotlib.pyplot as plt
 
     return plt
@@ -97,28 +101,39 @@ def draw_retrieval(ax, result: dict, title: str | None = None):
     return im
 
 
-def plot_per_position(result: dict, path: Path):
-    """Loss by position at each evaluation length, one panel per evaluation-time scaling."""
-    plt = pyplot()
+def curves_by_scaling(result: dict) -> dict[str, list[tuple[int, dict]]]:
+    """An extrapolation result's per-position curves: {evaluation scaling: [(length, curve), ...] by length}."""
     by: dict[str, list[tuple[int, dict]]] = {}
     for key, curve in result["curves"].items():
         label, _, length = key.rpartition("@")
         by.setdefault(label, []).append((int(length), curve))
+    return {label: sorted(curves, key=lambda lc: lc[0]) for label, curves in by.items()}
+
+
+def draw_per_position(ax, result: dict, label: str, title: str | None = None):
+    """Loss by position at each evaluation length of one scaling on `ax` (dotted: the training length)."""
+    colors = pyplot().get_cmap("viridis")
+    curves = curves_by_scaling(result)[label]
+    for i, (length, c) in enumerate(curves):
+        pts = [(s + c["bucket_width"] / 2, v) for s, v in zip(c["bucket_start"], c["loss"]) if v is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=2, color=colors(i / max(len(curves) - 1, 1)), label=f"L={length}")
+    ax.axvline(result["train_len"], color="grey", ls=":", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_title(title or label, fontsize=9)
+    ax.set_xlabel("token position")
+    ax.grid(alpha=0.3)
+
+
+def plot_per_position(result: dict, path: Path):
+    """Loss by position at each evaluation length, one panel per evaluation-time scaling."""
+    plt = pyplot()
+    by = curves_by_scaling(result)
     if not by:
         return
     fig, axes = plt.subplots(1, len(by), figsize=(4 * len(by), 3.5), sharey=True, squeeze=False)
-    colors = plt.get_cmap("viridis")
-    for ax, (label, curves) in zip(axes[0], by.items()):
-        curves.sort(key=lambda lc: lc[0])
-        for i, (length, c) in enumerate(curves):
-            pts = [(s + c["bucket_width"] / 2, v) for s, v in zip(c["bucket_start"], c["loss"]) if v is not None]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", ms=2, color=colors(i / max(len(curves) - 1, 1)), label=f"L={length}")
-        ax.axvline(result["train_len"], color="grey", ls=":", lw=1)
-        ax.set_xscale("log", base=2)
-        ax.set_title(label, fontsize=9)
-        ax.set_xlabel("token position")
-        ax.grid(alpha=0.3)
+    for ax, label in zip(axes[0], by):
+        draw_per_position(ax, result, label)
     axes[0][0].set_ylabel("validation loss (nats / byte)")
     axes[0][-1].legend(fontsize=7)
     fig.suptitle(f"loss by position ({result.get('name', result['position'])}; dotted: training length)", fontsize=10)
@@ -130,9 +145,17 @@ def plot_per_position(result: dict, path: Path):
 def plot_extrapolation(results: list[dict], path: Path, title: str = "validation loss vs evaluation length"):
     """One colour per run, one line style per evaluation-time scaling."""
     plt = pyplot()
-    styles = ["-", "--", ":", "-.", (0, (5, 1)), (0, (1, 1))]
-    colors = plt.get_cmap("tab10").colors
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    draw_extrapolation(ax, results, title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def draw_extrapolation(ax, results: list[dict], title: str = "validation loss vs evaluation length"):
+    """Loss against evaluation length on `ax`: one colour per run, one line style per evaluation-time scaling."""
+    styles = ["-", "--", ":", "-.", (0, (5, 1)), (0, (1, 1))]
+    colors = pyplot().get_cmap("tab10").colors
     for i, res in enumerate(results):
         by = {}
         for r in res["rows"]:
@@ -150,6 +173,3 @@ def plot_extrapolation(results: list[dict], path: Path, title: str = "validation
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -32,6 +32,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 import grain
 import jax
@@ -131,10 +132,12 @@ class MetricsWriter:
 
     REMOTE_FLUSH_S = 60.0
 
-    def __init__(self, workdir: epath.Path, start: int = 0):
+    def __init__(self, workdir: epath.Path, start: int = 0,
+                 on_write: Callable[[int, str, dict], None] | None = None):
         """Rows after `start` (the step the run resumes from) were written by a run that died before its next
-        checkpoint: they are dropped, from metrics.jsonl and (purge_step) from TensorBoard."""
-        self.active, self.workdir = jax.process_index() == 0, workdir
+        checkpoint: they are dropped, from metrics.jsonl and (purge_step) from TensorBoard. `on_write` sees
+        each new row."""
+        self.active, self.workdir, self.on_write = jax.process_index() == 0, workdir, on_write
         if not self.active:
             return
         self.path, self.remote = workdir / "metrics.jsonl", _remote(workdir)
@@ -150,7 +153,7 @@ class MetricsWriter:
         """Drop what was written after `step` (a rewind): the rows, and in TensorBoard by purge_step."""
         if self.active:
             self.close()
-            self.__init__(self.workdir, step)
+            self.__init__(self.workdir, step, self.on_write)
 
     def write(self, step: int, split: str, metrics: dict[str, float]):
         if not self.active:
@@ -165,6 +168,8 @@ class MetricsWriter:
         for k, v in metrics.items():
             self.tb.add_scalar(f"{split}/{k}", v, step)
         self.tb.flush()
+        if self.on_write is not None:
+            self.on_write(step, split, metrics)
 
     def flush(self):
         if self.active and self.remote:
@@ -403,22 +408,25 @@ def run_eval(eval_step, params, config, mesh, width) -> dict:
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": float(total["count"]), **extra}, per_pos
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, stop: Stop | None = None) -> dict:
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, stop: Stop | None = None,
+          on_metrics: Callable[[int, str, dict], None] | None = None) -> dict:
     """Train (or resume) in `workdir`; returns the final validation metrics.
 
     With `stop` (the command line's), SIGTERM and SIGINT save at the end of the step and raise `Interrupted`;
-    without it (notebooks), KeyboardInterrupt saves and re-raises.
+    without it (notebooks), KeyboardInterrupt saves and re-raises. `on_metrics(step, split, metrics)` sees each
+    row as it is written to metrics.jsonl (on process 0): a notebook's live loss plot.
     """
     sharding.maybe_initialize_distributed(config.get("distributed"))
     routed = stop is not None and stop.install()
     try:
-        return _train(config, epath.Path(workdir), stop)
+        return _train(config, epath.Path(workdir), stop, on_metrics)
     finally:
         if routed and not stop._held:
             stop.restore()
 
 
-def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: Stop | None) -> dict:
+def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: Stop | None,
+           on_metrics: Callable[[int, str, dict], None] | None = None) -> dict:
     validate(config, num_devices=jax.device_count(), vmem_bytes=flash_tpu.chip_vmem())
     config = resolve(config)
     data_lib.check(config.data, config.data.batch_size)
@@ -475,7 +483,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: Stop | 
                   for s in variant.STAGES}
     width = eval_steps[variant.STAGES[0]][1]
     stage_at = lambda step: variant.stage_at(att, step - phase_start)  # noqa: E731
-    writer = MetricsWriter(workdir, start)
+    writer = MetricsWriter(workdir, start, on_metrics)
     last_step = phase_start + config.train.steps  # the global step this run ends at
     if is_main:
         plan = ", ".join(f"step {s0}: {b}x{L}" for s0, L, b in stages)

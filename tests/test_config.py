@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from lc_jax.config import ConfigError, load, parse_arg, validate
@@ -69,8 +71,21 @@ def test_parse_arg_rejects_unknown_keys():
         parse_arg("positon=alibi", position="rope", attention="full")
 
 
+def test_config_paths_resolve_from_any_working_directory(tmp_path, monkeypatch):
+    from lc_jax import cli
+    from lc_jax.config import ROOT, find
+
+    monkeypatch.chdir(tmp_path)  # a notebook starts in notebooks/, a script anywhere
+    assert find("configs/quickstart.py") == ROOT / "configs" / "quickstart.py"
+    assert cli.load("configs/quickstart.py:position=alibi").model.position.name == "alibi"
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "quickstart.py").write_text("")
+    assert find("configs/quickstart.py") == Path("configs/quickstart.py")  # the working directory's own wins
+    assert find("configs/nope.py") == Path("configs/nope.py")  # and a missing file keeps its name for the error
+
+
 @pytest.mark.parametrize("path", ["configs/ablations/positions.py", "configs/ablations/attention.py",
-                                  "configs/passkey.py"])
+                                  "configs/passkey.py", "configs/ablations/layer_patterns.py"])
 def test_every_sweep_member_is_valid(path):
     from lc_jax.config import load_module
 

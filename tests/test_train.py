@@ -44,7 +44,8 @@ def test_resume_matches_uninterrupted_run(tiny_config, tmp_path, monkeypatch):
 
 def test_run_writes_artifacts(tiny_config, tmp_path):
     c = tiny_config(**{"checkpoint.keep": 2})
-    train.train(c, tmp_path)
+    seen = []
+    train.train(c, tmp_path, on_metrics=lambda step, split, m: seen.append({"step": step, "split": split, **m}))
     assert (tmp_path / "config.json").exists()
     assert (tmp_path / "per_position_loss.png").stat().st_size > 1000
     curve = json.loads((tmp_path / "per_position_loss.json").read_text())
@@ -53,6 +54,7 @@ def test_run_writes_artifacts(tiny_config, tmp_path):
     train_rows = [r for r in rows if r["split"] == "train"]
     assert {"loss", "perplexity", "lr", "grad_norm", "tokens_per_s"} <= set(train_rows[0])
     assert any(r["split"] == "validation" for r in rows)
+    assert seen == rows  # a notebook's live plot sees every row as it is written
     assert list((tmp_path / "tb").iterdir())
     assert ocp.CheckpointManager((tmp_path / "checkpoints").absolute()).all_steps() == [3, 6]
 

@@ -1,8 +1,8 @@
 """NoPE: no explicit positions; causal masking alone carries order (Kazemnejad et al., 2023).
 
 Optional attention temperature tuning, as Llama 4 applies on its NoPE (global) layers: queries are scaled by
-1 + attn_scale * log(floor((p + 1) / floor_scale) + 1) at position p, which is 1 for the first floor_scale
-tokens and grows slowly after them, sharpening the softmax over very long contexts. It follows Hugging Face
+1 + attn_scale * log(floor((p + 1) / floor_scale) + 1) at position p, which is 1 for p < floor_scale - 1 (HF's
+formula as written) and grows slowly after, sharpening the softmax over very long contexts. It follows Hugging Face
 transformers' `Llama4TextAttention` (`attn_temperature_tuning`, `floor_scale` = 8192, `attn_scale` = 0.1 in
 the released configs), where it multiplies the query states of the layers without RoPE; here it multiplies q
 in f32, before the kernels' 1 / sqrt(D).
