@@ -49,12 +49,13 @@ def platform() -> str:
 # kernel -> (device kind, date, jax version). 'auto' on a GPU takes a Pallas kernel only once it is listed
 # here (`Implementation.gpu_check`): 'pallas-triton' (flash_attention/gpu.py, also the ring's per-step
 # kernel), 'pallas-mosaic-gpu' (flash_attention/mosaic_gpu.py), 'sparse-pallas-triton'
-# (sparse_attention_gpu.py, DSA's sparse stage). Mosaic GPU: bf16 at D = 64 and 128 passed the whole
-# compiled feature matrix on an H200; f32 after the split fix was checked at D = 64 (within 1e-5 of the f32
-# truth) but not yet over the matrix (benchmarks/results/gpu/h200/README.md). The Triton kernels matched the
-# f32 truth where checked; their full test has not yet completed on hardware, so 'auto' does not take them.
+# (sparse_attention_gpu.py, DSA's sparse stage). Run 3 of benchmarks/results/gpu/h200/ passed all three over
+# their compiled feature matrices: Mosaic GPU in bf16 at D = 64 and 128 and in f32 at D = 64, the Triton
+# kernels against references computed at `highest` precision.
 GPU_VERIFIED: dict[str, tuple[str, str, str]] = {
     "pallas-mosaic-gpu": ("NVIDIA H200", "2026-11-30", "0.11.2"),
+    "pallas-triton": ("NVIDIA H200", "2026-11-30", "0.11.2"),
+    "sparse-pallas-triton": ("NVIDIA H200", "2026-11-30", "0.11.2"),
 }
 
 
