@@ -40,6 +40,13 @@ rows (pallas_kernels/sparse_attention.py) and hands the KL the probabilities
 it needs. Peak memory is O(T * k); compute of the indexer stays
 O(T^2 * H_I * d_I), as in DSA, while the main attention drops to O(T * k * H * D).
 
+Speed on a GPU (H200, T = 65536, k = 2048; benchmarks/results/gpu/h200/README.md, run 4): DSA is slower
+than full attention. The selection alone (0.37 s) outweighs full attention fwd+bwd (0.27 s): XLA's top_k
+reads rows at about 13 G scores/s whatever k, and a radix select in XLA was slower still. The sparse
+kernel's backward adds dk/dv by f32 atomics, one per selected key, kv head and dimension (0.76 of its
+0.79 s with 4 kv heads). Fixing either needs a kernel: selection fused with the index scores, and a
+key-major backward over the inverted selection.
+
 Diagnostics (`diagnostics=True`, evaluation): the share of the dense attention
 mass inside the selected set ("attention-mass recall"), against the oracle
 top-k, the last-k window and a random k keys, and the fraction of selected
@@ -286,106 +293,17 @@ def _host_argtopk(buf, lo, hi, *, k: int):
     return idx, vals
 
 
-# ----------------------------------------------------------------------------- selection: radix select
-
-
-def radix_topk(q_BTJd, w_BTJ, k_BSd, *, q_pos_BT, kv_pos_BS, q_seg_BT=None, kv_seg_BS=None, topk: int,
-               block_q: int = 128, block_k: int = 512):
-    """`streaming_topk`'s contract and set (ties broken by key index, as `lax.top_k` does), without top_k.
-
-    Why: `lax.top_k` with k in the thousands is a sort on a GPU, and the
-    streaming merge runs one per (query block, key block) pair. Here each query
-    block's scores fill one [B, block_q, S] row buffer (as in `host_topk`), and
-    the k-th largest score of every row is found by a radix select over the
-    scores' order-preserving 32-bit keys, 4 bits per pass: 8 passes of a
-    16-bucket count, each one fused compare-and-sum over the buffer. Keys above
-    that threshold, then ties at it by lowest index, are kept; their slots come
-    from prefix counts built as small matmuls (in-chunk, then across chunks),
-    and one scatter writes the indices in ascending key order. Work is
-    O(T * S) elementwise per pass with no sort; memory O(S * block_q).
-    """
-    bl = _Blocks(q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, block_q, block_k)
-    kk = min(topk, bl.S)
-    qb, wb, kb = bl.q_blocks(q_BTJd), bl.q_blocks(w_BTJ), bl.k_blocks(k_BSd)
-    lo_N, hi_N = bl.key_range()
-    width = bl.nk * bl.bk
-    col = jnp.arange(width, dtype=jnp.int32)
-
-    def q_block(buf, i):
-        def step(j, buf):
-            scores = jnp.where(bl.mask(i, j), index_scores(qb[i], wb[i], kb[j]), -jnp.inf)
-            return lax.dynamic_update_slice(buf, scores, (0, 0, j * bl.bk))
-
-        buf = lax.fori_loop(lo_N[i], hi_N[i], step, buf)  # columns outside [lo, hi) are stale: masked below
-        fresh = (col >= lo_N[i] * bl.bk) & (col < hi_N[i] * bl.bk)
-        idx, valid = _radix_rows(jnp.where(fresh, buf, -jnp.inf).reshape(-1, width), kk)
-        shape = (bl.B, bl.bq, kk)
-        return buf, (jnp.where(valid, 0.0, -jnp.inf).reshape(shape), idx.reshape(shape))
-
-    buf = jnp.full((bl.B, bl.bq, width), -jnp.inf, jnp.float32)
-    _, (vals, idx) = lax.scan(q_block, buf, jnp.arange(bl.nq))
-    return bl.selection(vals, idx)
-
-
-def _sortable(x_RS):
-    """f32 -> uint32 keys in the same order; -inf (not visible) -> 0, below every finite score."""
-    bits = lax.bitcast_convert_type(jnp.where(x_RS == 0, 0.0, x_RS), jnp.uint32)  # -0.0 ties with +0.0
-    keys = jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
-    return jnp.where(jnp.isfinite(x_RS), keys, jnp.uint32(0))
-
-
-def _exclusive_count(m_RS, chunk: int = 128):
-    """Per row, how many True entries precede each position: [R, S] int32, by two small matmuls."""
-    R, S = m_RS.shape
-    x = pad_axis(m_RS, 1, -S % chunk, False).reshape(R, -1, chunk).astype(jnp.bfloat16)  # 0/1: exact
-    within = jnp.einsum("rnc,cd->rnd", x, jnp.triu(jnp.ones((chunk, chunk), jnp.bfloat16), 1),
-                        preferred_element_type=jnp.float32)
-    n = x.shape[1]
-    totals = x.sum(-1, dtype=jnp.float32).astype(jnp.bfloat16)  # <= chunk <= 256: exact in bf16
-    before = jnp.einsum("rn,nm->rm", totals, jnp.triu(jnp.ones((n, n), jnp.bfloat16), 1),
-                        preferred_element_type=jnp.float32)  # sums < 2^24: exact in f32
-    return (within + before[..., None]).reshape(R, -1)[:, :S].astype(jnp.int32)
-
-
-def _radix_rows(scores_RS, k: int):
-    """(idx [R, k] ascending, valid [R, k]) of each row's k largest finite scores, ties to the lower index."""
-    u = _sortable(scores_RS)
-    n_vis = (u > 0).sum(-1, dtype=jnp.int32)
-    rank = jnp.minimum(k, n_vis)  # wanted: the rank-th largest key (1-based); 0 in a row with nothing visible
-    prefix = jnp.zeros(u.shape[:1], jnp.uint32)
-    buckets = jnp.arange(16, dtype=jnp.uint32)
-    for shift in range(28, -1, -4):
-        digit = (u >> shift) & 15
-        match = jnp.ones(u.shape, bool) if shift == 28 else (u >> (shift + 4)) == prefix[:, None]
-        # [R, 16] counts, reduced over the minor axis (one fused row reduction on a GPU).
-        at_least = jnp.sum(match[:, None, :] & (digit[:, None, :] >= buckets[:, None]), axis=-1, dtype=jnp.int32)
-        b = jnp.sum(at_least[:, 1:] >= rank[:, None], axis=1, dtype=jnp.int32)  # the bucket holding the rank
-        above = jnp.take_along_axis(jnp.pad(at_least, ((0, 0), (0, 1))), b[:, None] + 1, 1)[:, 0]
-        rank = rank - above
-        prefix = (prefix << 4) | b.astype(jnp.uint32)
-    tie = u == prefix[:, None]  # `rank` of these, lowest index first, after every key above the threshold
-    pick = (u > prefix[:, None]) | (tie & (_exclusive_count(tie) < rank[:, None]))
-    slot = jnp.where(pick, _exclusive_count(pick), k)  # k: out of range, dropped
-    rows = jnp.arange(u.shape[0], dtype=jnp.int32)[:, None]
-    cols = jnp.broadcast_to(jnp.arange(u.shape[1], dtype=jnp.int32), u.shape)
-    idx = jnp.zeros((u.shape[0], k), jnp.int32).at[rows, slot].set(cols, mode="drop", unique_indices=True)
-    return idx, jnp.arange(k) < jnp.minimum(k, n_vis)[:, None]
-
-
-SELECT_IMPLS = ("auto", "xla", "host", "radix")
+SELECT_IMPLS = ("auto", "xla", "host")
 
 
 def select_topk(q_BTJd, w_BTJ, k_BSd, *, impl: str = "auto", **kwargs):
-    """The DSA selection: `radix_topk` (impl radix), `host_topk` (impl host, or auto on a single CPU
-    device), else `streaming_topk`.
+    """The DSA selection: `host_topk` (impl host, or auto on a single CPU device), else `streaming_topk`.
 
     Several devices keep `streaming_topk` under auto: a host callback cannot be
     partitioned, so SPMD would gather the sharded scores onto one device.
     """
     if impl not in SELECT_IMPLS:
         raise ValueError(f"model.attention.dsa.select={impl!r}: must be one of {SELECT_IMPLS}")
-    if impl == "radix":
-        return radix_topk(q_BTJd, w_BTJ, k_BSd, **kwargs)
     host = impl == "host" or (impl == "auto" and ops.platform() == "cpu" and jax.device_count() == 1)
     return (host_topk if host else streaming_topk)(q_BTJd, w_BTJ, k_BSd, **kwargs)
 
@@ -565,8 +483,7 @@ class DSA(AttentionVariant):
         # k + block_k scores, so long blocks amortise it (32K, k=512, CPU: 1.7x faster than 512).
         index_block_k=4096,
         # Who picks the top-k: auto (host on a single CPU device, else xla) | xla (streaming lax.top_k) |
-        # host (numpy introselect in a callback: XLA:CPU's top_k is a serial partial sort; 3x faster) |
-        # radix (a radix select over whole score rows, no sort: for GPUs, where top_k of thousands sorts).
+        # host (numpy introselect in a callback: XLA:CPU's top_k is a serial partial sort; 3x faster).
         select="auto",
         lr=0.0,  # indexer learning rate (0: train.lr)
         weight_decay=0.0,
