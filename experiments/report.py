@@ -10,6 +10,8 @@ table of their validation metrics and step times instead. Members whose
 evaluation suite ran retrieval tasks (`eval/results.json`, e.g. the passkey
 sweep) add a table per task (accuracy by depth or pairs x length, per member)
 and `<task>_heatmaps.png`, one panel per member side by side; `retrieval.json` keeps the grids.
+Members' `metrics.jsonl` add how training went: a table of every validation row and
+`training_curves.png` (training loss, and validation retrieval accuracy where the mix has a task).
 """
 
 from __future__ import annotations
@@ -128,6 +130,48 @@ def retrieval_sections(workdir: Path, out: Path) -> list[str]:
     return md
 
 
+VALIDATION_FIELDS = (("loss", "loss"), ("text_loss", "text loss"), ("retrieval_acc", "retrieval accuracy"))
+
+
+def training_section(workdir: Path, out: Path) -> list[str]:
+    """Each member's validation rows during training (metrics.jsonl) as a table, and its curves as a plot."""
+    runs = {}
+    for path in sorted(workdir.glob("*/metrics.jsonl")):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        runs[path.parent.name] = ([r for r in rows if r.get("split") == "train" and "loss" in r],
+                                  [r for r in rows if r.get("split") == "validation"])
+    if not any(val for _, val in runs.values()):
+        return []
+    fields = [(f, label) for f, label in VALIDATION_FIELDS if any(f in r for _, val in runs.values() for r in val)]
+    md = ["## During training: validation rows (metrics.jsonl)", "",
+          "| run | step | " + " | ".join(label for _, label in fields) + " |", "|---|---:|" + "---:|" * len(fields)]
+    for name, (_, val) in runs.items():
+        for r in val:
+            md.append(f"| {name} | {r['step']} | " + " | ".join(
+                f"{r[f]:.3f}" if f in r else "-" for f, _ in fields) + " |")
+    retrieval = any(f == "retrieval_acc" for f, _ in fields)
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2 if retrieval else 1, figsize=(12 if retrieval else 7, 4), squeeze=False)
+    for name, (train, val) in runs.items():
+        line, = axes[0][0].plot([r["step"] for r in train], [r["loss"] for r in train], lw=1, label=name)
+        if retrieval:
+            pts = [(r["step"], r["retrieval_acc"]) for r in val if "retrieval_acc" in r]
+            if pts:
+                axes[0][1].plot(*zip(*pts), marker="o", ls=":", color=line.get_color())
+    axes[0][0].set(xlabel="step", ylabel="loss (nats / byte)", title="training loss (one batch of the mix per point)")
+    if retrieval:
+        axes[0][1].set(xlabel="step", ylabel="accuracy", ylim=(-0.03, 1.03),
+                       title="validation retrieval (every answer token right)")
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(*axes[0][0].get_legend_handles_labels(), fontsize=7, loc="upper left",
+                       bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(out / "training_curves.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return md + ["", "![training curves](training_curves.png)", ""]
+
+
 def kv_cache_section(workdir: Path) -> list[str]:
     """A table of the calculator's KV cache per token for members whose evaluation recorded it (summary.json)."""
     rows, ctx = [], None
@@ -171,6 +215,7 @@ def main(argv: list[str]) -> int:
         md += ["## Not evaluated", ""] + [f"- {n}" for n in sorted(set(notes))] + [""]
     md += retrieval_sections(Path(a.workdir), out)
     md += kv_cache_section(Path(a.workdir))
+    md += training_section(Path(a.workdir), out)
     (out / "results.md").write_text("\n".join(md))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot_extrapolation(results, out / "loss_vs_length.png",

@@ -34,3 +34,24 @@ def test_retrieval_sections_table_and_heatmaps(tmp_path):
     md = "\n".join(retrieval_sections(tmp_path, out))
     assert "| alibi | 0% | 0.50 | 0.50 |" in md and "| rope | 100% | 1.00 | 0.00 |" in md
     assert "![passkey](passkey_heatmaps.png)" in md and (out / "passkey_heatmaps.png").stat().st_size > 1000
+
+
+def test_training_section_tables_validation_rows_and_plots_curves(tmp_path):
+    import json
+
+    from experiments.report import training_section
+
+    for name, acc in (("a", 0.25), ("b", 1.0)):
+        (tmp_path / name).mkdir()
+        rows = [{"step": s, "split": "train", "loss": 2.0 / s} for s in (1, 2, 3)]
+        rows.append({"step": 3, "split": "validation", "loss": 0.5, "text_loss": 1.5, "retrieval_acc": acc})
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    md = "\n".join(training_section(tmp_path, out))
+    assert "| run | step | loss | text loss | retrieval accuracy |" in md
+    assert "| a | 3 | 0.500 | 1.500 | 0.250 |" in md and "| b | 3 | 0.500 | 1.500 | 1.000 |" in md
+    assert (out / "training_curves.png").stat().st_size > 1000
+    (tmp_path / "a" / "metrics.jsonl").write_text(json.dumps({"step": 1, "split": "train", "loss": 1.0}) + "\n")
+    (tmp_path / "b" / "metrics.jsonl").unlink()
+    assert training_section(tmp_path, out) == []  # no validation rows: no section
