@@ -82,7 +82,7 @@ add_step attention 60 "$PY benchmarks/attention.py --accelerator --acc-lengths $
 add_step train 80 "$PY benchmarks/train_step.py --config configs/quickstart.py --set model.dtype=bfloat16 \
 $TRAIN_FLAGS --out $OUT/train.json"
 # Last: the longest and least known step takes what is left of the budget.
-add_step dsa 150 "$PY benchmarks/dsa.py --layer wide --lengths $DSA_T --topk $DSA_K --select xla --dtype bfloat16 \
+add_step dsa 180 "$PY benchmarks/dsa.py --layer wide --lengths $DSA_T --topk $DSA_K --select xla --dtype bfloat16 \
 $DSA_FLAGS --out $OUT/dsa.json"
 
 # --only=tests,dsa: a rerun of some steps (the others are recorded as skipped; install and env always run).
