@@ -55,3 +55,16 @@ def test_training_section_tables_validation_rows_and_plots_curves(tmp_path):
     (tmp_path / "a" / "metrics.jsonl").write_text(json.dumps({"step": 1, "split": "train", "loss": 1.0}) + "\n")
     (tmp_path / "b" / "metrics.jsonl").unlink()
     assert training_section(tmp_path, out) == []  # no validation rows: no section
+
+
+def test_kv_cache_section_keeps_small_caches_visible(tmp_path):
+    import json
+
+    from experiments.report import kv_cache_section
+
+    for name, b in (("global", 3072.0), ("sliding", 0.375)):
+        (tmp_path / name / "eval").mkdir(parents=True)
+        (tmp_path / name / "eval" / "summary.json").write_text(json.dumps(
+            {"kv_cache": {"context": 131072, "bytes_per_token": b, "describe": name}}))
+    md = "\n".join(kv_cache_section(tmp_path))
+    assert "| global | 3,072 | global |" in md and "| sliding | 0.375 | sliding |" in md  # not rounded to 0
