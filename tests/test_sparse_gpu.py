@@ -188,17 +188,19 @@ def test_under_shard_map():
 
 
 @pytest.mark.parametrize(
-    ("backend", "impl", "want"),
-    [("gpu", "pallas", "pallas-triton"), ("gpu", "auto", "xla"), ("gpu", "xla", "xla"),
-     ("tpu", "pallas", "pallas-tpu")],
+    ("backend", "impl", "verified", "want"),
+    [("gpu", "pallas", False, "pallas-triton"), ("gpu", "auto", False, "xla"), ("gpu", "auto", True, "pallas-triton"),
+     ("gpu", "xla", True, "xla"), ("tpu", "pallas", False, "pallas-tpu")],
 )
-def test_dsa_picks_the_gpu_kernel(monkeypatch, backend, impl, want):
+def test_dsa_picks_the_gpu_kernel(monkeypatch, backend, impl, verified, want):
     # DSA's sparse stage goes through ops.SPARSE: the Triton kernel on a GPU with impl='pallas' (and with 'auto'
-    # only once the GPU check has passed it). Platform and kernels are faked: only the dispatch is checked.
+    # only once the GPU check has passed it: ops.GPU_VERIFIED). Platform and kernels are faked: only the dispatch
+    # is checked.
     from lc_jax import ops
 
     calls = []
     monkeypatch.setattr(ops, "platform", lambda: backend)
+    monkeypatch.setattr(ops, "GPU_VERIFIED", {"sparse-pallas-triton": ("NVIDIA H200", "", "")} if verified else {})
     for name, mod in (("pallas-triton", ops._sparse_triton), ("pallas-tpu", ops._sparse_tpu)):
         monkeypatch.setattr(mod, "sparse_attention", lambda *a, _n=name, **kw: (calls.append(_n), None))
     monkeypatch.setattr(ops._sparse_xla, "sparse_attention", lambda *a, **kw: (calls.append("xla"), None, None))
