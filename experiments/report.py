@@ -179,8 +179,8 @@ def kv_cache_section(workdir: Path) -> list[str]:
         kv = json.loads(path.read_text()).get("kv_cache")
         if isinstance(kv, dict):
             b = kv["bytes_per_token"]  # window-bounded caches come to well under a byte per token at 128K
-            rows.append(f"| {path.parent.parent.name} | {b:,.0f} | {kv['describe']} |" if b >= 10 else
-                        f"| {path.parent.parent.name} | {b:.3g} | {kv['describe']} |")
+            cell = f"{b:,.0f}" if b >= 10 else f"{b:.3g}"
+            rows.append(f"| {path.parent.parent.name} | {cell} | {kv['describe']} |")
             ctx = kv["context"]
     if not rows:
         return []
