@@ -206,7 +206,16 @@ def _acc_attn_fn(impl, backend, T, H, D, window):
         from pallas_kernels.flash_attention.xla import BlockSizes
 
         pos = jnp.arange(T, dtype=jnp.int32)[None]
-        blocks = None if "@" not in impl else BlockSizes(*(int(n) for n in impl.split("@")[1].split("x")))
+        blocks = None
+        if "@" in impl:  # "QxK" or "QxK+approx+skip": the Mosaic GPU kernel's switches on, for an A/B
+            q_k, *switches = impl.split("@")[1].split("+")
+            bq, bk = (int(n) for n in q_k.split("x"))
+            blocks = BlockSizes(bq, bk)
+            if switches:
+                from pallas_kernels.flash_attention import mosaic_gpu
+
+                blocks = mosaic_gpu.BlockSizes(bq, bk, approx_math="approx" in switches,
+                                               skip_full_masks="skip" in switches)
 
         def attn(q, k, v):
             p = jnp.broadcast_to(pos, q.shape[:2])
@@ -244,12 +253,20 @@ def _acc_attn_fn(impl, backend, T, H, D, window):
     raise ValueError(f"unknown impl {impl!r}; allowed: {ACC_IMPLS}")
 
 
+_SWITCHES = ("approx", "skip")  # the Mosaic GPU kernel's BlockSizes: approx_math=True, skip_full_masks=True
+
+
 def _blocks(text: str) -> str:
-    """argparse type of --acc-pallas-blocks: 'QxK' with positive ints."""
-    q, _, k = text.partition("x")
+    """argparse type of --acc-pallas-blocks: 'QxK' with positive ints, then optional '+approx' / '+skip'."""
+    q_k, *switches = text.split("+")
+    q, _, k = q_k.partition("x")
     if not (q.isdigit() and k.isdigit() and int(q) > 0 and int(k) > 0):
         raise argparse.ArgumentTypeError(f"--acc-pallas-blocks {text!r}: expected QxK, e.g. 128x64")
-    return f"{int(q)}x{int(k)}"
+    bad = [x for x in switches if x not in _SWITCHES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"--acc-pallas-blocks {text!r}: switch {bad[0]!r} is not one of "
+                                         f"{', '.join(_SWITCHES)}")
+    return "+".join([f"{int(q)}x{int(k)}", *switches])
 
 
 class _Skip(Exception):
@@ -352,6 +369,15 @@ def accelerator_main(a, command: str):
                 ours, cudnn = find("lc_jax_pallas", T, D, mode, None), find("jax_cudnn", T, D, mode, None)
                 if ours and cudnn:
                     vs_cudnn[f"D{D}_T{T}_{mode}"] = cudnn["time_s"] / ours["time_s"]
+    # The same for each --acc-pallas-blocks variant, measured side by side with the default in this run.
+    variants_vs_cudnn = {}
+    for impl in (f"lc_jax_pallas@{b}" for b in a.acc_pallas_blocks):
+        for D in a.acc_head_dims:
+            for T in a.acc_lengths:
+                for mode in ("fwd", "fwd_bwd"):
+                    ours, cudnn = find(impl, T, D, mode, None), find("jax_cudnn", T, D, mode, None)
+                    if ours and cudnn:
+                        variants_vs_cudnn.setdefault(impl, {})[f"D{D}_T{T}_{mode}"] = cudnn["time_s"] / ours["time_s"]
 
     print(f"\nbf16 causal attention, B={B} H={H}, {dev.device_kind} ({backend}), TFLOP/s "
           f"(causal FLOPs halved, fwd+bwd = 3.5x fwd); median of {reps} alternating reps x {iters} calls")
@@ -373,6 +399,8 @@ def accelerator_main(a, command: str):
     if vs_cudnn:
         print("lc_jax pallas speed / cuDNN's (cuDNN time / lc_jax time; target >= 0.8): "
               + ", ".join(f"{k} {v:.2f}x" for k, v in vs_cudnn.items()))
+    for impl, ratios in variants_vs_cudnn.items():
+        print(f"  {impl}: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
     peak = (stats or {}).get("peak_bytes_in_use")
     if peak is not None:
@@ -396,6 +424,7 @@ def accelerator_main(a, command: str):
         "rows": rows,
         "sliding_speedup_vs_full_causal": {"T": t_max, "window": a.acc_window, "target": 4.0, **sliding},
         "pallas_speed_vs_cudnn": {"target": 0.8, **vs_cudnn},
+        "pallas_variants_speed_vs_cudnn": variants_vs_cudnn,
     }
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     Path(out_path).write_text(json.dumps(out, indent=2))
@@ -425,7 +454,9 @@ def main():
     ap.add_argument("--acc-window", type=int, default=1024, help="sliding window compared at the longest length")
     ap.add_argument("--acc-impls", nargs="+", default=list(ACC_IMPLS), choices=ACC_IMPLS)
     ap.add_argument("--acc-pallas-blocks", nargs="*", default=[], type=_blocks, metavar="QxK",
-                    help="also time lc_jax's kernel with these query x key blocks (e.g. 128x128), as lc_jax_pallas@QxK")
+                    help="also time lc_jax's kernel with these query x key blocks (e.g. 128x128), as "
+                         "lc_jax_pallas@QxK; '+approx' / '+skip' turn the Mosaic GPU kernel's approx_math / "
+                         "skip_full_masks on")
     ap.add_argument("--masks", action="store_true",
                     help="CPU: lc_jax's XLA path under full causal, chunked and sliding masks, with and without sink "
                          "tokens, at --masks-length; writes results/attention_masks_cpu.json")

@@ -51,7 +51,7 @@ export PYTHONPATH PYTHONUNBUFFERED=1
 
 # Sizes: the targets on the GPU; toy sizes with --smoke (the plumbing only: every step, the summary).
 if ((SMOKE)); then
-  ATT_D=64 ATT_T_CUDNN=256 ATT_T_FULL=512 ATT_W=128 DSA_T=256 DSA_K=64 ATT_BLOCKS=128x128
+  ATT_D=64 ATT_T_CUDNN=256 ATT_T_FULL=512 ATT_W=128 DSA_T=256 DSA_K=64 ATT_BLOCKS=128x128+approx+skip
   TESTS_ENV= TESTS_FLAGS=
   ATT_FLAGS="--acc-heads 2 --reps 1 --iters 1"
   TRAIN_FLAGS="--steps 2 --set data.seq_len=128 --impls xla,cudnn"
@@ -59,7 +59,9 @@ if ((SMOKE)); then
 else
   ATT_D=128 ATT_T_CUDNN=8192 ATT_T_FULL=32768 ATT_W=1024 DSA_T=65536 DSA_K=2048
   # Other blocks than the kernel's default 64 x 64, e.g. "128x64 64x128": on the H200 (2026-11-30) each was slower.
-  ATT_BLOCKS=
+  # The A/B of the Mosaic GPU kernel's element-wise switches (approx_math, skip_full_masks; new after run 5,
+  # off by default until they pass here): approx math alone and both, side by side with the default in one run.
+  ATT_BLOCKS="64x64+approx 64x64+approx+skip"
   # Tests spread over 4 xdist workers (the Mosaic file holds 4 of the 8); no preallocation: they share the GPU.
   TESTS_ENV="env XLA_PYTHON_CLIENT_PREALLOCATE=false " TESTS_FLAGS="-n 4 --dist load --timeout=110 "
   ATT_FLAGS="--acc-heads 16 --reps 3 --iters 5"
@@ -269,6 +271,8 @@ def att_missing(T, *impls):
 
 
 vs_cudnn = (att or {}).get("pallas_speed_vs_cudnn", {}).get(f"D{d}_T{t_cudnn}_fwd_bwd")
+variants = {impl: r.get(f"D{d}_T{t_cudnn}_fwd_bwd")
+            for impl, r in (att or {}).get("pallas_variants_speed_vs_cudnn", {}).items()}
 sliding = (att or {}).get("sliding_speedup_vs_full_causal", {}).get(f"D{d}_fwd_bwd")
 row = next((r for r in (dsa or {}).get("rows", []) if r["T"] == int(E["DSA_T"])), None)
 best = max(((v, n) for n, v in (row or {}).get("full_over_dsa", {}).items()), default=None)
@@ -301,6 +305,9 @@ summary = {
     "versions": env.get("versions"),
     "steps": steps,
     "targets": targets,
+    # flash_vs_cudnn's ratio for each --acc-pallas-blocks variant of the kernel (not the default one: they inform
+    # the next default)
+    "flash_variants_vs_cudnn": variants,
     "tests": tests,
     "train_tokens_per_s": train_rows or f"no train.json; the train step was {status.get('train')}",
 }
@@ -318,6 +325,8 @@ for name, t in targets.items():
     verdict = {True: "PASS", False: "FAIL", None: "n/a"}[t["pass"]]
     value = f"{t['value']:.2f}" if t["value"] is not None else t["missing"]
     print(f"  {name:15s} {verdict:4s} {value} (target {t['target']})")
+for impl, v in variants.items():
+    print(f"  flash variant  {impl}: {'n/a' if v is None else f'{v:.2f}'} (cuDNN time / its time)")
 for impl, r in train_rows.items():
     print(f"  train {impl:7s} " + (f"{r['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in r else r["error"]))
 print(f"wrote {out / 'summary.json'}")

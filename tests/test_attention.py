@@ -179,7 +179,8 @@ def test_bad_shapes_raise_clear_errors():
 
 
 def test_mask_semantics_against_brute_force():
-    """Mask.visible is the definition in words; block_visible never hides a visible pair; max_distance bounds it."""
+    """Mask.visible is the definition in words; block_visible never hides a visible pair, block_full never
+    claims a hidden one; max_distance bounds it."""
     qp, kp = np.arange(-3, 40)[:, None], np.arange(-3, 40)[None, :]
     d = qp - kp
     for causal, window, chunk, sinks in itertools.product((True, False), (None, 1, 5), (None, 1, 7), (None, 3)):
@@ -196,10 +197,15 @@ def test_mask_semantics_against_brute_force():
         np.testing.assert_array_equal(got, want, err_msg=str(mask))
         if causal and mask.max_distance is not None and sinks is None:
             assert d[got].max() == mask.max_distance
-        for lo_q, lo_k, n in ((0, 0, 5), (3, 9, 4), (12, 2, 6), (20, 27, 3)):  # ranges [lo, lo + n)
+        for lo_q, lo_k, n in ((0, 0, 5), (3, 9, 4), (12, 2, 6), (20, 27, 3), (10, 8, 2), (15, 14, 1), (22, 22, 1)):
             pair = want[lo_q + 3:lo_q + 3 + n, lo_k + 3:lo_k + 3 + n].any()
             block = bool(mask.block_visible(lo_q, lo_q + n - 1, lo_k, lo_k + n - 1))
             assert block or not pair, (mask, lo_q, lo_k)
+            every = want[lo_q + 3:lo_q + 3 + n, lo_k + 3:lo_k + 3 + n].all()
+            full = bool(mask.block_full(lo_q, lo_q + n - 1, lo_k, lo_k + n - 1))
+            assert every or not full, (mask, lo_q, lo_k)  # never claims a hidden pair visible
+            if sinks is None:  # exact on contiguous ranges (with sinks, conservative)
+                assert full == every, (mask, lo_q, lo_k)
     assert Mask().max_distance is None and Mask(window=8, chunk=4).max_distance == 3
     for bad in (dict(window=0), dict(chunk=-2), dict(chunk=2.5), dict(window=True), dict(sink_tokens=0)):
         with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a positive int or None"):

@@ -46,8 +46,10 @@ def _fresh_interpreter():
     interpret_pallas_call.reset_gpu_interpret_mode_state()
 
 
-def _bs(bq=64, bk=64, stages=None):
-    return flash_mgpu.BlockSizes(block_q=bq, block_k=bk, num_stages=stages)
+def _bs(bq=64, bk=64, stages=None, skip=True, approx=False):
+    """Block sizes; the interpreter tests walk fully visible blocks in the mask-free phase (the default
+    kernel masks every block: `test_unmasked_loop_matches_masked_loop_exactly` compares the two)."""
+    return flash_mgpu.BlockSizes(block_q=bq, block_k=bk, num_stages=stages, skip_full_masks=skip, approx_math=approx)
 
 
 def _inputs(B, T, S, H, K, D, dtype, seed=0):
@@ -219,6 +221,46 @@ def test_sliding_window_visits_about_two_blocks_per_query_block():
     assert flash_mgpu.visited_blocks(pos4k, pos4k, block_sizes=_bs(256, 256)) == (136, 256)
 
 
+def test_full_block_runs():
+    # Causal, 4 x 4 blocks: q block i sees kv blocks [0, i] and all of [0, i) (only the diagonal is masked);
+    # kv block j is seen by q blocks [j, 4), fully by (j, 4). Rows: lo, hi, flo, fhi.
+    pos = _arange(2, 256)
+    seg = jnp.zeros_like(pos)
+    st = flash_mgpu._static(jnp.bfloat16, 64, Mask(), None, None, None, _bs())
+    kv, q = flash_mgpu._block_ranges(pos, pos, seg, seg, st)
+    np.testing.assert_array_equal(kv, [[0, 0, 0, 0], [1, 2, 3, 4], [0, 0, 0, 0], [0, 1, 2, 3]])
+    np.testing.assert_array_equal(q, [[0, 1, 2, 3], [4, 4, 4, 4], [1, 2, 3, 3], [4, 4, 4, 3]])
+    # A document boundary inside block 1 (a second document from token 100): no pair that touches block 1 is
+    # full, so q blocks 1 and 2 have empty runs (at their lo), and q block 3 sees kv block 2 fully.
+    seg = jnp.broadcast_to((jnp.arange(256) >= 100).astype(jnp.int32), (2, 256))
+    kv, _ = flash_mgpu._block_ranges(pos, pos, seg, seg, st)
+    np.testing.assert_array_equal(kv, [[0, 0, 1, 1], [1, 2, 3, 4], [0, 0, 1, 2], [0, 0, 1, 3]])
+    # One batch row where a block is not full makes it masked for the whole batch (the ranges are shared).
+    seg2 = seg.at[0].set(0)
+    kv, _ = flash_mgpu._block_ranges(pos, pos, seg2, seg2, st)
+    np.testing.assert_array_equal(kv[2:], [[0, 0, 0, 2], [0, 0, 0, 3]])
+
+
+def test_unmasked_loop_matches_masked_loop_exactly():
+    # Fully visible blocks skip the element-wise mask; there it keeps every score, so out, lse and all three
+    # gradients must be bit-identical with the loop that masks every block (GQA: the dk/dv kernel's
+    # per-head periods; a 256-token causal sequence with 64-blocks has 6 full pairs of 10 visited).
+    q, k, v = _inputs(1, 256, 256, 4, 2, 64, jnp.bfloat16)
+    pos = _arange(1, 256)
+    kd = jax.random.split(jax.random.key(1), 2)
+    do = jax.random.normal(kd[0], q.shape, jnp.float32)
+    dlse = jax.random.normal(kd[1], q.shape[:3], jnp.float32)
+
+    def run(skip):
+        def fn(q, k, v):
+            return flash_mgpu.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, interpret=True,
+                                        block_sizes=flash_mgpu.BlockSizes(skip_full_masks=skip))
+        return jax.jit(functools.partial(_fwd_bwd, fn))(q, k, v, do, dlse)
+
+    for a, b in zip(jax.tree.leaves(run(True)), jax.tree.leaves(run(False)), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_skipped_blocks_are_never_loaded():
     # Keys past the real ones carry NaN values and a segment no query has. If the kernels
     # copied those blocks in, 0 * NaN would poison out / dq / dk / dv; the [lo, hi) ranges must avoid them.
@@ -268,6 +310,9 @@ def test_bad_block_sizes_raise():
         flash_mgpu.BlockSizes(block_k=64.0)
     with pytest.raises(ValueError, match=r"BlockSizes.num_stages must be None or an int in \[1, 4\]"):
         flash_mgpu.BlockSizes(num_stages=0)
+    for field, value in (("approx_math", 1), ("skip_full_masks", None)):
+        with pytest.raises(ValueError, match=f"BlockSizes.{field} must be True or False, got {value}"):
+            flash_mgpu.BlockSizes(**{field: value})
     assert flash_mgpu.BlockSizes(block_q=128, block_k=256, num_stages=1).block_k == 256
     # Foreign (e.g. xla / gpu) block sizes are re-validated against the Mosaic GPU rules.
     from pallas_kernels.flash_attention import xla
@@ -357,8 +402,8 @@ def test_ops_runs_mosaic_gpu_on_hopper_from_jax_0_11(monkeypatch, version, hoppe
 # ----------------------------------------------------------------------------- real lowering
 
 
-@pytest.mark.parametrize("dtype, D, bs", [(jnp.bfloat16, 64, _bs()), (jnp.bfloat16, 128, _bs(128, 64)),
-                                          (jnp.bfloat16, 64, _bs(64, 128, 3)), (jnp.float32, 64, _bs())])
+@pytest.mark.parametrize("dtype, D, bs", [(jnp.bfloat16, 64, _bs(skip=False)), (jnp.bfloat16, 128, _bs(128, 64)),
+                                          (jnp.bfloat16, 64, _bs(64, 128, 3, approx=True)), (jnp.float32, 64, _bs())])
 def test_kernels_lower_for_cuda(dtype, D, bs):
     # No GPU needed: lowering for platform "cuda" runs the real Pallas -> Mosaic GPU lowering of all
     # three kernels (wgmma operand layouts and swizzles, TMA descriptors, register layouts of the
@@ -382,9 +427,12 @@ def test_kernels_lower_for_cuda(dtype, D, bs):
 
 
 @pytest.mark.skipif(not flash_mgpu.on_hopper(), reason="needs a Hopper GPU (sm_90): compiled wgmma / TMA kernels")
-@pytest.mark.parametrize("D, dtype, bq, stages", [(64, jnp.float32, 64, None), (64, jnp.bfloat16, 64, 1),
-                                                  (128, jnp.bfloat16, 64, None), (128, jnp.bfloat16, 128, None)])
-def test_compiled_on_gpu(D, dtype, bq, stages):
+@pytest.mark.parametrize("D, dtype, bq, stages, switches", [
+    (64, jnp.float32, 64, None, ""), (64, jnp.bfloat16, 64, 1, ""), (128, jnp.bfloat16, 64, None, ""),
+    (128, jnp.bfloat16, 128, None, ""), (128, jnp.bfloat16, 64, None, "approx+skip"),
+    (64, jnp.float32, 64, None, "skip"),
+])
+def test_compiled_on_gpu(D, dtype, bq, stages, switches):
     # The full feature matrix on hardware: GQA, packed segments, causal + window + chunks, ALiBi, soft-cap,
     # lengths that are not a multiple of the block, plus MQA / bidirectional / empty rows below.
     B, T, H, K = 2, 200, 8, 2
@@ -392,7 +440,7 @@ def test_compiled_on_gpu(D, dtype, bq, stages):
     seg = pos // 120
     slopes = 2.0 ** (-8.0 * jnp.arange(1, H + 1, dtype=jnp.float32) / H)
     tol = (2e-4, 2e-3) if dtype == jnp.float32 else None
-    bs = _bs(bq, 64, stages)
+    bs = _bs(bq, 64, stages, skip="skip" in switches, approx="approx" in switches)
     q, k, v = _inputs(B, T, T, H, K, D, dtype)
     _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, q_seg_BT=seg, kv_seg_BS=seg,
            mask=Mask(window=100, chunk=70), **alibi(slopes), logits_soft_cap=20.0, block_sizes=bs, interpret=False,

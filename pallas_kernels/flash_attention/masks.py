@@ -6,8 +6,9 @@ prefill against a KV cache all reuse one definition.
 
 * `Mask` (static, hashable): which keys a query sees (causal, sliding window,
   chunked local attention, sink tokens) as `visible` on broadcastable arrays (kernels call it
-  on [bq, 1] / [1, bk] block views) and as a conservative `block_visible` on
-  position ranges, which every block-skipping table uses, and `pairs`, the count of
+  on [bq, 1] / [1, bk] block views), as a conservative `block_visible` on
+  position ranges, which every block-skipping table uses, as `block_full` (every pair
+  visible: a kernel may skip the element-wise mask there), and `pairs`, the count of
   what it lets through (the memory calculator's attention FLOPs).
 * `Bias` (static, hashable): an additive logit bias fn(q_pos, kv_pos, *params)
   with `num_params` fixed f32 scalars per head (`ALIBI`). The kernels take the
@@ -89,6 +90,27 @@ class Mask:
         if local is not None and self.sink_tokens is not None:
             local = local | (k_lo < self.sink_tokens)
         ok = (k_lo <= q_hi) if self.causal else None
+        ok = local if ok is None else _and(local, ok)
+        shape = jnp.broadcast_shapes(q_lo.shape, q_hi.shape, k_lo.shape, k_hi.shape)
+        return jnp.ones(shape, bool) if ok is None else jnp.broadcast_to(ok, shape)
+
+    def block_full(self, q_lo, q_hi, k_lo, k_hi):
+        """Conservative bool for position ranges: True only if every (query, key) pair in them is visible.
+
+        A kernel skips the element-wise mask on such blocks (segments are checked by `block_full` below).
+        """
+        q_lo, q_hi, k_lo, k_hi = (jnp.asarray(x) for x in (q_lo, q_hi, k_lo, k_hi))
+        local = None
+        if self.window is not None:
+            local = q_hi - k_lo < self.window
+            if not self.causal:
+                local = local & (k_hi - q_lo < self.window)
+        if self.chunk is not None:
+            c = self.chunk
+            local = _and(local, (q_lo // c == q_hi // c) & (k_lo // c == k_hi // c) & (q_lo // c == k_lo // c))
+        if local is not None and self.sink_tokens is not None:
+            local = local | (k_hi < self.sink_tokens)
+        ok = (k_hi <= q_lo) if self.causal else None
         ok = local if ok is None else _and(local, ok)
         shape = jnp.broadcast_shapes(q_lo.shape, q_hi.shape, k_lo.shape, k_hi.shape)
         return jnp.ones(shape, bool) if ok is None else jnp.broadcast_to(ok, shape)
@@ -207,6 +229,23 @@ def block_visible(q_pos_BNb, kv_pos_BMb, q_seg_BNb=None, kv_seg_BMb=None, *, mas
         ks_lo, ks_hi = kv_seg_BMb.min(-1)[:, None, :], kv_seg_BMb.max(-1)[:, None, :]
         vis_BNM &= (qs_lo <= ks_hi) & (ks_lo <= qs_hi)
     return vis_BNM.any(0)
+
+
+def block_full(q_pos_BNb, kv_pos_BMb, q_seg_BNb=None, kv_seg_BMb=None, *, mask: Mask):
+    """Conservative [N, M] table: True only if every pair of block pair (n, m) is visible in every batch row.
+
+    The counterpart of `block_visible`, from the same per-block min/max summaries: one segment id across
+    both blocks, and `Mask.block_full` on the positions. Padding (segments -2 / -1) is never full.
+    """
+    q_pos_BNb, kv_pos_BMb = jnp.asarray(q_pos_BNb), jnp.asarray(kv_pos_BMb)
+    q_lo, q_hi = q_pos_BNb.min(-1)[:, :, None], q_pos_BNb.max(-1)[:, :, None]
+    k_lo, k_hi = kv_pos_BMb.min(-1)[:, None, :], kv_pos_BMb.max(-1)[:, None, :]
+    full_BNM = mask.block_full(q_lo, q_hi, k_lo, k_hi)
+    if q_seg_BNb is not None:
+        qs_lo, qs_hi = q_seg_BNb.min(-1)[:, :, None], q_seg_BNb.max(-1)[:, :, None]
+        ks_lo, ks_hi = kv_seg_BMb.min(-1)[:, None, :], kv_seg_BMb.max(-1)[:, None, :]
+        full_BNM &= (qs_lo == qs_hi) & (ks_lo == ks_hi) & (qs_lo == ks_lo)
+    return full_BNM.all(0)
 
 
 def pad_axis(x, axis: int, n: int, value):

@@ -41,8 +41,20 @@ Block skipping: the wrapper summarises positions / segment ids per block
 (`masks.block_visible`, any over the batch) into int32 [lo, hi) block ranges
 (kv blocks per q block, q blocks per kv block), read by the kernels as GMEM
 scalars; the loops never issue a TMA for a block outside them. Blocks inside a
-range that are fully masked are visited and masked element-wise.
-`visited_blocks` reports the work from the very same ranges.
+range that are fully masked are visited and masked element-wise. Each range
+also carries its first run of fully visible blocks (`masks.block_full`, all
+over the batch: for causal attention every block but the diagonal one), which
+the loop can walk in a phase of its own without computing the mask
+(`BlockSizes.skip_full_masks`). `visited_blocks` reports the work from the
+very same ranges.
+
+Element-wise work. A 64 x 64 step's two wgmmas at D=128 take about as long
+on an H100 / H200 as its ~4096 exps, mask terms and rescales on the CUDA
+cores, and these kernels do not overlap the two (one warpgroup, synchronous
+wgmma). Hence two switches, off until a GPU check has passed them: the
+mask-free phase, and MUFU approximations for exp / log / tanh on 16-bit inputs
+(`BlockSizes.approx_math`, Mosaic GPU's `approx_math`; f32 inputs need
+libdevice's accurate functions for their 1e-5 contract).
 
 Shared memory (a Hopper block has 227 KiB) bounds the configurations; with
 the default 64 x 64 blocks the forward / dq / dk-dv kernels take about
@@ -91,6 +103,7 @@ from pallas_kernels.flash_attention.masks import (
     CAUSAL,
     Bias,
     Mask,
+    block_full,
     block_visible,
     check_qkv,
     head_row,
@@ -146,11 +159,23 @@ class BlockSizes:
     256 is wgmma's largest N. num_stages is the number of SMEM slots the
     streamed blocks cycle through (2 = prefetch one block ahead); None picks the
     deepest ring (<= 2) that fits in shared memory, per kernel.
+
+    Two switches for the element-wise work, which on Hopper costs about as much
+    as the two 64 x 64 x 128 wgmmas of a step. `approx_math`: exp / log / tanh
+    as the MUFU approximations (ex2.approx; relative error ~2^-22 for exp, 2^-11
+    for tanh) instead of libdevice's accurate sequences, meant for bf16 / f16
+    inputs (with f32 inputs and a soft-cap it breaks the 1e-5 contract).
+    `skip_full_masks`: blocks whose every pair is visible (`masks.block_full`)
+    run a loop without the element-wise mask. Both are off by default until the
+    GPU check has run them on hardware (`lc_jax.ops.GPU_VERIFIED` names the
+    kernel that passed there); `benchmarks/gpu_check.sh` times them beside it.
     """
 
     block_q: int = 64
     block_k: int = 64
     num_stages: int | None = None
+    approx_math: bool = False
+    skip_full_masks: bool = False
 
     def __post_init__(self):
         for name in ("block_q", "block_k"):
@@ -163,6 +188,9 @@ class BlockSizes:
         n = self.num_stages
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 4):
             raise ValueError(f"BlockSizes.num_stages must be None or an int in [1, 4], got {n!r}")
+        for name in ("approx_math", "skip_full_masks"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"BlockSizes.{name} must be True or False, got {getattr(self, name)!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +204,8 @@ class _Static:
     num_stages: int | None
     parts: int  # 16-bit terms per value: 1 for bf16 / f16 inputs, _F32_PARTS for f32
     mma_dtype: Any  # jnp.bfloat16 or jnp.float16
+    approx_math: bool
+    skip_full_masks: bool
     interpret: Any = False  # False or an InterpretGPUParams; fixed at trace time, so the VJP's calls match
 
 
@@ -226,29 +256,54 @@ def _store_parts(ref, x, parts: int):
             x = x - term.astype(jnp.float32)
 
 
-def _scores(s, qp, qs, kp, ks, params, st: _Static):
-    """Scaled, soft-capped, biased f32 scores, their mask and tanh(s/cap) for the backward.
+def _scores(s, qp, qs, kp, ks, params, st: _Static, masked: bool):
+    """Scaled, soft-capped, biased f32 scores, their mask (None where `masked` is False) and tanh(s/cap).
 
     All operands are tiles of one shape: [bq, bk] in the forward / dq, [bk, bq] in the dk/dv kernel.
     """
-    return scores(s * st.scale, qp, kp, qs, ks, params, mask=st.mask, bias=st.bias, soft_cap=st.soft_cap)
+    return scores(s * st.scale, qp, kp, qs, ks, params, mask=st.mask if masked else None, bias=st.bias,
+                  soft_cap=st.soft_cap)
 
 
-def _ring(n, stages: int, fetch, compute, carry):
-    """Run compute(t, slot, carry) for t in [0, n) while TMA-fetching step t + stages - 1 into its ring slot.
+def _ring(periods, period, full, stages: int, fetch, compute, carry):
+    """Run compute(t, slot, carry, masked) for t in [0, periods * period) while TMA-fetching step
+    t + stages - 1 into its ring slot.
 
     `fetch(t, slot)` issues the copies of step t (each signalling its barrier at `slot`). The slot
-    refilled at step t was last read at step t - 1, whose wgmmas `compute` has waited for.
+    refilled at step t was last read at step t - 1, whose wgmmas `compute` has waited for. `full`
+    (a, b) or None: within each period the steps [a, b) see only fully visible blocks and run
+    `compute` with masked=False, in a loop of their own; the others run with masked=True.
     """
+    n = periods * period
     for t0 in range(stages - 1):
         pl.when(t0 < n)(functools.partial(fetch, t0, t0))
 
-    def body(t, carry):
-        nxt = t + (stages - 1)
-        pl.when(nxt < n)(lambda: fetch(nxt, lax.rem(nxt, stages)))
-        return compute(t, lax.rem(t, stages), carry)
+    def step(masked: bool):
+        def body(t, carry):
+            nxt = t + (stages - 1)
+            pl.when(nxt < n)(lambda: fetch(nxt, lax.rem(nxt, stages)))
+            return compute(t, lax.rem(t, stages), carry, masked)
+        return body
 
-    return lax.fori_loop(0, n, body, carry)
+    if full is None:
+        return lax.fori_loop(0, n, step(True), carry)
+    a, b = full
+
+    def one_period(g, carry):
+        base = g * period
+        carry = lax.fori_loop(base, base + a, step(True), carry)
+        carry = lax.fori_loop(base + a, base + b, step(False), carry)
+        return lax.fori_loop(base + b, base + period, step(True), carry)
+
+    return one_period(0, carry) if periods == 1 else lax.fori_loop(0, periods, one_period, carry)
+
+
+def _full_steps(range_ref, i, st: _Static):
+    """(a, b): the steps of block i's loop, counted from its lo, that visit fully visible blocks; or None."""
+    if not st.skip_full_masks:
+        return None
+    lo = range_ref[0, i]
+    return range_ref[2, i] - lo, range_ref[3, i] - lo
 
 
 def _copy_in(src, smem: dict, name: str, slot=None, parts: int | None = None):
@@ -299,13 +354,15 @@ def _fwd_kernel(kv_range_ref, *refs, st: _Static, groups: int, stages: int, **sm
     shape = (bq, bk)
     qp, qs = (_hint(smem["qpos"][n], _ROW, st) for n in range(2))  # [bq] vectors, broadcast per step
 
-    def compute(t, slot, carry):
+    def compute(t, slot, carry, masked):
         m_prev, l_prev, acc = carry
         _wait(smem, ("kT", "v", "kvpos"), slot)
         kp, ks = (_hint(smem["kvpos"][slot, n], _COL, st) for n in range(2))
         s = _matmul(smem["q"], smem["kT"].at[slot], shape, P)
-        s, mask, _ = _scores(s, _rows(qp, shape), _rows(qs, shape), _cols(kp, shape), _cols(ks, shape), params, st)
-        s = jnp.where(mask, s, -jnp.inf)
+        s, mask, _ = _scores(s, _rows(qp, shape), _rows(qs, shape), _cols(kp, shape), _cols(ks, shape), params, st,
+                             masked)
+        if mask is not None:
+            s = jnp.where(mask, s, -jnp.inf)
         m_new = jnp.maximum(m_prev, s.max(axis=1))
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing visible yet
         p = jnp.exp(s - _rows(m_use, s.shape))
@@ -321,7 +378,7 @@ def _fwd_kernel(kv_range_ref, *refs, st: _Static, groups: int, stages: int, **sm
         _hint(jnp.zeros((bq,), jnp.float32), _ROW, st),
         _hint(jnp.zeros((bq, Dv), jnp.float32), plgpu.Layout.WGMMA, st),
     )
-    m, l, acc = _ring(hi - lo, stages, fetch, compute, init)
+    m, l, acc = _ring(1, hi - lo, _full_steps(kv_range_ref, i, st), stages, fetch, compute, init)
     empty = l == 0.0
     safe_l = jnp.where(empty, 1.0, l)
     smem["o"][...] = (acc / _rows(safe_l, acc.shape)).astype(o_ref.dtype)
@@ -332,10 +389,12 @@ def _fwd_kernel(kv_range_ref, *refs, st: _Static, groups: int, stages: int, **sm
     plgpu.wait_smem_to_gmem(0)
 
 
-def _dscores(s, dp, lse, di, qp, qs, kp, ks, params, st: _Static):
+def _dscores(s, dp, lse, di, qp, qs, kp, ks, params, st: _Static, masked: bool):
     """Recompute p from the saved lse; ds = p * (dp - (delta - dlse)), through the soft-cap, times scale."""
-    s, mask, t = _scores(s, qp, qs, kp, ks, params, st)
-    p = jnp.where(mask, jnp.exp(s - lse), 0.0)
+    s, mask, t = _scores(s, qp, qs, kp, ks, params, st, masked)
+    p = jnp.exp(s - lse)
+    if mask is not None:
+        p = jnp.where(mask, p, 0.0)
     ds = p * (dp - di)
     if t is not None:
         ds = ds * (1.0 - t * t)
@@ -372,20 +431,20 @@ def _dq_kernel(kv_range_ref, *refs, st: _Static, groups: int, stages: int, **sme
     lse, di = (_hint(smem["stats"][n], _ROW, st) for n in range(2))
 
     def with_acc(dq_acc):
-        def compute(t, slot, carry):
+        def compute(t, slot, carry, masked):
             _wait(smem, ("kT", "vT", "k", "kvpos"), slot)
             kp, ks = (_hint(smem["kvpos"][slot, n], _COL, st) for n in range(2))
             s = _matmul(smem["q"], smem["kT"].at[slot], shape, P)
             dp = _matmul(smem["do"], smem["vT"].at[slot], shape, P)
             _, ds = _dscores(s, dp, _rows(lse, shape), _rows(di, shape), _rows(qp, shape), _rows(qs, shape),
-                             _cols(kp, shape), _cols(ks, shape), params, st)
+                             _cols(kp, shape), _cols(ks, shape), params, st, masked)
             _store_parts(smem["ds"], ds, P)
             plgpu.commit_smem()
             _mma(dq_acc, smem["ds"], smem["k"].at[slot], P)
             plgpu.wgmma_wait(0)  # the next step refills a ring slot and the ds tile this wgmma reads
             return carry
 
-        _ring(hi - lo, stages, fetch, compute, 0)
+        _ring(1, hi - lo, _full_steps(kv_range_ref, i, st), stages, fetch, compute, 0)
         return dq_acc[...]
 
     dq = pl.run_scoped(with_acc, plgpu.ACC((bq, D), jnp.float32))
@@ -426,7 +485,7 @@ def _dkv_kernel(q_range_ref, *refs, st: _Static, groups: int, stages: int, **sme
     kp, ks = (_hint(smem["kvpos"][n], _ROW, st) for n in range(2))
 
     def with_acc(dk_acc, dv_acc):
-        def compute(t, slot, carry):
+        def compute(t, slot, carry, masked):
             _wait(smem, ("qT", "q", "doT", "do", "qpos", "stats"), slot)
             params = head_row(params_ref, head_and_rows(t)[0], st.bias)
             qp, qs = (_hint(smem["qpos"][slot, n], _COL, st) for n in range(2))
@@ -434,7 +493,7 @@ def _dkv_kernel(q_range_ref, *refs, st: _Static, groups: int, stages: int, **sme
             sT = _matmul(smem["k"], smem["qT"].at[slot], shape, P)
             dpT = _matmul(smem["v"], smem["doT"].at[slot], shape, P)
             pT, dsT = _dscores(sT, dpT, _cols(lse, shape), _cols(di, shape), _cols(qp, shape), _cols(qs, shape),
-                               _rows(kp, shape), _rows(ks, shape), params, st)
+                               _rows(kp, shape), _rows(ks, shape), params, st, masked)
             _store_parts(smem["pT"], pT, P)
             _store_parts(smem["dsT"], dsT, P)
             plgpu.commit_smem()
@@ -443,7 +502,7 @@ def _dkv_kernel(q_range_ref, *refs, st: _Static, groups: int, stages: int, **sme
             plgpu.wgmma_wait(0)  # the next step refills a ring slot and the pT / dsT tiles these wgmmas read
             return carry
 
-        _ring(groups * nb, stages, fetch, compute, 0)
+        _ring(groups, nb, _full_steps(q_range_ref, j, st), stages, fetch, compute, 0)
         return dk_acc[...], dv_acc[...]
 
     dk, dv = pl.run_scoped(with_acc, plgpu.ACC((bk, D), jnp.float32), plgpu.ACC((bk, Dv), jnp.float32))
@@ -527,7 +586,7 @@ def _run(body, name: str, grid, grid_names, out_type, smem: dict, st: _Static, *
         grid=grid,
         grid_names=grid_names,
         kernel_name=name,
-        compiler_params=plgpu.CompilerParams(approx_math=False),
+        compiler_params=plgpu.CompilerParams(approx_math=st.approx_math),
         interpret=st.interpret,
     )(*args)
 
@@ -691,6 +750,7 @@ def _static(dtype, D, mask: Mask, bias: Bias | None, scale, logits_soft_cap, bs:
     dtype = jnp.dtype(dtype)
     if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
         raise ValueError(f"q dtype {dtype} is not supported: use bfloat16, float16 or float32")
+    parts = _F32_PARTS if dtype == jnp.float32 else 1
     return _Static(
         mask=mask,
         bias=bias,
@@ -699,32 +759,39 @@ def _static(dtype, D, mask: Mask, bias: Bias | None, scale, logits_soft_cap, bs:
         block_q=bs.block_q,
         block_k=bs.block_k,
         num_stages=bs.num_stages,
-        parts=_F32_PARTS if dtype == jnp.float32 else 1,
+        parts=parts,
         mma_dtype=jnp.float16 if dtype == jnp.float16 else jnp.bfloat16,
+        approx_math=bs.approx_math,
+        skip_full_masks=bs.skip_full_masks,
         interpret=_interpret_params(interpret),
     )
 
 
-def _span(vis_NM):
-    """Per row: [lo, hi) = first and one-past-last True column; (0, 0) for an all-False row."""
+def _span(vis_NM, full_NM):
+    """Per row: [lo, hi) = first and one-past-last visible column, and [flo, fhi) = the first run of
+    consecutive fully visible columns (empty, at lo, if none); lo = hi = 0 for a row that sees nothing."""
     M = vis_NM.shape[1]
     any_ = vis_NM.any(axis=1)
-    lo = jnp.argmax(vis_NM, axis=1)
-    hi = M - jnp.argmax(vis_NM[:, ::-1], axis=1)
-    return jnp.stack([jnp.where(any_, lo, 0), jnp.where(any_, hi, 0)]).astype(jnp.int32)
+    lo = jnp.where(any_, jnp.argmax(vis_NM, axis=1), 0)
+    hi = jnp.where(any_, M - jnp.argmax(vis_NM[:, ::-1], axis=1), 0)
+    flo = jnp.argmax(full_NM, axis=1)
+    gap = ~full_NM & (jnp.arange(M)[None, :] > flo[:, None])
+    fhi = jnp.where(gap.any(axis=1), jnp.argmax(gap, axis=1), M)
+    has_full = full_NM.any(axis=1)
+    return jnp.stack([lo, hi, jnp.where(has_full, flo, lo), jnp.where(has_full, fhi, lo)]).astype(jnp.int32)
 
 
 def _block_ranges(q_pos, kv_pos, q_seg, kv_seg, st: _Static):
-    """(kv ranges int32 [2, nq] for forward / dq, q ranges int32 [2, nk] for dk / dv): [lo; hi) block indices."""
+    """(kv ranges int32 [4, nq] for forward / dq, q ranges int32 [4, nk] for dk / dv): [lo; hi; flo; fhi)
+    block indices, [flo, fhi) a run of fully visible blocks inside [lo, hi)."""
     B, T = q_pos.shape
     S = kv_pos.shape[1]
     nq, nk = T // st.block_q, S // st.block_k
-    vis_NM = block_visible(
-        q_pos.reshape(B, nq, st.block_q), kv_pos.reshape(B, nk, st.block_k),
-        q_seg.reshape(B, nq, st.block_q), kv_seg.reshape(B, nk, st.block_k),
-        mask=st.mask,
-    )  # [nq, nk], any over the batch
-    return _span(vis_NM), _span(vis_NM.T)
+    blocks = (q_pos.reshape(B, nq, st.block_q), kv_pos.reshape(B, nk, st.block_k),
+              q_seg.reshape(B, nq, st.block_q), kv_seg.reshape(B, nk, st.block_k))
+    vis_NM = block_visible(*blocks, mask=st.mask)  # [nq, nk], any over the batch
+    full_NM = block_full(*blocks, mask=st.mask)  # [nq, nk], all over the batch
+    return _span(vis_NM, full_NM), _span(vis_NM.T, full_NM.T)
 
 
 def attention(
