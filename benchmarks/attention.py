@@ -215,7 +215,8 @@ def _acc_attn_fn(impl, backend, T, H, D, window):
                 from pallas_kernels.flash_attention import mosaic_gpu
 
                 blocks = mosaic_gpu.BlockSizes(bq, bk, approx_math="approx" in switches,
-                                               skip_full_masks="skip" in switches)
+                                               skip_full_masks="skip" in switches,
+                                               **(dict(warpgroups=2, block_q_dkv=64) if "wg2" in switches else {}))
 
         def attn(q, k, v):
             p = jnp.broadcast_to(pos, q.shape[:2])
@@ -253,11 +254,12 @@ def _acc_attn_fn(impl, backend, T, H, D, window):
     raise ValueError(f"unknown impl {impl!r}; allowed: {ACC_IMPLS}")
 
 
-_SWITCHES = ("approx", "skip")  # the Mosaic GPU kernel's BlockSizes: approx_math=True, skip_full_masks=True
+# The Mosaic GPU kernel's BlockSizes: approx_math=True, skip_full_masks=True, warpgroups=2 with block_q_dkv=64.
+_SWITCHES = ("approx", "skip", "wg2")
 
 
 def _blocks(text: str) -> str:
-    """argparse type of --acc-pallas-blocks: 'QxK' with positive ints, then optional '+approx' / '+skip'."""
+    """argparse type of --acc-pallas-blocks: 'QxK' with positive ints, then optional '+approx' / '+skip' / '+wg2'."""
     q_k, *switches = text.split("+")
     q, _, k = q_k.partition("x")
     if not (q.isdigit() and k.isdigit() and int(q) > 0 and int(k) > 0):
@@ -455,8 +457,8 @@ def main():
     ap.add_argument("--acc-impls", nargs="+", default=list(ACC_IMPLS), choices=ACC_IMPLS)
     ap.add_argument("--acc-pallas-blocks", nargs="*", default=[], type=_blocks, metavar="QxK",
                     help="also time lc_jax's kernel with these query x key blocks (e.g. 128x128), as "
-                         "lc_jax_pallas@QxK; '+approx' / '+skip' turn the Mosaic GPU kernel's approx_math / "
-                         "skip_full_masks on")
+                         "lc_jax_pallas@QxK; '+approx' / '+skip' / '+wg2' turn the Mosaic GPU kernel's approx_math / "
+                         "skip_full_masks / warpgroups=2 (with block_q_dkv=64) on")
     ap.add_argument("--masks", action="store_true",
                     help="CPU: lc_jax's XLA path under full causal, chunked and sliding masks, with and without sink "
                          "tokens, at --masks-length; writes results/attention_masks_cpu.json")

@@ -59,10 +59,11 @@ if ((SMOKE)); then
 else
   ATT_D=128 ATT_T_CUDNN=8192 ATT_T_FULL=32768 ATT_W=1024 DSA_T=65536 DSA_K=2048
   # Other blocks than the kernel's default 64 x 64, e.g. "128x64 64x128": on the H200 (2026-11-30) each was slower.
-  # The A/B of the Mosaic GPU kernel's element-wise switches (approx_math, skip_full_masks; new after run 5,
-  # off by default until they pass here): approx math alone and both, side by side with the default in one run.
-  ATT_BLOCKS="64x64+approx 64x64+approx+skip"
-  # Tests spread over 4 xdist workers (the Mosaic file holds 4 of the 8); no preallocation: they share the GPU.
+  # The A/B of the Mosaic GPU kernel's switches (approx_math, skip_full_masks, warpgroups; new after run 5, off
+  # by default until they pass here): approx math alone, both, and with two compute warpgroups and a producer
+  # (128-row q blocks, 64 in the dk/dv kernel), side by side with the default in one run.
+  ATT_BLOCKS="64x64+approx 64x64+approx+skip 128x64+approx+skip+wg2"
+  # Tests spread over 4 xdist workers (the Mosaic file holds 7 of the 11); no preallocation: they share the GPU.
   TESTS_ENV="env XLA_PYTHON_CLIENT_PREALLOCATE=false " TESTS_FLAGS="-n 4 --dist load --timeout=110 "
   ATT_FLAGS="--acc-heads 16 --reps 3 --iters 5"
   # The quickstart's 256-wide blocks are tuned for the CPU; 128 suits both the XLA path and the kernels here.
@@ -77,7 +78,7 @@ add_step() { STEP_NAMES+=("$1"); STEP_BOXES+=("$2"); STEP_CMDS+=("$3"); }
 add_step tests 130 "$TESTS_ENV$PY -m pytest -q -p no:cacheprovider -rA $TESTS_FLAGS--junitxml=$OUT/tests_gpu.xml \
 -k 'compiled_on_gpu or cudnn_on_gpu' tests/test_flash_gpu.py tests/test_flash_mosaic_gpu.py tests/test_sparse_gpu.py \
 tests/test_cudnn_impl.py"
-add_step attention 60 "$PY benchmarks/attention.py --accelerator --acc-lengths $ATT_T_CUDNN $ATT_T_FULL \
+add_step attention 100 "$PY benchmarks/attention.py --accelerator --acc-lengths $ATT_T_CUDNN $ATT_T_FULL \
 --acc-head-dims $ATT_D --acc-window $ATT_W --acc-impls lc_jax_pallas jax_cudnn tokamax $ATT_FLAGS \
 --acc-pallas-blocks $ATT_BLOCKS \
 --out $OUT/attention.json"

@@ -20,7 +20,12 @@ before the matmuls).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -197,6 +202,47 @@ def test_pipeline_has_no_races():
     assert not interpret_pallas_call.get_races().races_found
 
 
+def test_two_warpgroups_with_a_producer():
+    # warpgroups=2: two compute warpgroups share the K/V ring of the forward and dq kernels and a producer
+    # warpgroup fills it. The interpreter runs the three as host threads, and each blocks inside an XLA
+    # host callback while it waits on a barrier; XLA's CPU client runs callbacks on a pool as large as
+    # the cores, so on 2 cores the third thread can starve (a hang, seen here). The pool's size comes from
+    # NPROC (xla/pjrt/cpu/cpu_client.cc), so this test reruns itself in a child process with NPROC=8.
+    if "NPROC" not in os.environ:
+        this = f"{__file__}::test_two_warpgroups_with_a_producer"
+        child = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", this],
+            env={**os.environ, "NPROC": "8"}, cwd=Path(__file__).parent.parent, capture_output=True, text=True,
+            timeout=900)
+        assert child.returncode == 0, child.stdout[-3000:] + child.stderr[-3000:]
+        return
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+
+    bs = flash_mgpu.BlockSizes(block_q=128, block_k=64, skip_full_masks=True, warpgroups=2, block_q_dkv=64)
+    # f32, causal, GQA: 2 q blocks of 128 rows, each split over the two warpgroups; the mask-free phase.
+    q, k, v = _inputs(1, 256, 256, 2, 1, 64, jnp.float32)
+    pos = _arange(1, 256)
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, block_sizes=bs)
+    # bf16, packed documents and a window, a length that is not a multiple of 128 (padding), a 3-slot ring.
+    q, k, v = _inputs(2, 200, 200, 2, 1, 64, jnp.bfloat16)
+    pos = _arange(2, 200)
+    seg = pos // 90
+    bs3 = flash_mgpu.BlockSizes(block_q=128, block_k=64, num_stages=3, warpgroups=2, block_q_dkv=64)
+    _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, q_seg_BT=seg, kv_seg_BS=seg, mask=Mask(window=70),
+           block_sizes=bs3)
+    # The race detector over the producer / consumer barriers (a missing wait or release raises).
+    params = flash_mgpu.InterpretGPUParams(detect_races=True)
+    q, k, v = _inputs(1, 128, 256, 2, 1, 64, jnp.bfloat16)
+
+    def loss(q, k, v):
+        out, lse = flash_mgpu.attention(q, k, v, q_pos_BT=_arange(1, 128), kv_pos_BS=_arange(1, 256),
+                                        mask=Mask(causal=False), interpret=params, block_sizes=bs)
+        return out.astype(jnp.float32).sum() + lse.sum()
+
+    jax.block_until_ready(jax.grad(loss, argnums=(0, 1, 2))(q, k, v))
+    assert not interpret_pallas_call.get_races().races_found
+
+
 # ----------------------------------------------------------------------------- block skipping
 
 
@@ -313,6 +359,12 @@ def test_bad_block_sizes_raise():
     for field, value in (("approx_math", 1), ("skip_full_masks", None)):
         with pytest.raises(ValueError, match=f"BlockSizes.{field} must be True or False, got {value}"):
             flash_mgpu.BlockSizes(**{field: value})
+    with pytest.raises(ValueError, match="BlockSizes.warpgroups must be 1 or 2, got 3"):
+        flash_mgpu.BlockSizes(block_q=192, warpgroups=3)
+    with pytest.raises(ValueError, match="BlockSizes.block_q=64 must be a multiple of 128 with warpgroups=2"):
+        flash_mgpu.BlockSizes(warpgroups=2)
+    with pytest.raises(ValueError, match="BlockSizes.block_q_dkv=96 must be one of 64, 128, 192, 256"):
+        flash_mgpu.BlockSizes(block_q_dkv=96)
     assert flash_mgpu.BlockSizes(block_q=128, block_k=256, num_stages=1).block_k == 256
     # Foreign (e.g. xla / gpu) block sizes are re-validated against the Mosaic GPU rules.
     from pallas_kernels.flash_attention import xla
@@ -402,8 +454,13 @@ def test_ops_runs_mosaic_gpu_on_hopper_from_jax_0_11(monkeypatch, version, hoppe
 # ----------------------------------------------------------------------------- real lowering
 
 
+_WG2 = flash_mgpu.BlockSizes(block_q=128, block_k=64, warpgroups=2, block_q_dkv=64, approx_math=True,
+                              skip_full_masks=True)
+
+
 @pytest.mark.parametrize("dtype, D, bs", [(jnp.bfloat16, 64, _bs(skip=False)), (jnp.bfloat16, 128, _bs(128, 64)),
-                                          (jnp.bfloat16, 64, _bs(64, 128, 3, approx=True)), (jnp.float32, 64, _bs())])
+                                          (jnp.bfloat16, 64, _bs(64, 128, 3, approx=True)), (jnp.float32, 64, _bs()),
+                                          (jnp.bfloat16, 128, _WG2)], ids=["64", "128", "3slots", "f32", "wg2"])
 def test_kernels_lower_for_cuda(dtype, D, bs):
     # No GPU needed: lowering for platform "cuda" runs the real Pallas -> Mosaic GPU lowering of all
     # three kernels (wgmma operand layouts and swizzles, TMA descriptors, register layouts of the
@@ -430,7 +487,7 @@ def test_kernels_lower_for_cuda(dtype, D, bs):
 @pytest.mark.parametrize("D, dtype, bq, stages, switches", [
     (64, jnp.float32, 64, None, ""), (64, jnp.bfloat16, 64, 1, ""), (128, jnp.bfloat16, 64, None, ""),
     (128, jnp.bfloat16, 128, None, ""), (128, jnp.bfloat16, 64, None, "approx+skip"),
-    (64, jnp.float32, 64, None, "skip"),
+    (64, jnp.float32, 64, None, "skip"), (128, jnp.bfloat16, 128, None, "approx+skip+wg2"),
 ])
 def test_compiled_on_gpu(D, dtype, bq, stages, switches):
     # The full feature matrix on hardware: GQA, packed segments, causal + window + chunks, ALiBi, soft-cap,
@@ -441,6 +498,8 @@ def test_compiled_on_gpu(D, dtype, bq, stages, switches):
     slopes = 2.0 ** (-8.0 * jnp.arange(1, H + 1, dtype=jnp.float32) / H)
     tol = (2e-4, 2e-3) if dtype == jnp.float32 else None
     bs = _bs(bq, 64, stages, skip="skip" in switches, approx="approx" in switches)
+    if "wg2" in switches:
+        bs = dataclasses.replace(bs, warpgroups=2, block_q_dkv=64)
     q, k, v = _inputs(B, T, T, H, K, D, dtype)
     _check(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, q_seg_BT=seg, kv_seg_BS=seg,
            mask=Mask(window=100, chunk=70), **alibi(slopes), logits_soft_cap=20.0, block_sizes=bs, interpret=False,

@@ -15,7 +15,8 @@ log-sum-exp that is -inf (with a zero output) for rows that see no key, bf16 /
 f16 / f32 inputs with f32 accumulation, and a `custom_vjp` whose backward also
 accepts a cotangent for the log-sum-exp (ds = p * (dp - delta + dlse)).
 
-Design (one warpgroup per CTA, 64-row warpgroup tiles).
+Design (one warpgroup per CTA by default, 64-row warpgroup tiles; `BlockSizes.warpgroups=2` gives the
+forward and dq kernels two compute warpgroups and a producer, see `_drive`).
   * forward / dq: grid (nq, H, B). The q tile (and dO, lse, delta for dq) is
     TMA-copied into shared memory once; the kv blocks in [lo[i], hi[i]) stream
     through a ring of `num_stages` SMEM slots, each filled by TMA copies that
@@ -74,7 +75,9 @@ orientations of K, resp. Q and dO), fresh accumulators per P V product, and
 The interpreter runs wgmma synchronously, so the `wgmma_wait` / `commit_smem`
 fences are checked by reasoning only. A production variant would keep P in
 registers as the wgmma A operand, use `transpose_ref` instead of the copies,
-and add producer/consumer warpgroup specialisation. Lowering for "cuda" runs
+and use producer/consumer warpgroup specialisation everywhere (`warpgroups=2`
+has it in the forward and dq kernels; the interpreter runs the three warpgroups
+as host threads). Lowering for "cuda" runs
 on a CPU host (tests check it); compiling to a cubin and running need a GPU.
 
 Lengths are padded up to the block sizes in the wrapper; padded keys get
@@ -169,6 +172,15 @@ class BlockSizes:
     run a loop without the element-wise mask. Both are off by default until the
     GPU check has run them on hardware (`lc_jax.ops.GPU_VERIFIED` names the
     kernel that passed there); `benchmarks/gpu_check.sh` times them beside it.
+
+    `warpgroups` (1 or 2, same status): compute warpgroups of the forward and
+    dq kernels. With 2, each takes block_q / 2 rows of the program's q block
+    (so block_q is 128 or 256), both read one K/V ring, and a third, producer
+    warpgroup fills that ring (FlashAttention-3's layout: while one warpgroup
+    runs its exps, the other's wgmmas run). `block_q_dkv` (None: block_q): the
+    q block the dk/dv kernel streams, which keeps one warpgroup; its registers
+    hold [block_k, block_q_dkv] score tiles beside the dk / dv accumulators,
+    so it wants 64 when the forward wants 128.
     """
 
     block_q: int = 64
@@ -176,10 +188,14 @@ class BlockSizes:
     num_stages: int | None = None
     approx_math: bool = False
     skip_full_masks: bool = False
+    warpgroups: int = 1
+    block_q_dkv: int | None = None
 
     def __post_init__(self):
-        for name in ("block_q", "block_k"):
+        for name in ("block_q", "block_k", "block_q_dkv"):
             v = getattr(self, name)
+            if v is None and name == "block_q_dkv":
+                continue
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"BlockSizes.{name} must be a positive int, got {v!r}")
             if v % _TILE or v > _MAX_N:
@@ -191,6 +207,12 @@ class BlockSizes:
         for name in ("approx_math", "skip_full_masks"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BlockSizes.{name} must be True or False, got {getattr(self, name)!r}")
+        w = self.warpgroups
+        if isinstance(w, bool) or w not in (1, 2):
+            raise ValueError(f"BlockSizes.warpgroups must be 1 or 2, got {w!r}")
+        if self.block_q % (_TILE * w):
+            raise ValueError(f"BlockSizes.block_q={self.block_q} must be a multiple of {_TILE * w} with "
+                             f"warpgroups={w} (each warpgroup takes a 64-row wgmma tile): use 128 or 256")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +228,8 @@ class _Static:
     mma_dtype: Any  # jnp.bfloat16 or jnp.float16
     approx_math: bool
     skip_full_masks: bool
+    warpgroups: int  # compute warpgroups of the forward / dq kernels (2: plus a producer)
+    block_q_dkv: int  # the q block the dk/dv kernel streams
     interpret: Any = False  # False or an InterpretGPUParams; fixed at trace time, so the VJP's calls match
 
 
@@ -273,15 +297,17 @@ def _ring(periods, period, full, stages: int, fetch, compute, carry):
     refilled at step t was last read at step t - 1, whose wgmmas `compute` has waited for. `full`
     (a, b) or None: within each period the steps [a, b) see only fully visible blocks and run
     `compute` with masked=False, in a loop of their own; the others run with masked=True.
+    `fetch` None: another warpgroup fills the ring (`_drive`).
     """
     n = periods * period
-    for t0 in range(stages - 1):
+    for t0 in range(stages - 1 if fetch is not None else 0):
         pl.when(t0 < n)(functools.partial(fetch, t0, t0))
 
     def step(masked: bool):
         def body(t, carry):
-            nxt = t + (stages - 1)
-            pl.when(nxt < n)(lambda: fetch(nxt, lax.rem(nxt, stages)))
+            if fetch is not None:
+                nxt = t + (stages - 1)
+                pl.when(nxt < n)(lambda: fetch(nxt, lax.rem(nxt, stages)))
             return compute(t, lax.rem(t, stages), carry, masked)
         return body
 
@@ -296,6 +322,53 @@ def _ring(periods, period, full, stages: int, fetch, compute, carry):
         return lax.fori_loop(base + b, base + period, step(True), carry)
 
     return one_period(0, carry) if periods == 1 else lax.fori_loop(0, periods, one_period, carry)
+
+
+def _drive(st: _Static, stages: int, periods, period, full, fetch, consumer, smem: dict):
+    """Run `consumer(wg, stream)` on each compute warpgroup; `stream(compute, carry)` runs the ring.
+
+    One warpgroup: it prefetches its own ring (`_ring`). Two: a producer warpgroup (thread index 2)
+    fetches every step into its slot once both compute warpgroups have released the step that last
+    used the slot (`consumed` barriers, one arrival per warpgroup and step).
+    """
+    W = st.warpgroups
+    if W == 1:
+        consumer(0, lambda compute, carry: _ring(periods, period, full, stages, fetch, compute, carry))
+        return
+    wg = lax.axis_index("wg")
+    n = periods * period
+    consumed = smem["consumed_bar"]
+
+    @pl.when(wg == W)
+    def _producer():
+        plgpu.set_max_registers(40, action="decrease")
+
+        def release_of(t):  # wait until step t - stages, which used t's slot, is released
+            slot = lax.rem(t, stages)
+            pl.when(t >= stages)(lambda: plgpu.barrier_wait(consumed.at[slot]))
+            return slot
+
+        def body(t, carry):
+            fetch(t, release_of(t))
+            return carry
+
+        lax.fori_loop(0, n, body, 0)
+        # Observe the last releases too: the barriers' phases are then balanced when the kernel ends (the GPU
+        # interpreter checks that every waiter saw every phase).
+        lax.fori_loop(n, n + stages, lambda t, c: (release_of(t), c)[1], 0)
+
+    @pl.when(wg < W)
+    def _consumers():
+        plgpu.set_max_registers(232, action="increase")
+
+        def stream(compute, carry):
+            def released(t, slot, carry, masked):
+                carry = compute(t, slot, carry, masked)  # its wgmmas have completed: the slot is free
+                plgpu.barrier_arrive(consumed.at[slot])
+                return carry
+            return _ring(periods, period, full, stages, None, released, carry)
+
+        consumer(wg, stream)
 
 
 def _full_steps(range_ref, i, st: _Static):
@@ -336,11 +409,8 @@ def _fwd_kernel(kv_range_ref, *refs, st: _Static, groups: int, stages: int, **sm
     q_ref, kT_ref, v_ref, qpos_ref, kvpos_ref, o_ref, lse_ref = refs
     i, h, b = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
     kh = lax.div(h, groups)
-    bq, bk, P = st.block_q, st.block_k, st.parts
+    bk, P, rq = st.block_k, st.parts, st.block_q // st.warpgroups  # rq: one warpgroup's query rows
     Dv = o_ref.shape[-1]
-    rows = pl.ds(i * bq, bq)
-    _copy_in(q_ref.at[:, b, rows, h], smem, "q", parts=P)
-    _copy_in(qpos_ref.at[b, :, rows], smem, "qpos")
     lo, hi = kv_range_ref[0, i], kv_range_ref[1, i]
     params = head_row(params_ref, h, st.bias)
 
@@ -350,43 +420,50 @@ def _fwd_kernel(kv_range_ref, *refs, st: _Static, groups: int, stages: int, **sm
         _copy_in(v_ref.at[:, b, cols, kh], smem, "v", slot, P)
         _copy_in(kvpos_ref.at[b, :, cols], smem, "kvpos", slot)
 
-    _wait(smem, ("q", "qpos"))
-    shape = (bq, bk)
-    qp, qs = (_hint(smem["qpos"][n], _ROW, st) for n in range(2))  # [bq] vectors, broadcast per step
+    def consumer(wg, stream):
+        rows = pl.ds(i * st.block_q + wg * rq, rq)
+        _copy_in(q_ref.at[:, b, rows, h], smem, "q", wg, P)
+        _copy_in(qpos_ref.at[b, :, rows], smem, "qpos", wg)
+        _wait(smem, ("q", "qpos"), wg)
+        q_s, p_s, shape = smem["q"].at[wg], smem["p"].at[wg], (rq, bk)
+        qp, qs = (_hint(smem["qpos"][wg, n], _ROW, st) for n in range(2))  # [rq] vectors, broadcast per step
 
-    def compute(t, slot, carry, masked):
-        m_prev, l_prev, acc = carry
-        _wait(smem, ("kT", "v", "kvpos"), slot)
-        kp, ks = (_hint(smem["kvpos"][slot, n], _COL, st) for n in range(2))
-        s = _matmul(smem["q"], smem["kT"].at[slot], shape, P)
-        s, mask, _ = _scores(s, _rows(qp, shape), _rows(qs, shape), _cols(kp, shape), _cols(ks, shape), params, st,
-                             masked)
-        if mask is not None:
-            s = jnp.where(mask, s, -jnp.inf)
-        m_new = jnp.maximum(m_prev, s.max(axis=1))
-        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing visible yet
-        p = jnp.exp(s - _rows(m_use, s.shape))
-        alpha = jnp.exp(m_prev - m_use)
-        l_new = alpha * l_prev + p.sum(axis=1)
-        _store_parts(smem["p"], p, P)
+        def compute(t, slot, carry, masked):
+            m_prev, l_prev, acc = carry
+            _wait(smem, ("kT", "v", "kvpos"), slot)
+            kp, ks = (_hint(smem["kvpos"][slot, n], _COL, st) for n in range(2))
+            s = _matmul(q_s, smem["kT"].at[slot], shape, P)
+            s, mask, _ = _scores(s, _rows(qp, shape), _rows(qs, shape), _cols(kp, shape), _cols(ks, shape), params,
+                                 st, masked)
+            if mask is not None:
+                s = jnp.where(mask, s, -jnp.inf)
+            m_new = jnp.maximum(m_prev, s.max(axis=1))
+            m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing visible yet
+            p = jnp.exp(s - _rows(m_use, s.shape))
+            alpha = jnp.exp(m_prev - m_use)
+            l_new = alpha * l_prev + p.sum(axis=1)
+            _store_parts(p_s, p, P)
+            plgpu.commit_smem()
+            pv = _matmul(p_s, smem["v"].at[slot], (rq, Dv), P)
+            return m_new, l_new, _rows(alpha, acc.shape) * acc + pv
+
+        init = (
+            _hint(jnp.full((rq,), -jnp.inf, jnp.float32), _ROW, st),
+            _hint(jnp.zeros((rq,), jnp.float32), _ROW, st),
+            _hint(jnp.zeros((rq, Dv), jnp.float32), plgpu.Layout.WGMMA, st),
+        )
+        m, l, acc = stream(compute, init)
+        empty = l == 0.0
+        safe_l = jnp.where(empty, 1.0, l)
+        o_s, lse_s = smem["o"].at[wg], smem["lse"].at[wg]
+        o_s[...] = (acc / _rows(safe_l, acc.shape)).astype(o_ref.dtype)
+        lse_s[...] = jnp.where(empty, -jnp.inf, m + jnp.log(safe_l))
         plgpu.commit_smem()
-        pv = _matmul(smem["p"], smem["v"].at[slot], (bq, Dv), P)
-        return m_new, l_new, _rows(alpha, acc.shape) * acc + pv
+        plgpu.copy_smem_to_gmem(o_s, o_ref.at[b, rows, h])
+        plgpu.copy_smem_to_gmem(lse_s, lse_ref.at[b, h, rows])
+        plgpu.wait_smem_to_gmem(0)
 
-    init = (
-        _hint(jnp.full((bq,), -jnp.inf, jnp.float32), _ROW, st),
-        _hint(jnp.zeros((bq,), jnp.float32), _ROW, st),
-        _hint(jnp.zeros((bq, Dv), jnp.float32), plgpu.Layout.WGMMA, st),
-    )
-    m, l, acc = _ring(1, hi - lo, _full_steps(kv_range_ref, i, st), stages, fetch, compute, init)
-    empty = l == 0.0
-    safe_l = jnp.where(empty, 1.0, l)
-    smem["o"][...] = (acc / _rows(safe_l, acc.shape)).astype(o_ref.dtype)
-    smem["lse"][...] = jnp.where(empty, -jnp.inf, m + jnp.log(safe_l))
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(smem["o"], o_ref.at[b, rows, h])
-    plgpu.copy_smem_to_gmem(smem["lse"], lse_ref.at[b, h, rows])
-    plgpu.wait_smem_to_gmem(0)
+    _drive(st, stages, 1, hi - lo, _full_steps(kv_range_ref, i, st), fetch, consumer, smem)
 
 
 def _dscores(s, dp, lse, di, qp, qs, kp, ks, params, st: _Static, masked: bool):
@@ -408,13 +485,8 @@ def _dq_kernel(kv_range_ref, *refs, st: _Static, groups: int, stages: int, **sme
     q_ref, do_ref, kT_ref, vT_ref, k_ref, qpos_ref, kvpos_ref, stats_ref, dq_ref = refs
     i, h, b = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
     kh = lax.div(h, groups)
-    bq, bk, P = st.block_q, st.block_k, st.parts
+    bk, P, rq = st.block_k, st.parts, st.block_q // st.warpgroups  # rq: one warpgroup's query rows
     D = dq_ref.shape[-1]
-    rows = pl.ds(i * bq, bq)
-    _copy_in(q_ref.at[:, b, rows, h], smem, "q", parts=P)
-    _copy_in(do_ref.at[:, b, rows, h], smem, "do", parts=P)
-    _copy_in(qpos_ref.at[b, :, rows], smem, "qpos")
-    _copy_in(stats_ref.at[b, h, :, rows], smem, "stats")
     lo, hi = kv_range_ref[0, i], kv_range_ref[1, i]
     params = head_row(params_ref, h, st.bias)
 
@@ -425,33 +497,42 @@ def _dq_kernel(kv_range_ref, *refs, st: _Static, groups: int, stages: int, **sme
         _copy_in(k_ref.at[:, b, cols, kh], smem, "k", slot, P)
         _copy_in(kvpos_ref.at[b, :, cols], smem, "kvpos", slot)
 
-    _wait(smem, ("q", "do", "qpos", "stats"))
-    shape = (bq, bk)
-    qp, qs = (_hint(smem["qpos"][n], _ROW, st) for n in range(2))
-    lse, di = (_hint(smem["stats"][n], _ROW, st) for n in range(2))
+    def consumer(wg, stream):
+        rows = pl.ds(i * st.block_q + wg * rq, rq)
+        _copy_in(q_ref.at[:, b, rows, h], smem, "q", wg, P)
+        _copy_in(do_ref.at[:, b, rows, h], smem, "do", wg, P)
+        _copy_in(qpos_ref.at[b, :, rows], smem, "qpos", wg)
+        _copy_in(stats_ref.at[b, h, :, rows], smem, "stats", wg)
+        _wait(smem, ("q", "do", "qpos", "stats"), wg)
+        q_s, do_s, ds_s, shape = smem["q"].at[wg], smem["do"].at[wg], smem["ds"].at[wg], (rq, bk)
+        qp, qs = (_hint(smem["qpos"][wg, n], _ROW, st) for n in range(2))
+        lse, di = (_hint(smem["stats"][wg, n], _ROW, st) for n in range(2))
 
-    def with_acc(dq_acc):
-        def compute(t, slot, carry, masked):
-            _wait(smem, ("kT", "vT", "k", "kvpos"), slot)
-            kp, ks = (_hint(smem["kvpos"][slot, n], _COL, st) for n in range(2))
-            s = _matmul(smem["q"], smem["kT"].at[slot], shape, P)
-            dp = _matmul(smem["do"], smem["vT"].at[slot], shape, P)
-            _, ds = _dscores(s, dp, _rows(lse, shape), _rows(di, shape), _rows(qp, shape), _rows(qs, shape),
-                             _cols(kp, shape), _cols(ks, shape), params, st, masked)
-            _store_parts(smem["ds"], ds, P)
-            plgpu.commit_smem()
-            _mma(dq_acc, smem["ds"], smem["k"].at[slot], P)
-            plgpu.wgmma_wait(0)  # the next step refills a ring slot and the ds tile this wgmma reads
-            return carry
+        def with_acc(dq_acc):
+            def compute(t, slot, carry, masked):
+                _wait(smem, ("kT", "vT", "k", "kvpos"), slot)
+                kp, ks = (_hint(smem["kvpos"][slot, n], _COL, st) for n in range(2))
+                s = _matmul(q_s, smem["kT"].at[slot], shape, P)
+                dp = _matmul(do_s, smem["vT"].at[slot], shape, P)
+                _, ds = _dscores(s, dp, _rows(lse, shape), _rows(di, shape), _rows(qp, shape), _rows(qs, shape),
+                                 _cols(kp, shape), _cols(ks, shape), params, st, masked)
+                _store_parts(ds_s, ds, P)
+                plgpu.commit_smem()
+                _mma(dq_acc, ds_s, smem["k"].at[slot], P)
+                plgpu.wgmma_wait(0)  # the next step refills a ring slot and the ds tile this wgmma reads
+                return carry
 
-        _ring(1, hi - lo, _full_steps(kv_range_ref, i, st), stages, fetch, compute, 0)
-        return dq_acc[...]
+            stream(compute, 0)
+            return dq_acc[...]
 
-    dq = pl.run_scoped(with_acc, plgpu.ACC((bq, D), jnp.float32))
-    smem["dq"][...] = dq.astype(dq_ref.dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(smem["dq"], dq_ref.at[b, rows, h])
-    plgpu.wait_smem_to_gmem(0)
+        dq = pl.run_scoped(with_acc, plgpu.ACC((rq, D), jnp.float32))
+        dq_s = smem["dq"].at[wg]
+        dq_s[...] = dq.astype(dq_ref.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(dq_s, dq_ref.at[b, rows, h])
+        plgpu.wait_smem_to_gmem(0)
+
+    _drive(st, stages, 1, hi - lo, _full_steps(kv_range_ref, i, st), fetch, consumer, smem)
 
 
 def _dkv_kernel(q_range_ref, *refs, st: _Static, groups: int, stages: int, **smem):
@@ -460,7 +541,7 @@ def _dkv_kernel(q_range_ref, *refs, st: _Static, groups: int, stages: int, **sme
         params_ref, *refs = refs
     k_ref, v_ref, qT_ref, q_ref, doT_ref, do_ref, qpos_ref, kvpos_ref, stats_ref, dk_ref, dv_ref = refs
     j, kh, b = lax.axis_index("k"), lax.axis_index("h"), lax.axis_index("b")
-    bq, bk, P = st.block_q, st.block_k, st.parts
+    bq, bk, P = st.block_q_dkv, st.block_k, st.parts
     D, Dv = dk_ref.shape[-1], dv_ref.shape[-1]
     cols = pl.ds(j * bk, bk)  # this program's keys: the rows of its S^T tiles
     _copy_in(k_ref.at[:, b, cols, kh], smem, "k", parts=P)
@@ -543,7 +624,8 @@ def _pick_stages(name: str, make_smem, st: _Static) -> tuple[int, dict]:
             return stages, smem
     raise ValueError(
         f"the {name} kernel needs {_smem_bytes(smem) / 1024:.0f} KiB of shared memory with "
-        f"block_q={st.block_q}, block_k={st.block_k}, num_stages={stages} and "
+        f"block_q={st.block_q_dkv if name == 'dk/dv' else st.block_q}, block_k={st.block_k}, "
+        f"warpgroups={1 if name == 'dk/dv' else st.warpgroups}, num_stages={stages} and "
         f"{'f32 inputs (3 bf16 terms per value)' if st.parts > 1 else 'bf16/f16 inputs'} "
         f"(limit {_SMEM_LIMIT // 1024} KiB); use smaller blocks or head dims, fewer stages"
         f"{', or bf16 inputs' if st.parts > 1 else ''}")
@@ -565,8 +647,9 @@ def _check_blocked_shapes(q_shape, k_shape, v_shape, qpos, kvpos, st: _Static):
         raise ValueError(f"k {k_shape} / v {v_shape} do not match q {q_shape} ({st.parts} parts)")
     if K == 0 or H % K:
         raise ValueError(f"query heads {H} must be a multiple of kv heads {K}")
-    if T % st.block_q:
-        raise ValueError(f"padded query length {T} is not a multiple of block_q={st.block_q}")
+    if T % st.block_q or T % st.block_q_dkv:
+        raise ValueError(f"padded query length {T} is not a multiple of block_q={st.block_q} and "
+                         f"block_q_dkv={st.block_q_dkv}")
     if S % st.block_k:
         raise ValueError(f"padded key length {S} is not a multiple of block_k={st.block_k}")
     for name, d in (("head_dim", D), ("value head_dim", Dv)):
@@ -578,7 +661,9 @@ def _check_blocked_shapes(q_shape, k_shape, v_shape, qpos, kvpos, st: _Static):
     return P, B, T, H, D, S, K, Dv
 
 
-def _run(body, name: str, grid, grid_names, out_type, smem: dict, st: _Static, *args):
+def _run(body, name: str, grid, grid_names, out_type, smem: dict, st: _Static, *args, warpgroups: int = 1):
+    """Launch a kernel; with 2 compute warpgroups, a third (the producer) joins them on thread axis 'wg'."""
+    threads = dict(num_threads=warpgroups + 1, thread_name="wg") if warpgroups > 1 else {}
     return plgpu.kernel(
         body,
         out_type=out_type,
@@ -588,7 +673,15 @@ def _run(body, name: str, grid, grid_names, out_type, smem: dict, st: _Static, *
         kernel_name=name,
         compiler_params=plgpu.CompilerParams(approx_math=st.approx_math),
         interpret=st.interpret,
+        **threads,
     )(*args)
+
+
+def _ring_barriers(names, n: int, parts: int, operands, st: _Static) -> dict:
+    """The streamed buffers' barriers, plus the `consumed` ones the producer waits on with 2 warpgroups."""
+    W = st.warpgroups
+    consumed = {} if W == 1 else dict(consumed_bar=plgpu.Barrier(num_arrivals=W, num_barriers=n))
+    return {**_barriers(names, n, parts, operands), **consumed}
 
 
 def _fwd_call(q, kT, v, qpos, kvpos, params, ranges, st: _Static):
@@ -596,12 +689,16 @@ def _fwd_call(q, kT, v, qpos, kvpos, params, ranges, st: _Static):
     bq, bk, dt = st.block_q, st.block_k, st.mma_dtype
     out_dtype = jnp.float32 if P > 1 else dt
 
+    W = st.warpgroups
+    rq = bq // W  # each compute warpgroup's own tiles: [W, ...]
+
     def make_smem(n):
         return dict(
-            q=_operand((P, bq, D), dt), qpos=plgpu.SMEM((2, bq), jnp.int32),
+            q=_operand((W, P, rq, D), dt), qpos=plgpu.SMEM((W, 2, rq), jnp.int32),
             kT=_operand((n, P, D, bk), dt), v=_operand((n, P, bk, Dv), dt), kvpos=plgpu.SMEM((n, 2, bk), jnp.int32),
-            p=_operand((P, bq, bk), dt), o=_operand((bq, Dv), out_dtype), lse=plgpu.SMEM((bq,), jnp.float32),
-            **_barriers(("q", "qpos"), 1, P, ("q",)), **_barriers(("kT", "v", "kvpos"), n, P, ("kT", "v")),
+            p=_operand((W, P, rq, bk), dt), o=_operand((W, rq, Dv), out_dtype),
+            lse=plgpu.SMEM((W, rq), jnp.float32),
+            **_barriers(("q", "qpos"), W, P, ("q",)), **_ring_barriers(("kT", "v", "kvpos"), n, P, ("kT", "v"), st),
         )
 
     stages, smem = _pick_stages("forward", make_smem, st)
@@ -610,7 +707,8 @@ def _fwd_call(q, kT, v, qpos, kvpos, params, ranges, st: _Static):
     if st.bias is not None:  # [H * P] f32
         args.insert(1, params.reshape(-1))
     out_type = (jax.ShapeDtypeStruct((B, T, H, Dv), out_dtype), jax.ShapeDtypeStruct((B, H, T), jnp.float32))
-    return _run(body, "flash_attention_mgpu_fwd", (T // bq, H, B), ("q", "h", "b"), out_type, smem, st, *args)
+    return _run(body, "flash_attention_mgpu_fwd", (T // bq, H, B), ("q", "h", "b"), out_type, smem, st, *args,
+                warpgroups=W)
 
 
 def _dq_call(q, do, kT, vT, k, qpos, kvpos, stats, params, ranges, st: _Static):
@@ -620,14 +718,18 @@ def _dq_call(q, do, kT, vT, k, qpos, kvpos, stats, params, ranges, st: _Static):
     bq, bk, dt = st.block_q, st.block_k, st.mma_dtype
     out_dtype = jnp.float32 if P > 1 else dt
 
+    W = st.warpgroups
+    rq = bq // W  # each compute warpgroup's own tiles: [W, ...]
+
     def make_smem(n):
         return dict(
-            q=_operand((P, bq, D), dt), do=_operand((P, bq, Dv), dt), qpos=plgpu.SMEM((2, bq), jnp.int32),
-            stats=plgpu.SMEM((2, bq), jnp.float32),
+            q=_operand((W, P, rq, D), dt), do=_operand((W, P, rq, Dv), dt), qpos=plgpu.SMEM((W, 2, rq), jnp.int32),
+            stats=plgpu.SMEM((W, 2, rq), jnp.float32),
             kT=_operand((n, P, D, bk), dt), vT=_operand((n, P, Dv, bk), dt), k=_operand((n, P, bk, D), dt),
-            kvpos=plgpu.SMEM((n, 2, bk), jnp.int32), ds=_operand((P, bq, bk), dt), dq=_operand((bq, D), out_dtype),
-            **_barriers(("q", "do", "qpos", "stats"), 1, P, ("q", "do")),
-            **_barriers(("kT", "vT", "k", "kvpos"), n, P, ("kT", "vT", "k")),
+            kvpos=plgpu.SMEM((n, 2, bk), jnp.int32), ds=_operand((W, P, rq, bk), dt),
+            dq=_operand((W, rq, D), out_dtype),
+            **_barriers(("q", "do", "qpos", "stats"), W, P, ("q", "do")),
+            **_ring_barriers(("kT", "vT", "k", "kvpos"), n, P, ("kT", "vT", "k"), st),
         )
 
     stages, smem = _pick_stages("dq", make_smem, st)
@@ -636,14 +738,15 @@ def _dq_call(q, do, kT, vT, k, qpos, kvpos, stats, params, ranges, st: _Static):
     if st.bias is not None:  # [H * P] f32
         args.insert(1, params.reshape(-1))
     out_type = jax.ShapeDtypeStruct((B, T, H, D), out_dtype)
-    return _run(body, "flash_attention_mgpu_dq", (T // bq, H, B), ("q", "h", "b"), out_type, smem, st, *args)
+    return _run(body, "flash_attention_mgpu_dq", (T // bq, H, B), ("q", "h", "b"), out_type, smem, st, *args,
+                warpgroups=W)
 
 
 def _dkv_call(k, v, qT, q, doT, do, qpos, kvpos, stats, params, ranges, st: _Static):
     P, B, T, H, D, S, K, Dv = _check_blocked_shapes(q.shape, k.shape, v.shape, qpos, kvpos, st)
     if do.shape != (P, B, T, H, Dv) or stats.shape != (B, H, 2, T):
         raise ValueError(f"dout {do.shape} / lse+delta {stats.shape} do not match q {q.shape}")
-    bq, bk, dt = st.block_q, st.block_k, st.mma_dtype
+    bq, bk, dt = st.block_q_dkv, st.block_k, st.mma_dtype
     out_dtype = jnp.float32 if P > 1 else dt
 
     def make_smem(n):
@@ -763,6 +866,8 @@ def _static(dtype, D, mask: Mask, bias: Bias | None, scale, logits_soft_cap, bs:
         mma_dtype=jnp.float16 if dtype == jnp.float16 else jnp.bfloat16,
         approx_math=bs.approx_math,
         skip_full_masks=bs.skip_full_masks,
+        warpgroups=bs.warpgroups,
+        block_q_dkv=bs.block_q if bs.block_q_dkv is None else bs.block_q_dkv,
         interpret=_interpret_params(interpret),
     )
 
@@ -781,17 +886,31 @@ def _span(vis_NM, full_NM):
     return jnp.stack([lo, hi, jnp.where(has_full, flo, lo), jnp.where(has_full, fhi, lo)]).astype(jnp.int32)
 
 
+def _q_multiple(bs: BlockSizes) -> int:
+    """Queries are padded to a multiple of both q blocks (the forward / dq one and the dk/dv one)."""
+    return math.lcm(bs.block_q, bs.block_q if bs.block_q_dkv is None else bs.block_q_dkv)
+
+
 def _block_ranges(q_pos, kv_pos, q_seg, kv_seg, st: _Static):
     """(kv ranges int32 [4, nq] for forward / dq, q ranges int32 [4, nk] for dk / dv): [lo; hi; flo; fhi)
-    block indices, [flo, fhi) a run of fully visible blocks inside [lo, hi)."""
+    block indices, [flo, fhi) a run of fully visible blocks inside [lo, hi). The dk/dv kernel's q blocks
+    are block_q_dkv long."""
     B, T = q_pos.shape
     S = kv_pos.shape[1]
-    nq, nk = T // st.block_q, S // st.block_k
-    blocks = (q_pos.reshape(B, nq, st.block_q), kv_pos.reshape(B, nk, st.block_k),
-              q_seg.reshape(B, nq, st.block_q), kv_seg.reshape(B, nk, st.block_k))
-    vis_NM = block_visible(*blocks, mask=st.mask)  # [nq, nk], any over the batch
-    full_NM = block_full(*blocks, mask=st.mask)  # [nq, nk], all over the batch
-    return _span(vis_NM, full_NM), _span(vis_NM.T, full_NM.T)
+    nk = S // st.block_k
+
+    def tables(bq):  # [nq, nk] visible (any over the batch) and fully visible (all over the batch)
+        nq = T // bq
+        blocks = (q_pos.reshape(B, nq, bq), kv_pos.reshape(B, nk, st.block_k),
+                  q_seg.reshape(B, nq, bq), kv_seg.reshape(B, nk, st.block_k))
+        return block_visible(*blocks, mask=st.mask), block_full(*blocks, mask=st.mask)
+
+    vis_NM, full_NM = tables(st.block_q)
+    if st.block_q_dkv != st.block_q:
+        vis_NM_dkv, full_NM_dkv = tables(st.block_q_dkv)
+    else:
+        vis_NM_dkv, full_NM_dkv = vis_NM, full_NM
+    return _span(vis_NM, full_NM), _span(vis_NM_dkv.T, full_NM_dkv.T)
 
 
 def attention(
@@ -819,7 +938,8 @@ def attention(
     bs = _as_block_sizes(block_sizes)
     B, T, S, H, K, D = check_qkv(q_BTHD, k_BSKD, v_BSKD, bias, bias_params_HP)
     q_pos, kv_pos, q_seg, kv_seg, pad_t, pad_s = pad_positions(
-        q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, bs.block_q, bs.block_k, always_segments=True, shape_BTS=(B, T, S))
+        q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, _q_multiple(bs), bs.block_k, always_segments=True,
+        shape_BTS=(B, T, S))
     st = _static(q_BTHD.dtype, D, mask, bias, scale, logits_soft_cap, bs, interpret)
     ranges = _block_ranges(q_pos, kv_pos, q_seg, kv_seg, st)
     q = pad_axis(q_BTHD, 1, pad_t, 0)
