@@ -220,15 +220,24 @@ def block_visible(q_pos_BNb, kv_pos_BMb, q_seg_BNb=None, kv_seg_BMb=None, *, mas
     layouts (contiguous, zig-zag halves, packed documents with increasing
     segment ids) and merely conservative otherwise.
     """
-    q_pos_BNb, kv_pos_BMb = jnp.asarray(q_pos_BNb), jnp.asarray(kv_pos_BMb)  # traced indexing needs jax arrays
-    q_lo, q_hi = q_pos_BNb.min(-1)[:, :, None], q_pos_BNb.max(-1)[:, :, None]
-    k_lo, k_hi = kv_pos_BMb.min(-1)[:, None, :], kv_pos_BMb.max(-1)[:, None, :]
+    (q_lo, q_hi, k_lo, k_hi), segs = _block_summaries(q_pos_BNb, kv_pos_BMb, q_seg_BNb, kv_seg_BMb)
     vis_BNM = mask.block_visible(q_lo, q_hi, k_lo, k_hi)
-    if q_seg_BNb is not None:
-        qs_lo, qs_hi = q_seg_BNb.min(-1)[:, :, None], q_seg_BNb.max(-1)[:, :, None]
-        ks_lo, ks_hi = kv_seg_BMb.min(-1)[:, None, :], kv_seg_BMb.max(-1)[:, None, :]
+    if segs is not None:
+        qs_lo, qs_hi, ks_lo, ks_hi = segs
         vis_BNM &= (qs_lo <= ks_hi) & (ks_lo <= qs_hi)
     return vis_BNM.any(0)
+
+
+def _block_summaries(q_pos_BNb, kv_pos_BMb, q_seg_BNb, kv_seg_BMb):
+    """Per-block min / max of positions (and segment ids, or None), broadcast to [B, N, M]."""
+    def lo_hi(x, q: bool):
+        x = jnp.asarray(x)  # traced indexing needs jax arrays
+        axis = 2 if q else 1
+        return jnp.expand_dims(x.min(-1), axis), jnp.expand_dims(x.max(-1), axis)
+
+    pos = (*lo_hi(q_pos_BNb, True), *lo_hi(kv_pos_BMb, False))
+    segs = None if q_seg_BNb is None else (*lo_hi(q_seg_BNb, True), *lo_hi(kv_seg_BMb, False))
+    return pos, segs
 
 
 def block_full(q_pos_BNb, kv_pos_BMb, q_seg_BNb=None, kv_seg_BMb=None, *, mask: Mask):
@@ -237,13 +246,10 @@ def block_full(q_pos_BNb, kv_pos_BMb, q_seg_BNb=None, kv_seg_BMb=None, *, mask: 
     The counterpart of `block_visible`, from the same per-block min/max summaries: one segment id across
     both blocks, and `Mask.block_full` on the positions. Padding (segments -2 / -1) is never full.
     """
-    q_pos_BNb, kv_pos_BMb = jnp.asarray(q_pos_BNb), jnp.asarray(kv_pos_BMb)
-    q_lo, q_hi = q_pos_BNb.min(-1)[:, :, None], q_pos_BNb.max(-1)[:, :, None]
-    k_lo, k_hi = kv_pos_BMb.min(-1)[:, None, :], kv_pos_BMb.max(-1)[:, None, :]
+    (q_lo, q_hi, k_lo, k_hi), segs = _block_summaries(q_pos_BNb, kv_pos_BMb, q_seg_BNb, kv_seg_BMb)
     full_BNM = mask.block_full(q_lo, q_hi, k_lo, k_hi)
-    if q_seg_BNb is not None:
-        qs_lo, qs_hi = q_seg_BNb.min(-1)[:, :, None], q_seg_BNb.max(-1)[:, :, None]
-        ks_lo, ks_hi = kv_seg_BMb.min(-1)[:, None, :], kv_seg_BMb.max(-1)[:, None, :]
+    if segs is not None:
+        qs_lo, qs_hi, ks_lo, ks_hi = segs
         full_BNM &= (qs_lo == qs_hi) & (ks_lo == ks_hi) & (qs_lo == ks_lo)
     return full_BNM.all(0)
 
