@@ -363,23 +363,21 @@ def accelerator_main(a, command: str):
             full, win = find("lc_jax_pallas", t_max, D, mode, None), find("lc_jax_pallas", t_max, D, mode, a.acc_window)
             sliding[f"D{D}_{mode}"] = full["time_s"] / win["time_s"] if full and win else None
 
-    # lc_jax pallas speed relative to cuDNN (cuDNN time / lc_jax time) per D, T and mode; target >= 0.8 on GPU.
-    vs_cudnn = {}
-    for D in a.acc_head_dims:
-        for T in a.acc_lengths:
-            for mode in ("fwd", "fwd_bwd"):
-                ours, cudnn = find("lc_jax_pallas", T, D, mode, None), find("jax_cudnn", T, D, mode, None)
-                if ours and cudnn:
-                    vs_cudnn[f"D{D}_T{T}_{mode}"] = cudnn["time_s"] / ours["time_s"]
-    # The same for each --acc-pallas-blocks variant, measured side by side with the default in this run.
-    variants_vs_cudnn = {}
-    for impl in (f"lc_jax_pallas@{b}" for b in a.acc_pallas_blocks):
+    def speed_vs_cudnn(impl):  # cuDNN time / impl time per D, T and mode
+        out = {}
         for D in a.acc_head_dims:
             for T in a.acc_lengths:
                 for mode in ("fwd", "fwd_bwd"):
                     ours, cudnn = find(impl, T, D, mode, None), find("jax_cudnn", T, D, mode, None)
                     if ours and cudnn:
-                        variants_vs_cudnn.setdefault(impl, {})[f"D{D}_T{T}_{mode}"] = cudnn["time_s"] / ours["time_s"]
+                        out[f"D{D}_T{T}_{mode}"] = cudnn["time_s"] / ours["time_s"]
+        return out
+
+    # lc_jax pallas speed relative to cuDNN; target >= 0.8 on GPU. Then each --acc-pallas-blocks variant,
+    # measured side by side with the default in this run.
+    vs_cudnn = speed_vs_cudnn("lc_jax_pallas")
+    variants_vs_cudnn = {impl: r for impl in (f"lc_jax_pallas@{b}" for b in a.acc_pallas_blocks)
+                         if (r := speed_vs_cudnn(impl))}
 
     print(f"\nbf16 causal attention, B={B} H={H}, {dev.device_kind} ({backend}), TFLOP/s "
           f"(causal FLOPs halved, fwd+bwd = 3.5x fwd); median of {reps} alternating reps x {iters} calls")
