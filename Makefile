@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 quickstart: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) -m lc_jax.train --config configs/quickstart.py --workdir runs/quickstart
 
-## Run the test suite (CPU, 9-20 min on 2 cores by machine; includes deviceless TPU compiles).
+## Run the test suite (CPU, 10-22 min on 2 cores by machine and load; includes deviceless TPU compiles).
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile --durations=25 tests
 
