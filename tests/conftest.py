@@ -6,7 +6,7 @@ import tempfile
 # XLA's CPU backend at -O1 (the default is -O3): the tests' programs are tiny and mostly compiled, not run, and
 # LLVM's -O3 pipeline is most of their compile time (the tiny model's initialiser: 4.0 s -> 1.3 s). Not -O0:
 # there XLA's CPU code for the reference's ALiBi backward gives NaN that -O1..-O3 do not give from the same HLO
-# (jax 0.10.2). Subprocesses the tests start inherit the flags (test_faults.py, multihost_worker.py keep -O1).
+# (jax 0.10.2). Subprocesses the tests start keep -O1 (test_faults.py, multihost_worker.py).
 TEST_XLA_FLAGS = ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=1")
 _given = os.environ.get("XLA_FLAGS", "")
 os.environ["XLA_FLAGS"] = " ".join([_given, *(f for f in TEST_XLA_FLAGS if f.split("=")[0] not in _given)]).strip()

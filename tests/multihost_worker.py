@@ -7,8 +7,8 @@ import json
 import os
 import sys
 
-# 4 fake devices, at conftest's -O1.
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=1"
+# 4 fake devices; importing tests.conftest below adds the suite's other XLA flags.
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
