@@ -408,6 +408,32 @@ def run_eval(eval_step, params, config, mesh, width) -> dict:
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": float(total["count"]), **extra}, per_pos
 
 
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.array([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
+_STEP_FUNCTIONS: dict[tuple, tuple] = {}
+STEP_FUNCTIONS_KEPT = 4
+
+
+def _step_functions(config: ml_collections.ConfigDict, mesh, make: Callable[[], tuple]) -> tuple:
+    """The jitted train and eval steps of this resolved config on this mesh, made once per process.
+
+    A notebook that reruns a cell, a sweep that resumes a member, or a resume after a rewind in the same
+    process would otherwise trace, lower and compile the same step again (seconds each, most of a tiny run).
+    What the steps close over (graph, optimizer, schedule, shardings, stage, policy) follows from the
+    config and the mesh, so those are the key; the newest `STEP_FUNCTIONS_KEPT` are kept.
+    """
+    key = (json.dumps(config.to_dict(), sort_keys=True, default=repr), tuple(mesh.shape.items()),
+           tuple(d.id for d in mesh.devices.flat))
+    if key not in _STEP_FUNCTIONS:
+        _STEP_FUNCTIONS[key] = make()
+        while len(_STEP_FUNCTIONS) > STEP_FUNCTIONS_KEPT:
+            del _STEP_FUNCTIONS[next(iter(_STEP_FUNCTIONS))]
+    return _STEP_FUNCTIONS[key]
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, stop: Stop | None = None,
           on_metrics: Callable[[int, str, dict], None] | None = None) -> dict:
     """Train (or resume) in `workdir`; returns the final validation metrics.
@@ -476,11 +502,12 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: Stop | 
     att = layers.staged_attention(config.model)
     variant = attention.REGISTRY[att.name]
     nonfinite = NonFinite(config.train, workdir, mgr)
-    train_steps = {s: steps.make_train_step(graphdef, tx, schedule, stage=s, aux_weights=variant.aux_losses(att),
-                                            state_shardings=shardings, skip_nonfinite=nonfinite.policy == "skip")
-                   for s in variant.STAGES}
-    eval_steps = {s: steps.make_eval_step(graphdef, config.eval.position_buckets, config.data.seq_len, stage=s)
-                  for s in variant.STAGES}
+    train_steps, eval_steps = _step_functions(config, mesh, lambda: (
+        {s: steps.make_train_step(graphdef, tx, schedule, stage=s, aux_weights=variant.aux_losses(att),
+                                  state_shardings=shardings, skip_nonfinite=nonfinite.policy == "skip")
+         for s in variant.STAGES},
+        {s: steps.make_eval_step(graphdef, config.eval.position_buckets, config.data.seq_len, stage=s)
+         for s in variant.STAGES}))
     width = eval_steps[variant.STAGES[0]][1]
     stage_at = lambda step: variant.stage_at(att, step - phase_start)  # noqa: E731
     writer = MetricsWriter(workdir, start, on_metrics)
@@ -493,12 +520,10 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: Stop | 
     if is_main and config.train.progress:
         bar = tqdm(total=config.train.steps, initial=start - phase_start, dynamic_ncols=True, desc="train")
 
-    all_finite = jax.jit(lambda t: jnp.all(jnp.array([jnp.isfinite(x).all() for x in jax.tree.leaves(t)])))
-
     def check_saveable(done: int, metrics) -> None:
         """Never write a checkpoint of a diverged state."""
         nonfinite.check(done, _host(metrics))
-        if not bool(all_finite(state["params"])):
+        if not bool(_all_finite(state["params"])):
             nonfinite.check(done, {"loss": float("nan"), "grad_norm": float("nan")})
 
     # Metrics of step s are checked after step s+1 is dispatched, so the host never stalls the device.
@@ -572,7 +597,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: Stop | 
         current = int(jax.device_get(state["step"]))
         if data.get("untrained") is not None and data["untrained"][1] == current:
             data["iter"].set_state(data["untrained"][0])
-        if mgr.latest_step() != current and bool(all_finite(state["params"])):
+        if mgr.latest_step() != current and bool(_all_finite(state["params"])):
             save(current, force=True)
             print(f"\ninterrupted: checkpoint saved at step {current}")
         raise

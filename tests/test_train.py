@@ -5,7 +5,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from lc_jax import sharding, train
+from lc_jax import sharding, steps, train
 
 
 def _losses(workdir):
@@ -15,6 +15,9 @@ def _losses(workdir):
 
 def test_resume_matches_uninterrupted_run(tiny_config, tmp_path, monkeypatch):
     c = tiny_config(**{"train.log_every": 1, "checkpoint.every": 100})
+    monkeypatch.setattr(train, "_STEP_FUNCTIONS", {})  # the three runs below make their step once
+    made, make = [], steps.make_train_step
+    monkeypatch.setattr(steps, "make_train_step", lambda *a, **kw: made.append(kw["stage"]) or make(*a, **kw))
     straight = tmp_path / "straight"
     final = train.train(c, straight)
 
@@ -40,6 +43,21 @@ def test_resume_matches_uninterrupted_run(tiny_config, tmp_path, monkeypatch):
     assert sorted(a) == list(range(1, 7)) and sorted(b) == list(range(1, 7))
     assert all(a[s] == b[s] for s in a), (a, b)  # exact, data order included
     assert final == final_resumed
+    assert len(made) == len(set(made)) > 0  # one step per stage of the attention variant, for all three runs
+
+
+def test_step_functions_are_kept_per_config_and_mesh(tiny_config, monkeypatch):
+    monkeypatch.setattr(train, "_STEP_FUNCTIONS", {})
+    c, mesh = tiny_config(), sharding.make_mesh(tiny_config().mesh)
+    assert train._step_functions(c, mesh, lambda: "a") == "a"
+    assert train._step_functions(tiny_config(), mesh, lambda: "b") == "a"  # an equal config: the same steps
+    other = tiny_config(**{"train.lr": 2e-3})
+    assert train._step_functions(other, mesh, lambda: "c") == "c"
+    four = sharding.make_mesh(c.mesh, jax.devices()[:4])
+    assert train._step_functions(c, four, lambda: "d") == "d"  # another mesh: new steps
+    for i in range(train.STEP_FUNCTIONS_KEPT):
+        train._step_functions(tiny_config(**{"seed": 100 + i}), mesh, lambda: "x")
+    assert train._step_functions(c, mesh, lambda: "e") == "e"  # the oldest were dropped
 
 
 def test_run_writes_artifacts(tiny_config, tmp_path):
