@@ -11,7 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from kernel_checks import assert_grads_close, assert_outputs_close, tolerances
+from kernel_checks import assert_grads_close, assert_outputs_close, tolerances, value_and_vjp
 
 from pallas_kernels import sparse_attention as xla_sparse
 
@@ -34,13 +34,6 @@ def select(q_pos_BT, kv_pos_BS, k: int, seed=1):
 
 def pos(B, T, start=0, step=1):
     return jnp.asarray(np.broadcast_to(start + step * np.arange(T, dtype=np.int32), (B, T)))
-
-
-@jax.jit(static_argnums=0)
-def value_and_vjp(fn, q, k, v, do, dlse):
-    """(out, lse, (dq, dk, dv)) of fn under the cotangent (do, dlse), as one jitted program (one compile)."""
-    (out, lse), vjp = jax.vjp(fn, q, k, v)
-    return out, lse, vjp((do.astype(out.dtype), dlse))
 
 
 def check_against_xla(kernel, q, k, v, idx, valid, *, tol=None, **kw):

@@ -53,7 +53,7 @@ def _compare(q, k, v, block_sizes=SMALL_BLOCKS, **kw):
             # A loss touching both outputs: checks the lse cotangent path too.
             return (out * jnp.cos(out)).sum() + jnp.sin(finite_lse).sum(), (out, lse)
 
-        (_, (out, lse)), grads = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+        (_, (out, lse)), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
         return out, lse, grads
 
     out_x, lse_x, g_x = run("xla")
@@ -261,7 +261,7 @@ def test_sinks_against_brute_force_with_their_gradient(impl, mask):
     ours = loss(lambda q, k, v, s: ops.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, mask=mask, sinks_H=s,
                                                  impl=impl, block_sizes=SMALL_BLOCKS))
     brute = loss(lambda q, k, v, s: _with_sink_brute_force(q, k, v, pos, s, mask))
-    np.testing.assert_allclose(ours(q, k, v, sinks), brute(q, k, v, sinks), rtol=1e-5)
-    for name, a, b in zip(["q", "k", "v", "sinks"], jax.grad(ours, (0, 1, 2, 3))(q, k, v, sinks),
-                          jax.grad(brute, (0, 1, 2, 3))(q, k, v, sinks)):
+    np.testing.assert_allclose(jax.jit(ours)(q, k, v, sinks), jax.jit(brute)(q, k, v, sinks), rtol=1e-5)
+    grads = [jax.jit(jax.grad(f, (0, 1, 2, 3)))(q, k, v, sinks) for f in (ours, brute)]
+    for name, a, b in zip(["q", "k", "v", "sinks"], *grads):
         np.testing.assert_allclose(a, b, atol=ATOL_GRAD, rtol=ATOL_GRAD, err_msg=f"d{name}")

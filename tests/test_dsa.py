@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from kernel_checks import alibi
+from kernel_checks import alibi, value_and_vjp
 
 from lc_jax import state as state_lib
 from lc_jax import steps
@@ -85,12 +85,14 @@ def test_sparse_attention_with_k_at_least_T_equals_full_attention():
         return sparse_attention(q, k, v, idx, valid, q_pos_BT=m["q_pos_BT"], kv_pos_BS=m["kv_pos_BS"],
                                 **alibi(slopes), block_q=16)
 
-    (out, lse), vjp = jax.vjp(sparse, q, k, v)
-    (out_r, lse_r), vjp_r = jax.vjp(lambda q, k, v: reference.attention(q, k, v, **m, **alibi(slopes)), q, k, v)
+    rng = np.random.default_rng(3)
+    do, dlse = (jnp.asarray(rng.standard_normal(shape, np.float32)) for shape in (q.shape, q.shape[:3]))
+    out, lse, grads = value_and_vjp(sparse, q, k, v, do, dlse)
+    ref = lambda q, k, v: reference.attention(q, k, v, **m, **alibi(slopes))  # noqa: E731
+    out_r, lse_r, grads_r = value_and_vjp(ref, q, k, v, do, dlse)
     np.testing.assert_allclose(out, out_r, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(lse, lse_r, atol=1e-5, rtol=1e-5)
-    ct = (jnp.cos(out), jnp.sin(lse))
-    for g, g_r in zip(vjp(ct), vjp_r(ct)):
+    for g, g_r in zip(grads, grads_r):
         np.testing.assert_allclose(g, g_r, atol=1e-4, rtol=1e-4)
 
 
@@ -105,10 +107,11 @@ def test_dense_and_sparse_kl_match_brute_force():
         logq = jax.nn.log_softmax(_brute_scores(iq, w, ik, m), -1)
         return jnp.where(mask, p * (jnp.log(jnp.where(p > 0, p, 1)) - jnp.where(mask, logq, 0)), 0).sum(-1)
 
-    kl = lambda iq: dsa.dense_kl(q, k, lse, iq, w, ik, **m, block_q=16, block_k=16)  # noqa: E731
+    brute = jax.jit(brute)  # each function one program (op by op, dozens of compiles)
+    grad_of = lambda f: jax.jit(jax.grad(lambda a: f(a).sum()))  # noqa: E731
+    kl = jax.jit(lambda iq: dsa.dense_kl(q, k, lse, iq, w, ik, **m, block_q=16, block_k=16))
     np.testing.assert_allclose(kl(iq), brute(iq), atol=1e-5)
-    np.testing.assert_allclose(jax.grad(lambda a: kl(a).sum())(iq), jax.grad(lambda a: brute(a).sum())(iq),
-                               atol=1e-4)
+    np.testing.assert_allclose(grad_of(kl)(iq), grad_of(brute)(iq), atol=1e-4)
     idx, valid = dsa.streaming_topk(iq, w, ik, **m, topk=T, block_q=16, block_k=16)
     sparse = dsa.sparse_kl(q, k, lse, iq, w, ik, idx, valid, q_pos_BT=m["q_pos_BT"], kv_pos_BS=m["kv_pos_BS"],
                            block_q=16)
@@ -118,11 +121,10 @@ def test_dense_and_sparse_kl_match_brute_force():
                                  return_probs=True)
     np.testing.assert_allclose(np.where(valid, probs, 0), np.take_along_axis(np.asarray(p), np.asarray(idx), -1)
                                * np.asarray(valid), atol=1e-6)
-    kl_p = lambda iq: dsa.sparse_kl(q, k, None, iq, w, ik, idx, valid, q_pos_BT=m["q_pos_BT"],  # noqa: E731
-                                    kv_pos_BS=m["kv_pos_BS"], probs_BTk=probs)
+    kl_p = jax.jit(lambda iq: dsa.sparse_kl(q, k, None, iq, w, ik, idx, valid, q_pos_BT=m["q_pos_BT"],
+                                            kv_pos_BS=m["kv_pos_BS"], probs_BTk=probs))
     np.testing.assert_allclose(kl_p(iq), brute(iq), atol=1e-5)
-    np.testing.assert_allclose(jax.grad(lambda a: kl_p(a).sum())(iq), jax.grad(lambda a: brute(a).sum())(iq),
-                               atol=1e-4)
+    np.testing.assert_allclose(grad_of(kl_p)(iq), grad_of(brute)(iq), atol=1e-4)
 
 
 def _dsa_config(tiny_config, **dsa_fields):

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kernel_checks import affine, alibi, assert_grads_close, assert_outputs_close, tolerances
+from kernel_checks import affine, alibi, check_against_reference, value_and_vjp
 from platforms import lower_for
 
 from pallas_kernels.flash_attention import gpu as flash_gpu
@@ -38,32 +38,10 @@ def _inputs(B, T, S, H, K, D, dtype, seed=0):
 
 
 def _check(q, k, v, *, block_sizes, interpret=True, check_zero_dlse=False, tol=None, **kw):
-    """Compare out, lse and (dq, dk, dv) under a random (do, dlse) cotangent with the reference."""
-    atol_o, atol_g = tolerances(q.dtype, tol)
-
-    def ours(q, k, v):
-        return flash_gpu.attention(q, k, v, block_sizes=block_sizes, interpret=interpret, **kw)
-
-    def ref(q, k, v):
-        return reference.attention(q, k, v, **kw)
-
-    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-    (out, lse), vjp = jax.vjp(ours, q, k, v)
-    with jax.default_matmul_precision("highest"):  # an f32 ground truth on GPUs too (no TF32)
-        (out_r, lse_r), vjp_r = jax.vjp(ref, f32(q), f32(k), f32(v))
-    assert_outputs_close(out, lse, out_r, lse_r, q, v, atol_o)
-
-    kd = jax.random.split(jax.random.key(42), 2)
-    do = jax.random.normal(kd[0], out.shape, jnp.float32)
-    dlse = jax.random.normal(kd[1], lse.shape, jnp.float32)
-    dlse = jnp.where(jnp.isfinite(lse_r), dlse, 0.0)
-    cotangents = [dlse, jnp.zeros_like(dlse)] if check_zero_dlse else [dlse]
-    for dl in cotangents:
-        grads = vjp((do.astype(out.dtype), dl))
-        with jax.default_matmul_precision("highest"):
-            grads_r = vjp_r((do, dl))
-        assert_grads_close(grads, grads_r, q.dtype, atol_g)
-    return out, lse
+    """`kernel_checks.check_against_reference` of the kernel (interpreted unless `interpret=False`)."""
+    return check_against_reference(
+        lambda q, k, v: flash_gpu.attention(q, k, v, block_sizes=block_sizes, interpret=interpret, **kw),
+        lambda q, k, v: reference.attention(q, k, v, **kw), q, k, v, tol=tol, check_zero_dlse=check_zero_dlse)
 
 
 def _arange(B, T, start=0):
@@ -169,7 +147,7 @@ def test_under_jit_default_blocks():
     f = jax.jit(lambda q, k, v: flash_gpu.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, interpret=True)[0].sum())
     g = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)
     fr = lambda q, k, v: reference.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos)[0].sum()  # noqa: E731
-    gr = jax.grad(fr, argnums=(0, 1, 2))(q, k, v)
+    gr = jax.jit(jax.grad(fr, argnums=(0, 1, 2)))(q, k, v)
     for a, b in zip(g, gr):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
@@ -216,12 +194,11 @@ def test_skipped_blocks_are_never_loaded():
     def ours(q, k, v):
         return flash_gpu.attention(q, k, v, block_sizes=bs, interpret=True, **kw)
 
-    (out, lse), vjp = jax.vjp(ours, q, k, v)
-    dq, dk, dv = vjp((jnp.ones_like(out), jnp.ones_like(lse)))
     kw_r = dict(kw, kv_pos_BS=kv_pos[:, :S_real], kv_seg_BS=kv_seg[:, :S_real])
     ref = lambda q, k, v: reference.attention(q, k, v, **kw_r)  # noqa: E731
-    (out_r, lse_r), vjp_r = jax.vjp(ref, q, k[:, :S_real], v[:, :S_real])
-    dq_r, dk_r, dv_r = vjp_r((jnp.ones_like(out_r), jnp.ones_like(lse_r)))
+    ones_o, ones_l = jnp.ones(q.shape, jnp.float32), jnp.ones(q.shape[:3], jnp.float32)
+    out, lse, (dq, dk, dv) = value_and_vjp(ours, q, k, v, ones_o, ones_l)
+    out_r, lse_r, (dq_r, dk_r, dv_r) = value_and_vjp(ref, q, k[:, :S_real], v[:, :S_real], ones_o, ones_l)
     np.testing.assert_allclose(out, out_r, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(lse, lse_r, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(dq, dq_r, atol=1e-4, rtol=1e-4)

@@ -21,7 +21,6 @@ before the matmuls).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import subprocess
 import sys
@@ -31,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kernel_checks import affine, alibi, assert_grads_close, assert_outputs_close, tolerances
+from kernel_checks import affine, alibi, check_against_reference, value_and_vjp
 from platforms import lower_for
 
 from pallas_kernels.flash_attention import mosaic_gpu as flash_mgpu
@@ -65,34 +64,11 @@ def _inputs(B, T, S, H, K, D, dtype, seed=0):
     return q, k, v
 
 
-def _fwd_bwd(fn, q, k, v, do, dlse):
-    """(out, lse, (dq, dk, dv)) of fn under the cotangent (do, dlse); dlse is zeroed on rows whose lse is -inf."""
-    (out, lse), vjp = jax.vjp(fn, q, k, v)
-    return out, lse, vjp((do.astype(out.dtype), jnp.where(jnp.isfinite(lse), dlse, 0.0)))
-
-
 def _check(q, k, v, *, block_sizes=None, interpret=True, check_zero_dlse=False, tol=None, **kw):
-    """Compare out, lse and (dq, dk, dv) under a random (do, dlse) cotangent with the reference (both jitted)."""
-    atol_o, atol_g = tolerances(q.dtype, tol)
-
-    def ours(q, k, v):
-        return flash_mgpu.attention(q, k, v, block_sizes=block_sizes, interpret=interpret, **kw)
-
-    def ref(q, k, v):
-        return reference.attention(q, k, v, **kw)
-
-    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-    kd = jax.random.split(jax.random.key(42), 2)
-    do = jax.random.normal(kd[0], q.shape[:3] + (v.shape[-1],), jnp.float32)
-    dlse = jax.random.normal(kd[1], q.shape[:3], jnp.float32)
-    run, run_ref = jax.jit(functools.partial(_fwd_bwd, ours)), jax.jit(functools.partial(_fwd_bwd, ref))
-    for dl in [dlse, jnp.zeros_like(dlse)] if check_zero_dlse else [dlse]:
-        out, lse, grads = run(q, k, v, do, dl)
-        with jax.default_matmul_precision("highest"):  # an f32 ground truth on GPUs too (no TF32)
-            out_r, lse_r, grads_r = run_ref(f32(q), f32(k), f32(v), do, dl)
-        assert_outputs_close(out, lse, out_r, lse_r, q, v, atol_o)
-        assert_grads_close(grads, grads_r, q.dtype, atol_g)
-    return out, lse
+    """`kernel_checks.check_against_reference` of the kernel (interpreted unless `interpret=False`)."""
+    return check_against_reference(
+        lambda q, k, v: flash_mgpu.attention(q, k, v, block_sizes=block_sizes, interpret=interpret, **kw),
+        lambda q, k, v: reference.attention(q, k, v, **kw), q, k, v, tol=tol, check_zero_dlse=check_zero_dlse)
 
 
 def _arange(B, T, start=0):
@@ -198,7 +174,7 @@ def test_pipeline_has_no_races():
                                         block_sizes=_bs(stages=2))
         return out.astype(jnp.float32).sum() + lse.sum()
 
-    jax.block_until_ready(jax.grad(loss, argnums=(0, 1, 2))(q, k, v))
+    jax.block_until_ready(jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v))
     assert not interpret_pallas_call.get_races().races_found
 
 
@@ -237,7 +213,7 @@ def test_two_warpgroups_with_a_producer():
                                         block_sizes=dataclasses.replace(bs, num_stages=2))
         return out.astype(jnp.float32).sum() + lse.sum()
 
-    jax.block_until_ready(jax.grad(loss, argnums=(0, 1, 2))(q, k, v))
+    jax.block_until_ready(jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v))
     assert not interpret_pallas_call.get_races().races_found
 
 
@@ -299,7 +275,7 @@ def test_unmasked_loop_matches_masked_loop_exactly():
         def fn(q, k, v):
             return flash_mgpu.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, interpret=True,
                                         block_sizes=flash_mgpu.BlockSizes(skip_full_masks=skip))
-        return jax.jit(functools.partial(_fwd_bwd, fn))(q, k, v, do, dlse)
+        return value_and_vjp(fn, q, k, v, do, dlse)
 
     for a, b in zip(jax.tree.leaves(run(True)), jax.tree.leaves(run(False)), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -328,9 +304,8 @@ def test_skipped_blocks_are_never_loaded():
     kw_r = dict(kw, kv_pos_BS=kv_pos[:, :S_real], kv_seg_BS=kv_seg[:, :S_real])
     ref = lambda q, k, v: reference.attention(q, k, v, **kw_r)  # noqa: E731
     ones_o, ones_l = jnp.ones(q.shape, jnp.float32), jnp.ones(q.shape[:3], jnp.float32)
-    out, lse, (dq, dk, dv) = jax.jit(functools.partial(_fwd_bwd, ours))(q, k, v, ones_o, ones_l)
-    out_r, lse_r, (dq_r, dk_r, dv_r) = jax.jit(functools.partial(_fwd_bwd, ref))(
-        q, k[:, :S_real], v[:, :S_real], ones_o, ones_l)
+    out, lse, (dq, dk, dv) = value_and_vjp(ours, q, k, v, ones_o, ones_l)
+    out_r, lse_r, (dq_r, dk_r, dv_r) = value_and_vjp(ref, q, k[:, :S_real], v[:, :S_real], ones_o, ones_l)
     np.testing.assert_allclose(out, out_r, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(lse, lse_r, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(dq, dq_r, atol=1e-4, rtol=1e-4)

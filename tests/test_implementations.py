@@ -74,7 +74,7 @@ def test_implementation_against_reference(impl, case):
             out = res[0] if isinstance(res, tuple) else res
             return jnp.sum(out.astype(jnp.float32) * do), res
 
-        (_, res), grads = jax.value_and_grad(loss, tuple(range(len(args))), has_aux=True)(*args)
+        (_, res), grads = jax.jit(jax.value_and_grad(loss, tuple(range(len(args))), has_aux=True))(*args)
         return res, grads
 
     ours = lambda q, k, v, *s: ops.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, impl=impl,  # noqa: E731
@@ -86,7 +86,7 @@ def test_implementation_against_reference(impl, case):
     else:
         ref = lambda q, k, v: reference.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, **kw)  # noqa: E731
     extra = (SINKS_H,) if sinks else ()
-    out, grads = run(jax.jit(ours), q, k, v, *extra)
+    out, grads = run(ours, q, k, v, *extra)
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     (out_r, lse_r), grads_r = run(ref, *f32, *extra)
     if impl == "cudnn":

@@ -92,7 +92,7 @@ def test_mixed_patterns_are_causal_and_see_their_past(tiny_config, name):
     c, model = _model(tiny_config, name)
     graphdef, state = nnx.split(model)
     x_BTE = jax.random.normal(jax.random.PRNGKey(1), (1, T, c.model.d_model))
-    jac_TTE = jax.jacobian(lambda x: nnx.merge(graphdef, state)(None, embeds_BTE=x)[0].sum(-1))(x_BTE)[:, 0]
+    jac_TTE = jax.jit(jax.jacobian(lambda x: nnx.merge(graphdef, state)(None, embeds_BTE=x)[0].sum(-1)))(x_BTE)[:, 0]
     influence_TT = np.abs(np.asarray(jac_TTE)).sum(-1)
     assert influence_TT[np.triu(np.ones((T, T), bool), k=1)].max() == 0.0, "a position sees the future"
     assert (influence_TT[np.tril(np.ones((T, T), bool))] > 0).all()  # a global layer: all of the past counts

@@ -55,7 +55,7 @@ def test_remat_matches_no_remat(tiny_config, remat):
     def grads(policy):
         model = build_model(tiny_config(**{"model.remat": policy}))
         graphdef, params = nnx.split(model, nnx.Param)
-        return jax.grad(lambda p: loss_fn(p, graphdef, batch)[0])(params)
+        return jax.jit(jax.grad(lambda p: loss_fn(p, graphdef, batch)[0]))(params)  # one program, not op by op
 
     for a, b in zip(jax.tree.leaves(grads("none")), jax.tree.leaves(grads(remat))):
         np.testing.assert_allclose(a, b, atol=1e-6)
@@ -97,7 +97,7 @@ def test_pallas_impl_trains_like_xla(tiny_config):
         c = tiny_config(**{"model.attention.impl": impl, "model.attention.block_q": 128,
                            "model.attention.block_k": 128, "model.max_seq_len": 128})
         graphdef, params = nnx.split(build_model(c), nnx.Param)
-        return jax.value_and_grad(lambda p: loss_fn(p, graphdef, batch)[0])(params)
+        return jax.jit(jax.value_and_grad(lambda p: loss_fn(p, graphdef, batch)[0]))(params)
 
     (loss_p, g_p), (loss_x, g_x) = loss_and_grads("pallas"), loss_and_grads("xla")
     assert abs(float(loss_p) - float(loss_x)) < 1e-5

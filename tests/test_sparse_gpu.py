@@ -176,7 +176,7 @@ def test_under_shard_map():
 
     args = [jax.device_put(x, jax.NamedSharding(mesh, spec)) for x in (q, k, v, idx, valid, q_pos, kv_pos)]
     grads = sharded_grad(True, False)(*args)
-    grads_r = jax.grad(functools.partial(loss, xla_sparse.sparse_attention), argnums=(0, 1, 2))(
+    grads_r = jax.jit(jax.grad(functools.partial(loss, xla_sparse.sparse_attention), argnums=(0, 1, 2)))(
         q, k, v, idx, valid, q_pos, kv_pos
     )
     for name, g, gr in zip("qkv", grads, grads_r):

@@ -220,7 +220,7 @@ def test_under_shard_map():
                          out_specs=(spec,) * 3)
     args = [jax.device_put(x, jax.NamedSharding(mesh, spec)) for x in (q, k, v, idx, valid, q_pos, kv_pos)]
     grads = jax.jit(grad)(*args)
-    grads_r = jax.grad(functools.partial(loss, xla_sparse.sparse_attention), argnums=(0, 1, 2))(
+    grads_r = jax.jit(jax.grad(functools.partial(loss, xla_sparse.sparse_attention), argnums=(0, 1, 2)))(
         q, k, v, idx, valid, q_pos, kv_pos)
     for name, g, gr in zip("qkv", grads, grads_r):
         np.testing.assert_allclose(g, gr, atol=1e-4, rtol=1e-4, err_msg=f"d{name}")
