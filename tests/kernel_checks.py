@@ -36,15 +36,15 @@ def assert_grads_close(grads, grads_r, dtype, atol: float) -> None:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def value_and_vjp(fn, q, k, v, do, dlse):
-    """(out, lse, (dq, dk, dv)) of `fn` under the cotangent (do, dlse), as one jitted program.
+def value_and_vjp(fn, q, k, v, do, dlse, *rest):
+    """(out, lse, (dq, dk, dv)) of `fn(q, k, v, *rest)` under the cotangent (do, dlse), as one jitted program.
 
     One program, not op by op: run eagerly, an interpreted kernel's forward and backward compiled over a
     hundred small programs (about 3x the time of a check). dlse is zeroed on rows whose lse is -inf (nothing
     visible: no gradient flows there).
     """
-    (out, lse), vjp = jax.vjp(fn, q, k, v)
-    return out, lse, vjp((do.astype(out.dtype), jnp.where(jnp.isfinite(lse), dlse, 0.0)))
+    (out, lse), vjp = jax.vjp(fn, q, k, v, *rest)
+    return out, lse, vjp((do.astype(out.dtype), jnp.where(jnp.isfinite(lse), dlse, 0.0)))[:3]
 
 
 def check_against_reference(ours: Callable, ref: Callable, q, k, v, *, tol=None, check_zero_dlse: bool = False):

@@ -8,15 +8,13 @@ the order of floating-point sums.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import PartitionSpec as P
-from kernel_checks import alibi
+from kernel_checks import alibi, value_and_vjp
 
 from lc_jax import ops
 from pallas_kernels.flash_attention import reference
@@ -82,14 +80,8 @@ def _compare(n, layout, *, window=None, chunk=None, sinks=None, H=4, K=2, packed
 
     rng = np.random.default_rng(7)
     do, dlse = (jnp.asarray(rng.standard_normal(shape, np.float32)) for shape in (q.shape, q.shape[:3]))
-
-    @functools.partial(jax.jit, static_argnums=0)
-    def value_and_vjp(fn, *args):  # one program each: op by op, the reference compiled dozens
-        (out, lse), vjp = jax.vjp(fn, *args)
-        return out, lse, vjp((do, jnp.where(jnp.isfinite(lse), dlse, 0.0)))[:3]
-
-    out, lse, grads = value_and_vjp(ring, *args)
-    out_r, lse_r, grads_r = value_and_vjp(ref, *args)
+    out, lse, grads = value_and_vjp(ring, q, k, v, do, dlse, *args[3:])
+    out_r, lse_r, grads_r = value_and_vjp(ref, q, k, v, do, dlse, *args[3:])
     np.testing.assert_allclose(out, out_r, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(lse, lse_r, atol=1e-5, rtol=1e-5)
     for name, g, g_r in zip(("dq", "dk", "dv"), grads, grads_r):
