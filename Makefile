@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml
 quickstart: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) -m lc_jax.train --config configs/quickstart.py --workdir runs/quickstart
 
-## Run the test suite (CPU; includes deviceless TPU compiles). A CI leg took 11:52-12:32 with its install on 2
-## Intel Xeon cores (9fbecce); slower or busier machines take longer.
+## Run the test suite (CPU; includes deviceless TPU compiles). .ci/run legs took 11:52-13:17 on 2
+## Intel Xeon cores (9fbecce, 26230ff); slower or busier machines take longer.
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile --durations=25 tests
 
