@@ -16,8 +16,11 @@ kernel as the full baseline, `--sparse xla,pallas` for DSA's sparse stage by
 the XLA gather path and by the Pallas kernel DSA runs with attention.impl
 'pallas' (Triton on GPU, Mosaic on TPU; on CPU the Triton one, interpreted),
 `--dtype bfloat16`, and query blocks sized for the device rather than for a
-CPU cache (`--sparse-block-q`, `--index-block-q`). A variant that fails records
-its error; the others still run. Off CPU it writes dsa_layer_<layer>_<device>.json.
+CPU cache (`--sparse-block-q`, `--index-block-q`). `pallas-key-major` is the
+Triton kernel with its key-major dk / dv backward (`sparse_attention_gpu.BlockSizes.backward`)
+instead of atomics. A variant that fails records its error; the others still run.
+The parts are timed for the first variant that builds, and the sparse attention part
+for every variant. Off CPU it writes dsa_layer_<layer>_<device>.json.
 
 `--mode step`: XLA's memory analysis of the compiled (not run) training step
 of a DSA model in its sparse stage and in its dense warm-up, and, for contrast,
@@ -62,6 +65,7 @@ from pallas_kernels.flash_attention.xla import BlockSizes  # noqa: E402
 from pallas_kernels.sparse_attention import sparse_attention  # noqa: E402
 
 MiB = 2**20
+SPARSE = ("xla", "pallas", "pallas-key-major")  # --sparse choices
 
 
 def _bytes(compiled) -> int:
@@ -132,7 +136,8 @@ def layer_fns(T: int, topk: int, index_block_k: int, select: str, *, sparse: str
     over a fixed selection by `sparse`: "xla", the gather path, which also
     returns the head-mean probabilities the KL uses, or "pallas", the kernel
     DSA runs with attention.impl='pallas', after which the KL scores the
-    selected keys itself) and "dsa_kl" (the indexer KL over it, gradient to
+    selected keys itself; "pallas-key-major", the Triton kernel with its
+    key-major backward) and "dsa_kl" (the indexer KL over it, gradient to
     the indexer). `sparse_block_q` is the query block of the gather path and
     of the KL (None: sized for a CPU cache by `default_block_q`).
     """
@@ -167,8 +172,11 @@ def layer_fns(T: int, topk: int, index_block_k: int, select: str, *, sparse: str
         if sparse == "xla":
             return sparse_attention(q, k, v, idx, valid, **P, block_q=sparse_block_q, return_probs=True)
         if ops.platform() == "tpu":
+            if sparse != "pallas":
+                raise ValueError(f"--sparse {sparse}: the TPU kernel has one backward; use pallas")
             return *sparse_attention_tpu.sparse_attention(q, k, v, idx, valid, **P), None
-        return *sparse_attention_gpu.sparse_attention(q, k, v, idx, valid, **P,
+        bs = sparse_attention_gpu.BlockSizes(backward="key_major" if sparse == "pallas-key-major" else "atomic")
+        return *sparse_attention_gpu.sparse_attention(q, k, v, idx, valid, **P, block_sizes=bs,
                                                       interpret=ops.platform() == "cpu"), None
 
     def kl(q, k, lse, iq, w, ik, idx, valid, probs):
@@ -276,19 +284,23 @@ def layer_main(a) -> None:
             print(f"  {n}: {e}", flush=True)
         write()
         parts = row["dsa_parts_s"]
-        if lead is not None:
-            for part in ("dsa_select", "dsa_attention", "dsa_kl"):  # one timed run each, after a warm-up
-                fn, args = fns[lead][part]
-                try:
-                    _time(fn, args)
-                    parts[part] = _time(fn, args)
-                except Exception as e:  # noqa: BLE001
-                    errors[part] = _error(e)
+        # One timed run each, after a warm-up: the lead's three parts, then the other variants' sparse attention.
+        todo = [(part, lead, part) for part in ("dsa_select", "dsa_attention", "dsa_kl")] if lead else []
+        todo += [(f"dsa_attention@{n}", n, "dsa_attention") for n in fns if n != lead]
+        for name, n, part in todo:
+            fn, args = fns[n][part]
+            try:
+                _time(fn, args)
+                parts[name] = _time(fn, args)
+            except Exception as e:  # noqa: BLE001
+                errors[name] = _error(e)
         print(f"{'':>6} {'':>4}   parts (s): select / attention / KL of {lead}: "
               + " / ".join(fmt(parts, p, ".2f") for p in ("dsa_select", "dsa_attention", "dsa_kl")), flush=True)
-        for n in ("dsa_select", "dsa_attention", "dsa_kl"):
-            if n in errors:
-                print(f"  {n}: {errors[n]}", flush=True)
+        for name, n, _ in todo[3:]:
+            print(f"{'':>6} {'':>4}   sparse attention of {n}: {fmt(parts, name, '.2f')}", flush=True)
+        for name, _, _ in todo:
+            if name in errors:
+                print(f"  {name}: {errors[name]}", flush=True)
         if errors:
             row["errors"] = errors
         write()
@@ -322,7 +334,8 @@ def main():
     ap.add_argument("--select", default="host,xla", help="DSA selection impl(s) to time side by side (layer)")
     ap.add_argument("--layer", default="quickstart", choices=sorted(LAYERS), help="layer shapes (layer mode)")
     ap.add_argument("--sparse", default="xla",
-                    help="DSA sparse attention(s) to time side by side (layer): xla (gather path), pallas (kernel)")
+                    help="DSA sparse attention(s) to time side by side (layer): xla (gather path), pallas (kernel), "
+                         "pallas-key-major (the Triton kernel with its key-major backward)")
     ap.add_argument("--full-impl", default="auto", choices=ops.IMPLS, help="ops.attention impl of full (layer)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="q, k, v, x dtype (layer)")
     ap.add_argument("--index-block-q", type=int, default=128, help="DSA query block of the selection (layer)")
@@ -331,8 +344,8 @@ def main():
     ap.add_argument("--remat", default="full", choices=["none", "full", "dots"])
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    if bad := set(a.sparse.split(",")) - {"xla", "pallas"}:
-        ap.error(f"--sparse {sorted(bad)}: allowed xla, pallas")
+    if bad := set(a.sparse.split(",")) - set(SPARSE):
+        ap.error(f"--sparse {sorted(bad)}: allowed {', '.join(SPARSE)}")
     layer = a.mode == "layer"
     a.lengths = a.lengths or ("4096,16384,32768" if layer else "1024,2048,4096,8192,16384")
     a.topk = a.topk or (512 if layer else 64)

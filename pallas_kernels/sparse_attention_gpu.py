@@ -55,10 +55,25 @@ outputs); the wrapper slices them to [B * S, K, D] and casts. Invalid slots
 add their (zero) rows to the extra dummy row B * S rather than being masked,
 because the interpreter's discharge rule for atomics supports no mask.
 
+Key-major backward (`BlockSizes(backward="key_major")`, off by default until
+a GPU check times it). The atomics cost one f32 add per selected key, kv head
+and dimension. Instead, the wrapper inverts the selection with one sort of the
+(key row, token) pairs (`invert_selection`: the tokens that selected row r are
+qids[starts[r]:starts[r + 1]]); the query-major kernel then writes dq only, and
+a third kernel, one program per (key row, kv head), walks that row's tokens in
+chunks of `block_n`, gathers their G query heads' q and do rows (from per-kv-
+head [N * G, D] tables, a transposed copy of q and do), recomputes p and ds,
+and writes its dk / dv row once. With one key per program the products are
+row dots and column sums on the CUDA cores, not matmuls; the kernel moves
+G x (D + Dv) gathered elements per (token, key) pair where the forward moves
+D + Dv, and a key selected by many tokens (a sink) is one long program. Exact
+also for duplicate selections, which the interpreted atomics would lose.
+
 Limits.
   * Atomic contention: keys selected by many queries (attention sinks, recent
     tokens) receive one atomic add per selecting query and kv head;
-    Triton's atomics are acq_rel, per element. Not measured.
+    Triton's atomics are acq_rel, per element. They dominate the backward
+    (run 4 below).
   * The accumulators cost 4 bytes x (B * S + 1) x K x (Dp + Dvp) of HBM in the
     backward (the TPU kernel's f32 scatter target is the same size, unpadded).
   * D (or Dv, G) that is not a power of two wastes the padded lanes of every
@@ -82,10 +97,16 @@ writes), incl. padded and unpadded heads / head dims, NaN rows that must
 never be read, and shard_map; the Pallas -> Triton IR lowering for platform
 "cuda" (power-of-two shapes, supported primitives, pointer-tensor gathers,
 atomics, the vma typing under shard_map), without Triton's PTX compiler.
-NOT checked: it has never been compiled by Triton's backend or run on a GPU,
-so neither Triton's register / shared-memory limits at the default sizes, nor
-speed, nor the atomics' real behaviour (contention, f32 summation order: dk /
-dv are not bitwise deterministic on a GPU) are verified.
+On a GPU (H200, jax 0.11.2; benchmarks/results/gpu/h200/README.md, run 3):
+`test_compiled_on_gpu` passed, compiled at the default block sizes, in f32 at
+D = 64 and bf16 at D = 128, values and gradients against the XLA path at
+`highest` precision; hence `lc_jax.ops.GPU_VERIFIED`. Speed (run 4, T = 65536,
+k = 2048, 16 query heads over 4 kv heads of 128, bf16): forward 0.035 s,
+forward + backward 0.794 s, of which the atomic dk / dv adds take about 0.76 s
+(0.201 s with 1 kv head), against 0.27 s for full causal flash attention; a
+key-major backward over the inverted selection would avoid the atomics. Not
+checked: the f32 atomics' summation order (dk / dv are not bitwise
+deterministic on a GPU).
 
 Layout as the flash kernels: block sizes -> kernel bodies -> pallas_call
 wrappers with shape validation -> custom_vjp -> public wrapper.
@@ -108,7 +129,9 @@ from pallas_kernels.sparse_attention import check_selection
 
 _MIN_DIM = 16  # tl.dot needs M, N, K >= 16
 AUTO_BLOCK_K = (64, 32, 16)
-TILE_BYTES = 64 << 10  # auto block_k: the gathered K + V tile of one chunk fits this
+AUTO_BLOCK_N = (64, 32, 16, 8, 4, 2, 1)
+TILE_BYTES = 64 << 10  # auto block_k / block_n: the gathered K + V (Q + dO) tile of one chunk fits this
+BACKWARDS = ("atomic", "key_major")
 
 # ----------------------------------------------------------------------------- block sizes
 
@@ -135,25 +158,41 @@ class BlockSizes:
       invalid slots, which read no memory) to a multiple of it.
     num_warps: a power of two; None picks 4 for a padded head_dim <= 128, else 8.
     num_stages: Triton software-pipelining stages of the chunk loop.
+    backward: how dk / dv are summed over the queries that selected a key.
+      "atomic" (the default, passed on an H200): the query-major backward adds
+      each chunk's rows with f32 atomics. "key_major": the query-major kernel
+      writes dq only, and a second kernel, one program per (key, kv head),
+      walks the queries that selected that key (the selection inverted by a
+      sort) and writes its dk / dv rows once, with no atomics. New, not yet
+      run on a GPU.
+    block_n: key-major only: selecting queries per gathered chunk, a power of
+      two; None picks the largest of 64, 32, ..., 1 whose Q + dO tile of all
+      the kv head's query heads fits TILE_BYTES.
     """
 
     block_q: int = 1
     block_k: int | None = None
     num_warps: int | None = None
     num_stages: int = 2
+    backward: str = "atomic"
+    block_n: int | None = None
 
     def __post_init__(self):
-        for name in ("block_q", "block_k", "num_warps", "num_stages"):
+        for name in ("block_q", "block_k", "num_warps", "num_stages", "block_n"):
             v = getattr(self, name)
-            if v is None and name in ("block_k", "num_warps"):
+            if v is None and name in ("block_k", "num_warps", "block_n"):
                 continue
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                allowed = "a positive int" + (" or None" if name in ("block_k", "num_warps") else "")
+                allowed = "a positive int" + (" or None" if name in ("block_k", "num_warps", "block_n") else "")
                 raise ValueError(f"BlockSizes.{name} must be {allowed}, got {v!r}")
         if self.block_k is not None and (not _is_pow2(self.block_k) or self.block_k < _MIN_DIM):
             raise ValueError(
                 f"BlockSizes.block_k={self.block_k} must be a power of two >= {_MIN_DIM} (Triton lowering)"
             )
+        if self.block_n is not None and not _is_pow2(self.block_n):
+            raise ValueError(f"BlockSizes.block_n={self.block_n} must be a power of two (Triton lowering)")
+        if self.backward not in BACKWARDS:
+            raise ValueError(f"BlockSizes.backward={self.backward!r} is not one of {BACKWARDS}")
         if self.num_warps is not None and not _is_pow2(self.num_warps):
             raise ValueError(f"BlockSizes.num_warps={self.num_warps} must be a power of two")
 
@@ -172,6 +211,8 @@ class _Static:
     num_warps: int
     num_stages: int
     interpret: bool = False  # fixed at trace time, so the VJP's calls match
+    backward: str = "atomic"
+    chunk_n: int = 1  # key-major backward: selecting queries per gathered chunk
 
     @property
     def groups(self) -> int:  # G
@@ -184,6 +225,10 @@ class _Static:
     @property
     def groups_p(self) -> int:  # Gp: G in registers (matmul M)
         return _pow2_at_least(self.groups)
+
+    @property
+    def groups_n(self) -> int:  # Gn: G in the key-major kernel's rows (no matmul, so no minimum of 16)
+        return _pow2_at_least(self.groups, 1)
 
     @property
     def head_dim_p(self) -> int:  # Dp
@@ -309,15 +354,19 @@ def _fwd_kernel(*refs, st: _Static):
 
 
 def _bwd_kernel(*refs, st: _Static):
+    """Query-major backward: dq per token and, with backward="atomic", dk / dv rows by atomic adds."""
     if st.bias is not None:
         params_ref, qpos_ref, kvpos_ref, *refs = refs
     else:
         params_ref = qpos_ref = kvpos_ref = None
-    # dk_ref / dv_ref alias the zero-initialised accumulator inputs (the two refs skipped here).
-    rows_ref, q_ref, do_ref, lse_ref, di_ref, k_ref, v_ref, _, _, dq_ref, dk_ref, dv_ref = refs
+    atomic = st.backward == "atomic"
+    if atomic:  # dk_ref / dv_ref alias the zero-initialised accumulator inputs (the two refs skipped here).
+        rows_ref, q_ref, do_ref, lse_ref, di_ref, k_ref, v_ref, _, _, dq_ref, dk_ref, dv_ref = refs
+        dummy = dk_ref.shape[0] - 1  # accumulator row that takes the invalid slots' (zero) rows
+    else:
+        rows_ref, q_ref, do_ref, lse_ref, di_ref, k_ref, v_ref, dq_ref = refs
     G, Gp, C = st.groups, st.groups_p, st.chunk
     D, Dp, Dv, Dvp = st.head_dim, st.head_dim_p, st.v_head_dim, st.v_head_dim_p
-    dummy = dk_ref.shape[0] - 1  # accumulator row that takes the invalid slots' (zero) rows
     params = _group_params(params_ref, st)
     _, cols_k = _grid2(C, Dp)
     _, cols_v = _grid2(C, Dvp)
@@ -334,11 +383,12 @@ def _bwd_kernel(*refs, st: _Static):
             p = jnp.exp(s - lse[:, None])  # masked s = -inf -> p = 0
             dp = _dot(do, vc, _NT)  # [Gp, C]
             ds = p * (dp - di[:, None]) * st.scale
-            dk_rows = _dot(ds.astype(q.dtype), q, _TN)  # [C, Dp]
-            dv_rows = _dot(p.astype(do.dtype), do, _TN)  # [C, Dvp]
-            acc_rows = jnp.where(valid, rows, dummy)
-            plgpu.atomic_add(dk_ref, (jnp.broadcast_to(acc_rows[:, None], (C, Dp)), cols_k), dk_rows)
-            plgpu.atomic_add(dv_ref, (jnp.broadcast_to(acc_rows[:, None], (C, Dvp)), cols_v), dv_rows)
+            if atomic:
+                dk_rows = _dot(ds.astype(q.dtype), q, _TN)  # [C, Dp]
+                dv_rows = _dot(p.astype(do.dtype), do, _TN)  # [C, Dvp]
+                acc_rows = jnp.where(valid, rows, dummy)
+                plgpu.atomic_add(dk_ref, (jnp.broadcast_to(acc_rows[:, None], (C, Dp)), cols_k), dk_rows)
+                plgpu.atomic_add(dv_ref, (jnp.broadcast_to(acc_rows[:, None], (C, Dvp)), cols_v), dv_rows)
             return dq + _dot(ds.astype(kc.dtype), kc, _NN)
 
         dq = lax.fori_loop(0, st.n_chunks, chunk, jnp.zeros((Gp, Dp), jnp.float32))
@@ -346,6 +396,57 @@ def _bwd_kernel(*refs, st: _Static):
         return carry
 
     lax.fori_loop(0, st.block_q, token, 0)
+
+
+def _dkv_kernel(*refs, st: _Static):
+    """Key-major backward: one key row r and kv head; dk[r] / dv[r] summed over the queries that selected r.
+
+    The G query heads of each selecting query are rows qid * G + member of the
+    [N * G, D] q / do tables of this kv head; a chunk gathers `chunk_n` queries
+    x Gn heads as M = chunk_n * Gn rows. With one key per program the scores
+    are row dots ([M, Dp] x [Dp]) and the sums are column sums, not matmuls:
+    the kernel is bound by its gathers, as the forward is.
+    """
+    if st.bias is not None:
+        params_ref, qpos_ref, kvpos_ref, *refs = refs
+    else:
+        params_ref = qpos_ref = kvpos_ref = None
+    starts_ref, qids_ref, q_ref, do_ref, lse_ref, di_ref, k_ref, v_ref, dk_ref, dv_ref = refs
+    G, Gn, Cn = st.groups, st.groups_n, st.chunk_n
+    D, Dp, Dv, Dvp = st.head_dim, st.head_dim_p, st.v_head_dim, st.v_head_dim_p
+    M = Cn * Gn
+    m = lax.broadcasted_iota(jnp.int32, (M,), 0)
+    slot, member = m // Gn, m % Gn  # row m: the slot-th query of the chunk, query head `member` of the group
+    params = () if st.bias is None else tuple(params_ref[p] for p in range(st.bias.num_params))  # each [M]
+    r = pl.program_id(0)
+    start, end = starts_ref[r], starts_ref[r + 1]
+    kr = _load_vec(k_ref, 0, D, Dp).astype(jnp.float32)  # [Dp]
+    vr = _load_vec(v_ref, 0, Dv, Dvp).astype(jnp.float32)  # [Dvp]
+    kpos = kvpos_ref[0] if st.bias is not None else None
+    last = qids_ref.shape[0] - 1
+
+    def chunk(c, acc):
+        dk, dv = acc
+        j = start + c * Cn + slot  # [M] positions in the inverted selection
+        ok = (j < end) & (member < G)
+        qid = plgpu.load(qids_ref.at[jnp.minimum(j, last)], mask=ok, other=0)
+        qrow = qid * G + jnp.where(ok, member, 0)
+        qt = _gather(q_ref, qrow, ok, D, Dp).astype(jnp.float32)  # [M, Dp]
+        dot = _gather(do_ref, qrow, ok, Dv, Dvp).astype(jnp.float32)  # [M, Dvp]
+        lse = plgpu.load(lse_ref.at[qrow], mask=ok, other=0.0)
+        di = plgpu.load(di_ref.at[qrow], mask=ok, other=0.0)
+        s = jnp.sum(qt * kr[None, :], axis=1) * st.scale  # [M]
+        if st.bias is not None:
+            qpos = plgpu.load(qpos_ref.at[qid], mask=ok, other=0)
+            s, _, _ = scores(s, qpos, kpos, None, None, params, mask=None, bias=st.bias, soft_cap=None)
+        p = jnp.where(ok, jnp.exp(s - lse), 0.0)
+        ds = p * (jnp.sum(dot * vr[None, :], axis=1) - di) * st.scale
+        return dk + jnp.sum(ds[:, None] * qt, axis=0), dv + jnp.sum(p[:, None] * dot, axis=0)
+
+    init = (jnp.zeros((Dp,), jnp.float32), jnp.zeros((Dvp,), jnp.float32))
+    dk, dv = lax.fori_loop(0, (end - start + Cn - 1) // Cn, chunk, init)
+    _store_vec(dk_ref, 0, dk.astype(dk_ref.dtype), D)
+    _store_vec(dv_ref, 0, dv.astype(dv_ref.dtype), Dv)
 
 
 # ----------------------------------------------------------------------------- pallas_call wrappers
@@ -415,17 +516,21 @@ def _fwd_call(q, k, v, rows, q_pos, kv_pos, params, st: _Static):
 
 
 def _bwd_call(q, k, v, do, lse, di, rows, q_pos, kv_pos, params, dk_acc, dv_acc, st: _Static):
-    """dq [Np, H, D] and the f32 accumulators dk [R + 1, K, Dp], dv [R + 1, K, Dvp] (row R: the dummy row)."""
+    """dq [Np, H, D] and, with backward="atomic", the f32 accumulators dk [R + 1, K, Dp], dv [R + 1, K, Dvp]
+    (row R: the dummy row); with "key_major", dq alone (pass dk_acc = dv_acc = None)."""
     _check_call_shapes(q, k, v, rows, q_pos, kv_pos, params, st)
     Np, H, D = q.shape
     R, K, Dv = k.shape[0], st.kv_heads, st.v_head_dim
     if do.shape != (Np, H, Dv) or lse.shape != (Np, H) or di.shape != (Np, H):
         raise ValueError(f"do {do.shape} / lse {lse.shape} / di {di.shape} must be ({Np}, {H}, {Dv}) / ({Np}, {H})")
+    atomic = st.backward == "atomic"
     acc_shapes = ((R + 1, K, st.head_dim_p), (R + 1, K, st.v_head_dim_p))
-    if (dk_acc.shape, dv_acc.shape) != acc_shapes or dk_acc.dtype != jnp.float32 or dv_acc.dtype != jnp.float32:
+    if atomic and (
+        (dk_acc.shape, dv_acc.shape) != acc_shapes or dk_acc.dtype != jnp.float32 or dv_acc.dtype != jnp.float32
+    ):
         raise ValueError(f"accumulators {dk_acc.shape} / {dv_acc.shape} must be f32 {acc_shapes[0]} / {acc_shapes[1]}")
     sp = _specs(k.shape[0], st)
-    acc_specs = [sp["acc"](st.head_dim_p), sp["acc"](st.v_head_dim_p)]
+    acc_specs = [sp["acc"](st.head_dim_p), sp["acc"](st.v_head_dim_p)] if atomic else []
     in_specs = [
         sp["rows"],
         sp["heads"](D),
@@ -436,24 +541,77 @@ def _bwd_call(q, k, v, do, lse, di, rows, q_pos, kv_pos, params, dk_acc, dv_acc,
         sp["table"](Dv),
         *acc_specs,
     ]
-    args = [rows, q, do, lse, di, k, v, dk_acc, dv_acc]
+    args = [rows, q, do, lse, di, k, v] + ([dk_acc, dv_acc] if atomic else [])
     if st.bias is not None:
         in_specs, args = sp["bias"] + in_specs, [params, q_pos, kv_pos] + args
     n_in = len(args)
+    out_shape = [out_struct((Np, H, D), q.dtype, q)]
+    if atomic:
+        out_shape += [out_struct(shape, jnp.float32, q) for shape in acc_shapes]
     return pl.pallas_call(
         functools.partial(_bwd_kernel, st=st),
         grid=(Np // st.block_q, K),
         in_specs=in_specs,
         out_specs=[sp["heads"](D), *acc_specs],
-        out_shape=[
-            out_struct((Np, H, D), q.dtype, q),
-            out_struct(acc_shapes[0], jnp.float32, q),
-            out_struct(acc_shapes[1], jnp.float32, q),
-        ],
-        input_output_aliases={n_in - 2: 1, n_in - 1: 2},
+        out_shape=out_shape,
+        input_output_aliases={n_in - 2: 1, n_in - 1: 2} if atomic else {},
         compiler_params=_compiler_params(st),
         interpret=st.interpret,
-        name="sparse_attention_gpu_bwd",
+        name="sparse_attention_gpu_bwd" if atomic else "sparse_attention_gpu_bwd_dq",
+    )(*args)
+
+
+def invert_selection(rows, R: int):
+    """The selection by key, for the key-major backward: (qids [P], starts [R + 2]) with P = Np * kp.
+
+    qids[starts[r]:starts[r + 1]] are the tokens whose rows hold r, in no particular order; invalid slots (-1)
+    sort to the end, under the sentinel key R. One sort of the (key, token) pairs, so O(P log P) work and
+    three [P] int32 buffers at most.
+    """
+    Np, kp = rows.shape
+    key = jnp.where(rows >= 0, rows, R).reshape(-1)
+    token = lax.broadcasted_iota(jnp.int32, (Np, kp), 0).reshape(-1)
+    key_s, qids = lax.sort((key, token), num_keys=1)
+    starts = jnp.searchsorted(key_s, jnp.arange(R + 2, dtype=jnp.int32), side="left").astype(jnp.int32)
+    return qids, starts
+
+
+def _dkv_call(q, k, v, do, lse, di, qids, starts, q_pos, kv_pos, params, st: _Static):
+    """Key-major dk [R, K, D], dv [R, K, Dv] (k / v dtype) from the inverted selection (`invert_selection`)."""
+    Np, H, D = q.shape
+    R, K, Dv = k.shape[0], st.kv_heads, st.v_head_dim
+    G, M = st.groups, st.chunk_n * st.groups_n
+    if qids.ndim != 1 or starts.shape != (R + 2,) or qids.dtype != jnp.int32 or starts.dtype != jnp.int32:
+        raise ValueError(f"qids {qids.shape} / starts {starts.shape} must be int32 (P,) / ({R + 2},)")
+    # Each kv head's query heads as one [Np * G, D] row table (row qid * G + member): 2-D gathers in the kernel.
+    by_kv = lambda x: jnp.moveaxis(x.reshape(Np, K, G, *x.shape[2:]), 1, 0).reshape(K, Np * G, *x.shape[2:])  # noqa: E731
+    table = lambda width: pl.BlockSpec((None, Np * G, width), lambda r, h: (h, 0, 0))  # noqa: E731
+    row = lambda width: pl.BlockSpec((1, None, width), lambda r, h: (r, h, 0))  # noqa: E731
+    stats = pl.BlockSpec((None, Np * G), lambda r, h: (h, 0))
+    whole = lambda n: pl.BlockSpec((n,), lambda r, h: (0,))  # noqa: E731
+    in_specs = [whole(R + 2), whole(qids.shape[0]), table(D), table(Dv), stats, stats, row(D), row(Dv)]
+    args = [starts, qids, by_kv(q), by_kv(do), by_kv(lse), by_kv(di), k, v]
+    if st.bias is not None:
+        P = st.bias.num_params
+        if params.shape != (K, P, st.groups_p):
+            raise ValueError(f"bias params {params.shape} must be ({K}, {P}, {st.groups_p})")
+        # Row m of a chunk is query head m % Gn of its group: the parameters tiled to [K, P, M].
+        tiled = jnp.tile(params[:, :, : st.groups_n], (1, 1, st.chunk_n))
+        bias_specs = [
+            pl.BlockSpec((None, P, M), lambda r, h: (h, 0, 0)),
+            whole(Np),
+            pl.BlockSpec((1,), lambda r, h: (r,)),
+        ]
+        in_specs, args = bias_specs + in_specs, [tiled, q_pos, kv_pos] + args
+    return pl.pallas_call(
+        functools.partial(_dkv_kernel, st=st),
+        grid=(R, K),
+        in_specs=in_specs,
+        out_specs=[row(D), row(Dv)],
+        out_shape=[out_struct((R, K, D), k.dtype, q), out_struct((R, K, Dv), v.dtype, q)],
+        compiler_params=_compiler_params(st),
+        interpret=st.interpret,
+        name="sparse_attention_gpu_bwd_dkv",
     )(*args)
 
 
@@ -479,11 +637,16 @@ def _sparse_bwd(st, res, g):
     di = delta - dlse.astype(jnp.float32)
     lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)  # tokens with nothing valid have p == 0 anyway
     R, K = k.shape[:2]
-    zeros = tuple(jnp.zeros((R + 1, K, w), jnp.float32) for w in (st.head_dim_p, st.v_head_dim_p))
-    acc = like_vma(zeros, q, k, v)  # shard_map-safe
-    dq, dk, dv = _bwd_call(q, k, v, do, lse_safe, di, rows, q_pos, kv_pos, params, *acc, st)
-    dk = dk[:R, :, : st.head_dim].astype(k.dtype)
-    dv = dv[:R, :, : st.v_head_dim].astype(v.dtype)
+    if st.backward == "key_major":
+        (dq,) = _bwd_call(q, k, v, do, lse_safe, di, rows, q_pos, kv_pos, params, None, None, st)
+        qids, starts = invert_selection(rows, R)
+        dk, dv = _dkv_call(q, k, v, do, lse_safe, di, qids, starts, q_pos, kv_pos, params, st)
+    else:
+        zeros = tuple(jnp.zeros((R + 1, K, w), jnp.float32) for w in (st.head_dim_p, st.v_head_dim_p))
+        acc = like_vma(zeros, q, k, v)  # shard_map-safe
+        dq, dk, dv = _bwd_call(q, k, v, do, lse_safe, di, rows, q_pos, kv_pos, params, *acc, st)
+        dk = dk[:R, :, : st.head_dim].astype(k.dtype)
+        dv = dv[:R, :, : st.v_head_dim].astype(v.dtype)
     # Bias parameters (ALiBi slopes) are fixed by the scheme, never trained: zero cotangent (as in the flash kernels).
     dparams = None if params is None else jnp.zeros_like(params)
     return dq, dk, dv, None, None, None, dparams
@@ -514,6 +677,11 @@ def _static(B, S, H, K, D, Dv, k_sel, dtype, scale, bias, bs: BlockSizes, interp
         C = bs.block_k
     C = min(C, k_cap)
     num_warps = bs.num_warps if bs.num_warps is not None else (4 if Dp <= 128 else 8)
+    if bs.block_n is None:  # key-major: a chunk gathers Gn query heads' q and do rows per selecting query
+        row_bytes = _pow2_at_least(H // K, 1) * (Dp + Dvp) * jnp.dtype(dtype).itemsize
+        chunk_n = next((n for n in AUTO_BLOCK_N if n * row_bytes <= TILE_BYTES), AUTO_BLOCK_N[-1])
+    else:
+        chunk_n = bs.block_n
     return _Static(
         heads=H,
         kv_heads=K,
@@ -527,6 +695,8 @@ def _static(B, S, H, K, D, Dv, k_sel, dtype, scale, bias, bs: BlockSizes, interp
         num_warps=num_warps,
         num_stages=bs.num_stages,
         interpret=bool(interpret),
+        backward=bs.backward,
+        chunk_n=chunk_n,
     )
 
 

@@ -8,14 +8,17 @@ read-modify-writes), so shapes are tiny: B <= 2, T <= 8, k <= 24. Inputs and
 selections come from numpy (eager jax ops would each compile). Selections are
 duplicate-free top-k of random scores over the causally visible keys, so
 early queries have invalid slots (fewer than k visible keys) and one query
-has none (lse -inf, zero output).
+has none (lse -inf, zero output). The numeric, shard_map, lowering and GPU
+tests run both backwards (`BlockSizes.backward`): dk / dv by atomics, and the
+key-major kernel over the inverted selection.
 
 GPU legality: `test_kernels_lower_to_triton_for_cuda` runs the real Pallas ->
-Triton IR lowering of both kernels on the CPU host (power-of-two shapes,
-pointer-tensor gathers, atomics; no PTX compile), as tests/test_flash_gpu.py
+Triton IR lowering of the kernels on the CPU host (power-of-two shapes,
+pointer-tensor gathers, atomics, dynamic loop bounds; no PTX compile), as tests/test_flash_gpu.py
 does for the flash kernels (`test_under_shard_map` lowers the compiled path
 under shard_map as well); `test_compiled_on_gpu` runs the compiled kernels
-and is skipped unless a GPU is the default backend (it has never run).
+and is skipped unless a GPU is the default backend (`make gpu-check` runs it;
+it passed on an H200, benchmarks/results/gpu/h200/README.md, run 3).
 `test_dsa_picks_the_gpu_kernel` checks DSA's dispatch with a faked backend.
 
 Tolerances: f32 out / lse 1e-5 abs+rel, f32 grads 1e-4 abs+rel; bf16 inputs are
@@ -39,6 +42,10 @@ from pallas_kernels import sparse_attention as xla_sparse
 from pallas_kernels import sparse_attention_gpu as sparse_gpu
 
 BS = sparse_gpu.BlockSizes
+# Both ways of summing dk / dv: f32 atomics from the query-major backward, or the key-major kernel over the
+# inverted selection (a dq-only query-major pass beside it).
+BACKWARDS = pytest.mark.parametrize("backward", sparse_gpu.BACKWARDS)
+KERNELS = {"atomic": 2, "key_major": 3}  # Triton calls in a forward + backward
 
 
 _inputs, _select, _pos, _value_and_vjp = inputs, select, pos, value_and_vjp
@@ -53,7 +60,8 @@ def _check(q, k, v, idx, valid, *, block_sizes, interpret=True, tol=None, **kw):
 # ----------------------------------------------------------------------------- numerics
 
 
-def test_gqa_invalid_slots_and_empty_query():
+@BACKWARDS
+def test_gqa_invalid_slots_and_empty_query(backward):
     # 4 q heads / 2 kv heads (G=2, padded to 16 in registers). Queries at positions -1, 1, 3, ..., 13 see
     # 0, 2, 4, ... keys: with k=8 (one 16-row chunk, 8 padded slots) the first four have invalid slots and
     # query 0 has nothing valid. 3 tokens per program: 8 tokens padded to 9. A two-parameter bias (per-head
@@ -63,12 +71,14 @@ def test_gqa_invalid_slots_and_empty_query():
     q_pos, kv_pos = _pos(B, T, -1, 2), _pos(B, S)
     idx, valid = _select(q_pos, kv_pos, 8)
     assert not bool(valid[0, 0].any()) and bool(valid[0, -1].all())
-    out, lse, _ = _check(q, k, v, idx, valid, q_pos_BT=q_pos, kv_pos_BS=kv_pos, **affine(4), block_sizes=BS(block_q=3))
+    bs = BS(block_q=3, backward=backward, block_n=2)  # key-major: chunks of 2 selecting queries
+    out, lse, _ = _check(q, k, v, idx, valid, q_pos_BT=q_pos, kv_pos_BS=kv_pos, **affine(4), block_sizes=bs)
     assert bool(jnp.all(jnp.isneginf(lse[:, 0]))) and bool(jnp.all(out[:, 0] == 0))
     assert bool(jnp.all(jnp.isfinite(lse[:, 1:])))
 
 
-def test_mqa_alibi_chunks_batch_rows_odd_head_dims():
+@BACKWARDS
+def test_mqa_alibi_chunks_batch_rows_odd_head_dims(backward):
     # MQA (4 q heads / 1 kv head) with ALiBi, a custom scale and head dims 48 / 24 (not powers of two:
     # masked to 64 / 32 lanes in registers). k=20 in chunks of 16 (padded to 32, 2 chunks); B=2, so
     # each row indexes its own batch's keys and the dk / dv atomics of both rows share one accumulator.
@@ -88,18 +98,19 @@ def test_mqa_alibi_chunks_batch_rows_odd_head_dims():
         kv_pos_BS=kv_pos,
         **alibi(slopes),
         scale=0.1,
-        block_sizes=BS(block_q=2, block_k=16),
+        block_sizes=BS(block_q=2, block_k=16, backward=backward),
     )
 
 
-def test_bf16_gqa_alibi():
+@BACKWARDS
+def test_bf16_gqa_alibi(backward):
     # 4 q heads / 2 kv heads, k=16 in one chunk, default block sizes.
     B, T, S = 1, 4, 32
     q, k, v = _inputs(B, T, S, 4, 2, 64, jnp.bfloat16, seed=7)
     q_pos, kv_pos = _pos(B, T, 10, 7), _pos(B, S)
     idx, valid = _select(q_pos, kv_pos, 16, seed=8)
     slopes = jnp.asarray([0.25, 0.125, 0.0625, 0.03125], jnp.float32)
-    _check(q, k, v, idx, valid, q_pos_BT=q_pos, kv_pos_BS=kv_pos, **alibi(slopes), block_sizes=None)
+    _check(q, k, v, idx, valid, q_pos_BT=q_pos, kv_pos_BS=kv_pos, **alibi(slopes), block_sizes=BS(backward=backward))
 
 
 def test_unpadded_heads_and_dims():
@@ -114,7 +125,24 @@ def test_unpadded_heads_and_dims():
     _check(q, k, v, idx, valid, q_pos_BT=q_pos, kv_pos_BS=kv_pos, block_sizes=BS(block_q=2, block_k=16))
 
 
-def test_unselected_rows_are_never_loaded():
+def test_invert_selection_groups_tokens_by_key_row():
+    # The key-major backward's index: for every row r, qids[starts[r]:starts[r + 1]] are exactly the tokens
+    # whose selection holds r (duplicates kept: each adds its own dk / dv term), and invalid slots (-1) sit
+    # after starts[R] under the sentinel key R.
+    rng = np.random.default_rng(0)
+    R, Np, kp = 10, 7, 5
+    rows = rng.integers(-1, R, size=(Np, kp)).astype(np.int32)
+    rows[2] = -1  # a token with nothing valid
+    qids, starts = (np.asarray(x) for x in jax.jit(sparse_gpu.invert_selection, static_argnums=1)(rows, R))
+    assert qids.shape == (Np * kp,) and starts.shape == (R + 2,) and starts[-1] == Np * kp
+    for r in range(R):
+        want = sorted(t for t in range(Np) for j in range(kp) if rows[t, j] == r)
+        assert sorted(qids[starts[r]: starts[r + 1]].tolist()) == want, r
+    assert starts[R + 1] - starts[R] == (rows < 0).sum()
+
+
+@BACKWARDS
+def test_unselected_rows_are_never_loaded(backward):
     # K/V rows that no query validly selects hold NaN, and every invalid slot points at such a row.
     # Key 0 is never validly selected either: the kernels gather invalid slots from row 0, masked, so
     # the masks (not the rows' values) must keep them out. Any unmasked use would poison out / lse / dq
@@ -135,7 +163,8 @@ def test_unselected_rows_are_never_loaded():
     kw = dict(
         idx_BTk=idx, valid_BTk=valid, q_pos_BT=q_pos, kv_pos_BS=kv_pos, **alibi(jnp.full((4,), 0.1, jnp.float32))
     )
-    ours = functools.partial(sparse_gpu.sparse_attention, block_sizes=BS(block_q=4), interpret=True, **kw)
+    ours = functools.partial(sparse_gpu.sparse_attention, block_sizes=BS(block_q=4, backward=backward),
+                             interpret=True, **kw)
     ref = functools.partial(xla_sparse.sparse_attention, **kw)
     do = jnp.ones((B, T, 4, 32), jnp.float32)
     dlse = jnp.asarray(np.broadcast_to(np.asarray(valid).any(-1)[..., None], (B, T, 4)), jnp.float32)
@@ -149,7 +178,8 @@ def test_unselected_rows_are_never_loaded():
     assert np.all(np.asarray(dk)[~used] == 0) and np.all(np.asarray(dv)[~used] == 0)
 
 
-def test_under_shard_map():
+@BACKWARDS
+def test_under_shard_map(backward):
     # Batch rows split over 2 (fake CPU) devices. Interpreted, with check_vma=False: jax 0.10's generic
     # Pallas interpreter loses the varying manual axes inside the kernel's loops (as for the flash GPU
     # kernel in tests/test_ring.py). The compiled path is then traced and lowered for cuda with
@@ -170,7 +200,7 @@ def test_under_shard_map():
         return (out * out).sum() + jnp.where(jnp.isfinite(lse), lse, 0.0).sum()
 
     def sharded_grad(interpret, check_vma, mesh=mesh):
-        ours = functools.partial(sparse_gpu.sparse_attention, interpret=interpret)
+        ours = functools.partial(sparse_gpu.sparse_attention, interpret=interpret, block_sizes=BS(backward=backward))
         fn = jax.grad(functools.partial(loss, ours), argnums=(0, 1, 2))
         return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * 7, out_specs=(spec,) * 3, check_vma=check_vma))
 
@@ -184,7 +214,7 @@ def test_under_shard_map():
     with abstract_mesh("cuda", axes={"data": 2}) as gpus:  # vma type checks; no GPU needed
         shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.NamedSharding(gpus, spec)) for x in args]
         text = sharded_grad(False, True, gpus).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("__gpu$xla.gpu.triton") == 2
+    assert text.count("__gpu$xla.gpu.triton") == KERNELS[backward]
 
 
 @pytest.mark.parametrize(
@@ -226,6 +256,10 @@ def test_bad_block_sizes_raise():
         BS(num_warps=3)
     with pytest.raises(ValueError, match="num_stages must be a positive int"):
         BS(num_stages=0)
+    with pytest.raises(ValueError, match=r"backward='dense' is not one of \('atomic', 'key_major'\)"):
+        BS(backward="dense")
+    with pytest.raises(ValueError, match="block_n=3 must be a power of two"):
+        BS(block_n=3)
     assert BS(block_q=3, block_k=32, num_warps=8).block_k == 32
 
 
@@ -270,16 +304,22 @@ def test_auto_block_sizes():
     assert (st.chunk, st.head_dim_p, st.v_head_dim_p, st.num_warps) == (16, 1024, 512, 8)
     st = sparse_gpu._static(1, 64, 4, 2, 64, 64, 20, jnp.float32, None, False, BS(block_k=64), False)
     assert (st.chunk, st.n_chunks) == (32, 1)
+    # Key-major chunks: Gn query heads x (Dp + Dvp) lanes per selecting query fit TILE_BYTES: 4 heads of 128 in
+    # bf16 (2 KiB a query) -> 32; 16 heads (8 KiB) -> 8; G = 3 is gathered as 4 heads.
+    for H, K, want in ((16, 4, (4, 32)), (16, 1, (16, 8)), (6, 2, (4, 32))):
+        st = sparse_gpu._static(1, 64, H, K, 128, 128, 20, jnp.bfloat16, None, False, BS(backward="key_major"), False)
+        assert (st.groups_n, st.chunk_n) == want, (H, K)
 
 
 # ----------------------------------------------------------------------------- real lowering
 
 
+@BACKWARDS
 @pytest.mark.parametrize(
     ("dtype", "H", "K", "D", "Dv"),
     [(jnp.bfloat16, 4, 2, 64, 64), (jnp.float32, 4, 2, 48, 24), (jnp.bfloat16, 16, 1, 128, 64)],
 )
-def test_kernels_lower_to_triton_for_cuda(dtype, H, K, D, Dv):
+def test_kernels_lower_to_triton_for_cuda(dtype, H, K, D, Dv, backward):
     # No GPU needed: lowering for platform "cuda" runs the real Pallas -> Triton IR lowering of both
     # kernels (power-of-two tensor shapes, masked pointer-tensor gathers and stores, atomics, dot
     # precisions), with ALiBi and several chunks: GQA with padded heads (G=2), odd head dims (masked
@@ -300,18 +340,21 @@ def test_kernels_lower_to_triton_for_cuda(dtype, H, K, D, Dv):
             q_pos_BT=q_pos,
             kv_pos_BS=kv_pos,
             **alibi(slopes),
-            block_sizes=BS(block_q=2, block_k=16),
+            block_sizes=BS(block_q=2, block_k=16, backward=backward),
         )
         return out.astype(jnp.float32).sum() + jnp.where(jnp.isfinite(lse), lse, 0.0).sum()
 
     text = lower_for("cuda", jax.grad(loss, argnums=(0, 1, 2)), *_inputs(B, T, S, H, K, D, dtype, Dv=Dv))
-    for name in ("sparse_attention_gpu_fwd", "sparse_attention_gpu_bwd"):
+    names = {"atomic": ["sparse_attention_gpu_bwd"], "key_major": ["sparse_attention_gpu_bwd_dq",
+                                                                   "sparse_attention_gpu_bwd_dkv"]}[backward]
+    for name in ("sparse_attention_gpu_fwd", *names):
         assert name in text, name
-    assert text.count("__gpu$xla.gpu.triton") == 2
+    assert text.count("__gpu$xla.gpu.triton") == KERNELS[backward]
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU: compiled Triton kernels")
-def test_compiled_on_gpu():
+@BACKWARDS
+def test_compiled_on_gpu(backward):
     B, T, S, H, K = 2, 64, 256, 8, 2
     q_pos, kv_pos = _pos(B, T, S - T - 8), _pos(B, S)
     idx, valid = _select(q_pos, kv_pos, 100)
@@ -327,7 +370,7 @@ def test_compiled_on_gpu():
             q_pos_BT=q_pos,
             kv_pos_BS=kv_pos,
             **alibi(slopes),
-            block_sizes=None,
+            block_sizes=BS(backward=backward),
             interpret=False,
             tol=(2e-4, 2e-3) if dtype == jnp.float32 else None,
         )

@@ -45,7 +45,8 @@ than full attention. The selection alone (0.37 s) outweighs full attention fwd+b
 reads rows at about 13 G scores/s whatever k, and a radix select in XLA was slower still. The sparse
 kernel's backward adds dk/dv by f32 atomics, one per selected key, kv head and dimension (0.76 of its
 0.79 s with 4 kv heads). Fixing either needs a kernel: selection fused with the index scores, and a
-key-major backward over the inverted selection.
+key-major backward over the inverted selection. The second exists as `sparse_attention_gpu.BlockSizes(
+backward="key_major")`, checked in the interpreter and the Triton lowering; the GPU check times it.
 
 Diagnostics (`diagnostics=True`, evaluation): the share of the dense attention
 mass inside the selected set ("attention-mass recall"), against the oracle
