@@ -5,7 +5,8 @@ attention layer at T = 4K, 16K, 32K with k = 512. Full: causal attention on
 the CPU path (`ops.attention`, blockwise XLA flash). DSA, everything its sparse
 stage runs: the lightning indexer (projections of the detached hidden state),
 the top-k selection (`--select`: host = numpy introselect in a callback, the CPU
-default; xla = the streaming lax.top_k), sparse attention over the selected
+default; xla = the streaming lax.top_k; threshold = a sampled threshold, then
+top_k over the candidates), sparse attention over the selected
 rows, and the indexer KL over the selected set, with gradients for q, k, v and
 the indexer. Time: the median of `--repeats` runs after a warm-up, all
 variants alternating in one process so they share the machine's noise; memory:
@@ -18,9 +19,11 @@ the XLA gather path and by the Pallas kernel DSA runs with attention.impl
 `--dtype bfloat16`, and query blocks sized for the device rather than for a
 CPU cache (`--sparse-block-q`, `--index-block-q`). `pallas-key-major` is the
 Triton kernel with its key-major dk / dv backward (`sparse_attention_gpu.BlockSizes.backward`)
-instead of atomics. A variant that fails records its error; the others still run.
-The parts are timed for the first variant that builds, and the sparse attention part
-for every variant. Off CPU it writes dsa_layer_<layer>_<device>.json.
+instead of atomics. Variants are every (--select, --sparse) pair, or with `--zip`
+the pairs in order. A variant that fails records its error; the others still run.
+The parts are timed for the first variant that builds, and another variant's
+selection or sparse attention where it differs. Off CPU it writes
+dsa_layer_<layer>_<device>.json.
 
 `--mode step`: XLA's memory analysis of the compiled (not run) training step
 of a DSA model in its sparse stage and in its dense warm-up, and, for contrast,
@@ -219,7 +222,8 @@ def layer_main(a) -> None:
     dtype = jnp.dtype(a.dtype)
     rows = []
     selects, sparses = a.select.split(","), a.sparse.split(",")
-    variants = {f"dsa@{s}" + ("" if p == "xla" else f"+{p}"): (s, p) for p in sparses for s in selects}
+    pairs = zip(selects, sparses) if a.zip else ((s, p) for p in sparses for s in selects)
+    variants = {f"dsa@{s}" + ("" if p == "xla" else f"+{p}"): (s, p) for s, p in pairs}
     names = ["full", *variants]
     print(f"{'T':>6} {'k':>4} " + " ".join(f"{n + ' s':>11}" for n in names) + " "
           + " ".join(f"{'full/' + n:>14}" for n in names[1:]) + f" {'full MiB':>9} {'DSA MiB':>8}")
@@ -285,8 +289,12 @@ def layer_main(a) -> None:
         write()
         parts = row["dsa_parts_s"]
         # One timed run each, after a warm-up: the lead's three parts, then the other variants' sparse attention.
+        # Another variant's selection and sparse attention where they differ from the lead's.
         todo = [(part, lead, part) for part in ("dsa_select", "dsa_attention", "dsa_kl")] if lead else []
-        todo += [(f"dsa_attention@{n}", n, "dsa_attention") for n in fns if n != lead]
+        for n in (n for n in fns if n != lead):
+            for part, i in (("dsa_select", 0), ("dsa_attention", 1)):
+                if variants[n][i] != variants[lead][i]:
+                    todo.append((f"{part}@{n}", n, part))
         for name, n, part in todo:
             fn, args = fns[n][part]
             try:
@@ -296,8 +304,8 @@ def layer_main(a) -> None:
                 errors[name] = _error(e)
         print(f"{'':>6} {'':>4}   parts (s): select / attention / KL of {lead}: "
               + " / ".join(fmt(parts, p, ".2f") for p in ("dsa_select", "dsa_attention", "dsa_kl")), flush=True)
-        for name, n, _ in todo[3:]:
-            print(f"{'':>6} {'':>4}   sparse attention of {n}: {fmt(parts, name, '.2f')}", flush=True)
+        for name, n, part in todo[3:]:
+            print(f"{'':>6} {'':>4}   {part.removeprefix('dsa_')} of {n}: {fmt(parts, name, '.2f')}", flush=True)
         for name, _, _ in todo:
             if name in errors:
                 print(f"  {name}: {errors[name]}", flush=True)
@@ -331,7 +339,10 @@ def main():
     ap.add_argument("--topk", type=int, default=None, help="default: 512 (layer), 64 (step)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per length (layer)")
     ap.add_argument("--index-block-k", type=int, default=4096, help="DSA key block of the index scores (layer)")
-    ap.add_argument("--select", default="host,xla", help="DSA selection impl(s) to time side by side (layer)")
+    ap.add_argument("--select", default="host,xla", help="DSA selection impl(s) to time side by side (layer): "
+                    f"{', '.join(dsa.SELECT_IMPLS[1:])}")
+    ap.add_argument("--zip", action="store_true",
+                    help="pair --select and --sparse positionally instead of timing every combination (layer)")
     ap.add_argument("--layer", default="quickstart", choices=sorted(LAYERS), help="layer shapes (layer mode)")
     ap.add_argument("--sparse", default="xla",
                     help="DSA sparse attention(s) to time side by side (layer): xla (gather path), pallas (kernel), "
@@ -346,6 +357,10 @@ def main():
     a = ap.parse_args()
     if bad := set(a.sparse.split(",")) - set(SPARSE):
         ap.error(f"--sparse {sorted(bad)}: allowed {', '.join(SPARSE)}")
+    if bad := set(a.select.split(",")) - set(dsa.SELECT_IMPLS[1:]):
+        ap.error(f"--select {sorted(bad)}: allowed {', '.join(dsa.SELECT_IMPLS[1:])}")
+    if a.zip and len(a.select.split(",")) != len(a.sparse.split(",")):
+        ap.error(f"--zip pairs --select {a.select} with --sparse {a.sparse}: give both the same number of values")
     layer = a.mode == "layer"
     a.lengths = a.lengths or ("4096,16384,32768" if layer else "1024,2048,4096,8192,16384")
     a.topk = a.topk or (512 if layer else 64)

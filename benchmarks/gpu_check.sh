@@ -55,7 +55,8 @@ if ((SMOKE)); then
   TESTS_ENV= TESTS_FLAGS=
   ATT_FLAGS="--acc-heads 2 --reps 1 --iters 1"
   TRAIN_FLAGS="--steps 2 --set data.seq_len=128 --impls xla,cudnn"
-  DSA_FLAGS="--sparse xla --full-impl xla --index-block-q 64 --index-block-k 128 --sparse-block-q 32 --repeats 1"
+  DSA_FLAGS="--select xla --sparse xla --full-impl xla --index-block-q 64 --index-block-k 128 --sparse-block-q 32 \
+--repeats 1"
 else
   ATT_D=128 ATT_T_CUDNN=8192 ATT_T_FULL=32768 ATT_W=1024 DSA_T=65536 DSA_K=2048
   # Other blocks than the kernel's default 64 x 64, e.g. "128x64 64x128": on the H200 (2026-11-30) each was slower.
@@ -68,11 +69,13 @@ else
   ATT_FLAGS="--acc-heads 16 --reps 3 --iters 5"
   # The quickstart's 256-wide blocks are tuned for the CPU; 128 suits both the XLA path and the kernels here.
   TRAIN_FLAGS="--steps 50 --set model.attention.block_q=128 --set model.attention.block_k=128 --impls xla,pallas,cudnn"
-  # Query blocks for a GPU: the defaults are sized for a CPU cache (1 query per block at k = 2048). The Pallas
-  # sparse kernel only (the gather path was 0.10x full attention on the H200, runs 2-3), with its key-major
-  # backward first (new after run 5, not yet run on a GPU; its parts are timed) beside the atomic one (1.475 s
-  # in run 5, 0.76 s of it the atomic dk / dv adds), whose sparse attention part is timed again alone.
-  DSA_FLAGS="--sparse pallas-key-major,pallas --full-impl pallas --index-block-q 512 --sparse-block-q 256 --repeats 3"
+  # Query blocks for a GPU: the defaults are sized for a CPU cache (1 query per block at k = 2048). Two DSA
+  # variants, paired by --zip: the threshold selection with the sparse kernel's key-major backward (both new
+  # after run 5, not yet run on a GPU; all its parts are timed), and run 5's streaming top_k with the atomic
+  # backward (1.475 s then: selection 0.365 s, sparse attention 0.855 s), whose selection and attention are
+  # timed again beside them. The gather path (0.10x full attention in runs 2-3) is not timed.
+  DSA_FLAGS="--select threshold,xla --sparse pallas-key-major,pallas --zip --full-impl pallas --index-block-q 512 \
+--sparse-block-q 256 --repeats 3"
 fi
 
 STEP_NAMES=() STEP_BOXES=() STEP_CMDS=()
@@ -87,7 +90,7 @@ add_step attention 100 "$PY benchmarks/attention.py --accelerator --acc-lengths 
 add_step train 80 "$PY benchmarks/train_step.py --config configs/quickstart.py --set model.dtype=bfloat16 \
 $TRAIN_FLAGS --out $OUT/train.json"
 # Last: the longest and least known step takes what is left of the budget.
-add_step dsa 240 "$PY benchmarks/dsa.py --layer wide --lengths $DSA_T --topk $DSA_K --select xla --dtype bfloat16 \
+add_step dsa 240 "$PY benchmarks/dsa.py --layer wide --lengths $DSA_T --topk $DSA_K --dtype bfloat16 \
 $DSA_FLAGS --out $OUT/dsa.json"
 
 # --only=tests,dsa: a rerun of some steps (the others are recorded as skipped; install and env always run).

@@ -6,6 +6,8 @@ gradient isolation is exact (== 0).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,7 +51,12 @@ def _brute_scores(iq, w, ik, m):
     return jnp.where(_visible(m), scores, -jnp.inf)
 
 
-@pytest.mark.parametrize("select", [dsa.streaming_topk, dsa.host_topk], ids=["streaming", "host"])
+# threshold: every 2nd score sampled, so that rows of 64 take the sampled path for k = 1 and 5.
+THRESHOLD_SMALL = functools.partial(dsa.threshold_topk, stride=2)
+
+
+@pytest.mark.parametrize("select", [dsa.streaming_topk, dsa.host_topk, THRESHOLD_SMALL],
+                         ids=["streaming", "host", "threshold"])
 @pytest.mark.parametrize("topk", [1, 5, 16, 64])
 def test_topk_selection_equals_brute_force(select, topk):
     """The selected scores are the k largest visible ones (ties, e.g. ReLU zeros, may pick either key)."""
@@ -65,9 +72,44 @@ def test_topk_selection_equals_brute_force(select, topk):
     assert np.isfinite(picked[np.asarray(valid)]).all()  # every valid pick is visible
     for row, ok in zip(np.asarray(idx).reshape(-1, idx.shape[-1]), np.asarray(valid).reshape(-1, idx.shape[-1])):
         assert len(set(row[ok])) == ok.sum()  # no key twice
-    if select is dsa.streaming_topk:  # lax.top_k breaks ties by index, as the brute force does
+    if select is not dsa.host_topk:  # lax.top_k breaks ties by index, as the brute force does
         np.testing.assert_array_equal(np.sort(np.where(valid, idx, -1), -1),
                                       np.sort(np.where(ref_valid, ref_idx, -1), -1))
+
+
+@pytest.mark.parametrize("case", ["sampled", "fallback"])
+def test_row_topk_by_threshold_equals_top_k(case):
+    # Rows of 8192 scores with a masked suffix (causal: some rows see fewer than k keys, one sees none) and
+    # k = 256. "sampled": random scores, where the threshold keeps between k and 4 k of every row (the plan
+    # is ok: at least 390 kept in rows with 256 or more visible keys), so the compacted top_k decides;
+    # "fallback": scores rounded to a few integers, whose ties put far more than 4 k at the threshold, so
+    # the plan fails and top_k runs over the whole rows. Either way the result must be lax.top_k's.
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 8, 8192)).astype(np.float32)
+    if case == "fallback":
+        x = np.round(x / 2)
+    visible = np.arange(8192) < rng.integers(0, 8192, size=(3, 8, 1))
+    visible[0, 0], visible[0, 1] = False, np.arange(8192) < 60  # no key; fewer than k
+    x = jnp.asarray(np.where(visible, x, -np.inf))
+    k = 256
+    _, _, ok, _ = dsa.threshold_plan(x, k)
+    assert bool(ok) == (case == "sampled")
+    vals, idx = (np.asarray(a) for a in jax.jit(dsa.row_topk, static_argnums=1)(x, k))
+    want_vals, want_idx = (np.asarray(a) for a in jax.lax.top_k(x, k))
+    np.testing.assert_array_equal(np.sort(vals, -1), np.sort(want_vals, -1))
+    # The same keys where a score is finite (slots past the visible keys are -inf, their index is not used).
+    np.testing.assert_array_equal(np.sort(np.where(vals > -np.inf, idx, -1), -1),
+                                  np.sort(np.where(want_vals > -np.inf, want_idx, -1), -1))
+
+
+def test_select_threshold_is_the_config_value_for_threshold_topk():
+    # model.attention.dsa.select='threshold' reaches threshold_topk (rows of 64 here: plain top_k inside).
+    _, _, _, iq, w, ik, m = _tensors()
+    kw = dict(**m, topk=5, block_q=16, block_k=16)
+    got = jax.jit(lambda *a: dsa.select_topk(*a, impl="threshold", **kw))(iq, w, ik)
+    want = jax.jit(lambda *a: dsa.streaming_topk(*a, **kw))(iq, w, ik)
+    for g, w_ in zip(got, want):
+        np.testing.assert_array_equal(np.sort(g, -1), np.sort(w_, -1))
 
 
 def test_select_impl_names_the_allowed_values():
@@ -233,7 +275,7 @@ def test_dsa_config_errors(tiny_config):
     with pytest.raises(ConfigError) as e:
         validate(c)
     msg = str(e.value)
-    assert "model.attention.dsa.select='gpu': allowed values are ['auto', 'xla', 'host']" in msg
+    assert "model.attention.dsa.select='gpu': allowed values are ['auto', 'xla', 'host', 'threshold']" in msg
     assert "model.attention.dsa.warmup_mode='thawed': allowed values are ['joint', 'frozen']" in msg
     assert "model.attention.dsa.index_rope_dim=5: must be even" in msg
     c = _dsa_config(tiny_config)

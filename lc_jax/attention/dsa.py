@@ -45,8 +45,9 @@ than full attention. The selection alone (0.37 s) outweighs full attention fwd+b
 reads rows at about 13 G scores/s whatever k, and a radix select in XLA was slower still. The sparse
 kernel's backward adds dk/dv by f32 atomics, one per selected key, kv head and dimension (0.76 of its
 0.79 s with 4 kv heads). Fixing either needs a kernel: selection fused with the index scores, and a
-key-major backward over the inverted selection. The second exists as `sparse_attention_gpu.BlockSizes(
-backward="key_major")`, checked in the interpreter and the Triton lowering; the GPU check times it.
+key-major backward over the inverted selection. Two steps that way, checked on CPU and timed by the
+next GPU check: `select='threshold'` (`threshold_topk`: a sampled threshold, then top_k over about 2k
+candidates instead of the whole row) and `sparse_attention_gpu.BlockSizes(backward="key_major")`.
 
 Diagnostics (`diagnostics=True`, evaluation): the share of the dense attention
 mass inside the selected set ("attention-mass recall"), against the oracle
@@ -294,17 +295,102 @@ def _host_argtopk(buf, lo, hi, *, k: int):
     return idx, vals
 
 
-SELECT_IMPLS = ("auto", "xla", "host")
+THRESHOLD_STRIDE = 16  # threshold_topk samples every 16th column of a row
+THRESHOLD_MARGIN = 2.0  # ... and aims its threshold at about 2 k candidates, at most 4 k kept
+
+
+def threshold_topk(q_BTJd, w_BTJ, k_BSd, *, q_pos_BT, kv_pos_BS, q_seg_BT=None, kv_seg_BS=None, topk: int,
+                   block_q: int = 128, block_k: int = 512, stride: int = THRESHOLD_STRIDE,
+                   margin: float = THRESHOLD_MARGIN):
+    """`streaming_topk`'s contract and result (as a set), with the k largest of each score row found from a
+    threshold instead of a top_k over the whole row.
+
+    Why: XLA's `top_k` on a GPU costs the same per score whatever k (a sort of the row: about 13 G scores/s
+    on an H200, benchmarks/results/gpu/h200/README.md, run 4), so selecting 2048 of 65536 keys sorts all
+    65536. Here the scores of a query block fill one [B, block_q, S] row buffer (as `host_topk`'s), and each
+    row's k largest are found in three cheap passes: the top r of every 16th score gives a threshold tau
+    (r = 2 k / 16, so about 2 k scores are >= tau, within 1/sqrt(r) relative), the scores >= tau are
+    compacted in column order into 4 k slots (a cumulative sum and a scatter), and `top_k` runs over those
+    only. Exact: a block where any row keeps fewer than min(k, its visible keys) or more than 4 k scores (a
+    skewed sample, ties) falls back to `top_k` over the whole rows; at k = 2048 (r = 256) either bound is
+    8 standard deviations away for scores in random order. Ties break by index, as `lax.top_k` does. Not yet timed on
+    a GPU; on a CPU `host_topk` is faster.
+    """
+    bl = _Blocks(q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, block_q, block_k)
+    kk = min(topk, bl.S)
+    qb, wb, kb = bl.q_blocks(q_BTJd), bl.q_blocks(w_BTJ), bl.k_blocks(k_BSd)
+    lo_N, hi_N = bl.key_range()
+    width = bl.nk * bl.bk
+
+    def q_block(i):
+        def step(j, buf):
+            scores = jnp.where(bl.mask(i, j), index_scores(qb[i], wb[i], kb[j]), -jnp.inf)
+            return lax.dynamic_update_slice(buf, scores, (0, 0, j * bl.bk))
+
+        buf = lax.fori_loop(lo_N[i], hi_N[i], step, jnp.full((bl.B, bl.bq, width), -jnp.inf, jnp.float32))
+        return row_topk(buf, kk, stride=stride, margin=margin)
+
+    vals, idx = lax.map(q_block, jnp.arange(bl.nq))
+    return bl.selection(vals, idx)
+
+
+def row_topk(x, k: int, *, stride: int = THRESHOLD_STRIDE, margin: float = THRESHOLD_MARGIN):
+    """(vals, idx) of the k largest of each row of x [..., S] (-inf: no key), as `lax.top_k(x, k)` gives them
+    up to order, via a sampled threshold (`threshold_topk`); plain `top_k` where the rows are too short or
+    the threshold misses."""
+    plan = threshold_plan(x, k, stride=stride, margin=margin)
+    if plan is None:
+        return lax.top_k(x, k)
+    keep, n_keep, ok, cap = plan
+    return lax.cond(ok, lambda x: compact_topk(x, keep, n_keep, k, cap), lambda x: tuple(lax.top_k(x, k)), x)
+
+
+def threshold_plan(x, k: int, *, stride: int = THRESHOLD_STRIDE, margin: float = THRESHOLD_MARGIN):
+    """(keep [..., S], n_keep [...], ok, cap): the scores >= tau, tau the r-th largest of every `stride`-th score
+    (r = margin * k / stride), and whether every row keeps at least min(k, its finite scores) and at most
+    2 r stride (about 2 margin k); None where rows are too short for the sample to save anything."""
+    S = x.shape[-1]
+    r = -(-int(margin * k) // stride)
+    if S <= 4 * r * stride or r > S // stride:
+        return None
+    finite = x > -jnp.inf
+    tau = lax.top_k(x[..., ::stride], r)[0][..., -1:]  # -inf where fewer than r sampled scores are finite
+    keep = finite & (x >= tau)
+    n_keep = keep.sum(-1, dtype=jnp.int32)
+    ok = jnp.all((n_keep >= jnp.minimum(k, finite.sum(-1, dtype=jnp.int32))) & (n_keep <= 2 * r * stride))
+    return keep, n_keep, ok, 2 * r * stride
+
+
+def compact_topk(x, keep, n_keep, k: int, cap: int):
+    """`top_k` over the kept scores only: compacted in column order into `cap` slots (so ties still break by
+    index), then the k largest of those. Exact when every row keeps <= cap scores, all >= its k-th largest."""
+    S = x.shape[-1]
+    rows = n_keep.size
+    keep = keep.reshape(rows, S)
+    slot = jnp.arange(rows, dtype=jnp.int32)[:, None] * cap + jnp.cumsum(keep, -1, dtype=jnp.int32) - 1
+    # Scores not kept go out of bounds, where the scatter drops them (no write, so no contention).
+    flat = jnp.where(keep, slot, rows * cap).reshape(-1)
+    cols = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (rows, S)).reshape(-1)
+    cand = jnp.zeros((rows * cap,), jnp.int32).at[flat].set(cols, mode="drop").reshape(*x.shape[:-1], cap)
+    used = jnp.arange(cap, dtype=jnp.int32) < n_keep[..., None]
+    vals, pick = lax.top_k(jnp.where(used, jnp.take_along_axis(x, cand, -1), -jnp.inf), k)
+    return vals, jnp.take_along_axis(cand, pick, -1)
+
+
+SELECT_IMPLS = ("auto", "xla", "host", "threshold")
 
 
 def select_topk(q_BTJd, w_BTJ, k_BSd, *, impl: str = "auto", **kwargs):
-    """The DSA selection: `host_topk` (impl host, or auto on a single CPU device), else `streaming_topk`.
+    """The DSA selection: `host_topk` (impl host, or auto on a single CPU device), `threshold_topk` (impl
+    threshold), else `streaming_topk`.
 
     Several devices keep `streaming_topk` under auto: a host callback cannot be
     partitioned, so SPMD would gather the sharded scores onto one device.
     """
     if impl not in SELECT_IMPLS:
         raise ValueError(f"model.attention.dsa.select={impl!r}: must be one of {SELECT_IMPLS}")
+    if impl == "threshold":
+        return threshold_topk(q_BTJd, w_BTJ, k_BSd, **kwargs)
     host = impl == "host" or (impl == "auto" and ops.platform() == "cpu" and jax.device_count() == 1)
     return (host_topk if host else streaming_topk)(q_BTJd, w_BTJ, k_BSd, **kwargs)
 
@@ -484,7 +570,8 @@ class DSA(AttentionVariant):
         # k + block_k scores, so long blocks amortise it (32K, k=512, CPU: 1.7x faster than 512).
         index_block_k=4096,
         # Who picks the top-k: auto (host on a single CPU device, else xla) | xla (streaming lax.top_k) |
-        # host (numpy introselect in a callback: XLA:CPU's top_k is a serial partial sort; 3x faster).
+        # host (numpy introselect in a callback: XLA:CPU's top_k is a serial partial sort; 3x faster) |
+        # threshold (a sampled threshold, then top_k over 2k candidates; for GPUs, not yet timed there).
         select="auto",
         lr=0.0,  # indexer learning rate (0: train.lr)
         weight_decay=0.0,
