@@ -130,7 +130,10 @@ from pallas_kernels.sparse_attention import check_selection
 _MIN_DIM = 16  # tl.dot needs M, N, K >= 16
 AUTO_BLOCK_K = (64, 32, 16)
 AUTO_BLOCK_N = (64, 32, 16, 8, 4, 2, 1)
-TILE_BYTES = 64 << 10  # auto block_k / block_n: the gathered K + V (Q + dO) tile of one chunk fits this
+TILE_BYTES = 64 << 10  # auto block_k: the gathered K + V tile of one chunk fits this
+# auto block_n: the key-major kernel's Q + dO rows of one chunk, in f32 registers (no matmul stages them in
+# shared memory), fit this: 32 KiB is a quarter of the register file of a 4-warp program. An untuned guess.
+KEY_MAJOR_TILE_BYTES = 32 << 10
 BACKWARDS = ("atomic", "key_major")
 
 # ----------------------------------------------------------------------------- block sizes
@@ -166,8 +169,8 @@ class BlockSizes:
       sort) and writes its dk / dv rows once, with no atomics. New, not yet
       run on a GPU.
     block_n: key-major only: selecting queries per gathered chunk, a power of
-      two; None picks the largest of 64, 32, ..., 1 whose Q + dO tile of all
-      the kv head's query heads fits TILE_BYTES.
+      two; None picks the largest of 64, 32, ..., 1 whose Q + dO rows of all
+      the kv head's query heads fit KEY_MAJOR_TILE_BYTES in f32.
     """
 
     block_q: int = 1
@@ -678,8 +681,8 @@ def _static(B, S, H, K, D, Dv, k_sel, dtype, scale, bias, bs: BlockSizes, interp
     C = min(C, k_cap)
     num_warps = bs.num_warps if bs.num_warps is not None else (4 if Dp <= 128 else 8)
     if bs.block_n is None:  # key-major: a chunk gathers Gn query heads' q and do rows per selecting query
-        row_bytes = _pow2_at_least(H // K, 1) * (Dp + Dvp) * jnp.dtype(dtype).itemsize
-        chunk_n = next((n for n in AUTO_BLOCK_N if n * row_bytes <= TILE_BYTES), AUTO_BLOCK_N[-1])
+        row_bytes = _pow2_at_least(H // K, 1) * (Dp + Dvp) * 4
+        chunk_n = next((n for n in AUTO_BLOCK_N if n * row_bytes <= KEY_MAJOR_TILE_BYTES), AUTO_BLOCK_N[-1])
     else:
         chunk_n = bs.block_n
     return _Static(

@@ -304,9 +304,9 @@ def test_auto_block_sizes():
     assert (st.chunk, st.head_dim_p, st.v_head_dim_p, st.num_warps) == (16, 1024, 512, 8)
     st = sparse_gpu._static(1, 64, 4, 2, 64, 64, 20, jnp.float32, None, False, BS(block_k=64), False)
     assert (st.chunk, st.n_chunks) == (32, 1)
-    # Key-major chunks: Gn query heads x (Dp + Dvp) lanes per selecting query fit TILE_BYTES: 4 heads of 128 in
-    # bf16 (2 KiB a query) -> 32; 16 heads (8 KiB) -> 8; G = 3 is gathered as 4 heads.
-    for H, K, want in ((16, 4, (4, 32)), (16, 1, (16, 8)), (6, 2, (4, 32))):
+    # Key-major chunks: Gn query heads x (Dp + Dvp) f32 lanes per selecting query fit KEY_MAJOR_TILE_BYTES: 4
+    # heads of 128 (4 KiB a query) -> 8; 16 heads (16 KiB) -> 2; G = 3 is gathered as 4 heads.
+    for H, K, want in ((16, 4, (4, 8)), (16, 1, (16, 2)), (6, 2, (4, 8))):
         st = sparse_gpu._static(1, 64, H, K, 128, 128, 20, jnp.bfloat16, None, False, BS(backward="key_major"), False)
         assert (st.groups_n, st.chunk_n) == want, (H, K)
 
