@@ -19,7 +19,8 @@ quickstart: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) -m lc_jax.train --config configs/quickstart.py --workdir runs/quickstart
 
 ## Run the test suite (CPU; includes deviceless TPU compiles). .ci/run legs took 11:52-13:17 on 2
-## Intel Xeon cores (9fbecce, 26230ff); slower or busier machines take longer.
+## Intel Xeon cores (9fbecce, 26230ff) and 15:30-16:30 on 2 AMD EPYC cores (eaeeb8d: 14:16 and 15:12 of
+## tests; 19:14 of tests in an earlier run on the same machine).
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile --durations=25 tests
 
