@@ -3,7 +3,8 @@
 # numbers. Run from the repo root there. It installs the wheels carried in .whl/ (benchmarks/gpu_wheels.txt) into
 # /tmp/site, prints the device and versions, then runs each step in its own time box, so that a failing or slow
 # step does not stop the others and the whole stays within the budget (420 s, about 7 minutes):
-#   tests      the compiled-on-GPU tests of the Triton, Mosaic GPU, sparse Triton and cuDNN paths (JUnit XML)
+#   tests      the compiled-on-GPU tests of the Triton, Mosaic GPU, sparse Triton and cuDNN paths, and DSA's
+#              threshold selection against lax.top_k on the GPU (JUnit XML)
 #   attention  flash fwd+bwd, bf16, head dim 128: lc_jax pallas vs cuDNN at 8K, sliding W=1024 vs full at 32K
 #   train      50 training steps of the quickstart model in bf16 per attention impl (xla, pallas, cudnn)
 #   dsa        one 2048-wide DSA layer at 64K, k=2048, indexer included, fwd+bwd vs full attention
@@ -81,8 +82,8 @@ fi
 STEP_NAMES=() STEP_BOXES=() STEP_CMDS=()
 add_step() { STEP_NAMES+=("$1"); STEP_BOXES+=("$2"); STEP_CMDS+=("$3"); }
 add_step tests 130 "$TESTS_ENV$PY -m pytest -q -p no:cacheprovider -rA $TESTS_FLAGS--junitxml=$OUT/tests_gpu.xml \
--k 'compiled_on_gpu or cudnn_on_gpu' tests/test_flash_gpu.py tests/test_flash_mosaic_gpu.py tests/test_sparse_gpu.py \
-tests/test_cudnn_impl.py"
+-k 'compiled_on_gpu or cudnn_on_gpu or row_topk_by_threshold' tests/test_flash_gpu.py tests/test_flash_mosaic_gpu.py \
+tests/test_sparse_gpu.py tests/test_cudnn_impl.py tests/test_dsa.py"
 add_step attention 100 "$PY benchmarks/attention.py --accelerator --acc-lengths $ATT_T_CUDNN $ATT_T_FULL \
 --acc-head-dims $ATT_D --acc-window $ATT_W --acc-impls lc_jax_pallas jax_cudnn tokamax $ATT_FLAGS \
 --acc-pallas-blocks $ATT_BLOCKS \

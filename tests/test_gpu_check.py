@@ -137,7 +137,8 @@ def test_dry_run_lists_every_step_and_exits_0():
     assert set(boxes) == {"install", "env", "tests", "attention", "train", "dsa"}, out
     budget = int(re.search(r"budget: (\d+)s", out)[1])
     assert budget <= 450  # with the last kill grace and the summary: under 8 minutes on the GPU
-    for name in ("test_flash_gpu.py", "test_flash_mosaic_gpu.py", "test_sparse_gpu.py", "test_cudnn_impl.py"):
+    for name in ("test_flash_gpu.py", "test_flash_mosaic_gpu.py", "test_sparse_gpu.py", "test_cudnn_impl.py",
+                 "test_dsa.py"):
         assert f"tests/{name}" in out
     for fragment in ("--junitxml=", "--acc-lengths 8192 32768", "--acc-head-dims 128", "--acc-window 1024",
                      "jax_cudnn", "--lengths 65536 --topk 2048", "--steps 50", "--impls xla,pallas,cudnn",
