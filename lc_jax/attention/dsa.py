@@ -267,11 +267,7 @@ def host_topk(q_BTJd, w_BTJ, k_BSd, *, q_pos_BT, kv_pos_BS, q_seg_BT=None, kv_se
                   jax.ShapeDtypeStruct((bl.B, bl.bq, kk), jnp.float32))
 
     def q_block(buf, i):
-        def step(j, buf):
-            scores = jnp.where(bl.mask(i, j), index_scores(qb[i], wb[i], kb[j]), -jnp.inf)
-            return lax.dynamic_update_slice(buf, scores, (0, 0, j * bl.bk))
-
-        buf = lax.fori_loop(lo_N[i], hi_N[i], step, buf)  # columns outside [lo, hi) are stale: never read
+        buf = _score_rows(bl, qb, wb, kb, i, lo_N[i], hi_N[i], buf)  # columns outside [lo, hi) are stale: never read
         idx, vals = jax.pure_callback(functools.partial(_host_argtopk, k=kk), out_shapes, buf,
                                       lo_N[i] * bl.bk, hi_N[i] * bl.bk, vmap_method="sequential")
         return buf, (vals, idx)
@@ -279,6 +275,16 @@ def host_topk(q_BTJd, w_BTJ, k_BSd, *, q_pos_BT, kv_pos_BS, q_seg_BT=None, kv_se
     buf = jnp.full((bl.B, bl.bq, bl.nk * bl.bk), -jnp.inf, jnp.float32)
     _, (vals, idx) = lax.scan(q_block, buf, jnp.arange(bl.nq))
     return bl.selection(vals, idx)
+
+
+def _score_rows(bl: _Blocks, qb, wb, kb, i, lo, hi, buf):
+    """Query block i's index scores against key blocks [lo, hi), masked, written into its row buffer buf."""
+
+    def step(j, buf):
+        scores = jnp.where(bl.mask(i, j), index_scores(qb[i], wb[i], kb[j]), -jnp.inf)
+        return lax.dynamic_update_slice(buf, scores, (0, 0, j * bl.bk))
+
+    return lax.fori_loop(lo, hi, step, buf)
 
 
 def _host_argtopk(buf, lo, hi, *, k: int):
@@ -313,22 +319,17 @@ def threshold_topk(q_BTJd, w_BTJ, k_BSd, *, q_pos_BT, kv_pos_BS, q_seg_BT=None, 
     compacted in column order into 4 k slots (a cumulative sum and a scatter), and `top_k` runs over those
     only. Exact: a block where any row keeps fewer than min(k, its visible keys) or more than 4 k scores (a
     skewed sample, ties) falls back to `top_k` over the whole rows; at k = 2048 (r = 256) either bound is
-    8 standard deviations away for scores in random order. Ties break by index, as `lax.top_k` does. Not yet timed on
-    a GPU; on a CPU `host_topk` is faster.
+    8 standard deviations away for scores in random order. Ties break by index, as `lax.top_k` does. Not
+    yet timed on a GPU; on a CPU `host_topk` is faster.
     """
     bl = _Blocks(q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, block_q, block_k)
     kk = min(topk, bl.S)
     qb, wb, kb = bl.q_blocks(q_BTJd), bl.q_blocks(w_BTJ), bl.k_blocks(k_BSd)
     lo_N, hi_N = bl.key_range()
-    width = bl.nk * bl.bk
 
     def q_block(i):
-        def step(j, buf):
-            scores = jnp.where(bl.mask(i, j), index_scores(qb[i], wb[i], kb[j]), -jnp.inf)
-            return lax.dynamic_update_slice(buf, scores, (0, 0, j * bl.bk))
-
-        buf = lax.fori_loop(lo_N[i], hi_N[i], step, jnp.full((bl.B, bl.bq, width), -jnp.inf, jnp.float32))
-        return row_topk(buf, kk, stride=stride, margin=margin)
+        buf = jnp.full((bl.B, bl.bq, bl.nk * bl.bk), -jnp.inf, jnp.float32)
+        return row_topk(_score_rows(bl, qb, wb, kb, i, lo_N[i], hi_N[i], buf), kk, stride=stride, margin=margin)
 
     vals, idx = lax.map(q_block, jnp.arange(bl.nq))
     return bl.selection(vals, idx)
