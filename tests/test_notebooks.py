@@ -8,6 +8,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from conftest import FAST_COMPILE_FLAGS
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -45,7 +46,7 @@ def test_notebook_runs_in_small_mode(path, kernel_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("LC_JAX_NOTEBOOK_RUNS", str(tmp_path / "runs"))
     # One CPU device, as on a researcher's machine (conftest asks for 8); XLA's CPU backend optimisations off: the
     # cells are checked to run, not timed, and small mode is mostly compiling (37 s -> 21 s for notebook 03).
-    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
+    monkeypatch.setenv("XLA_FLAGS", " ".join(["--xla_backend_optimization_level=0", *FAST_COMPILE_FLAGS]))
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(nb, kernel_name="lc_jax_test", timeout=300,
                                      resources={"metadata": {"path": str(path.parent)}})
