@@ -20,7 +20,8 @@ quickstart: $(STAMP)
 
 ## Run the test suite (CPU; includes deviceless TPU compiles). .ci/run legs took 11:52-13:17 on 2
 ## Intel Xeon cores (9fbecce, 26230ff) and 15:30-16:30 on 2 AMD EPYC cores (eaeeb8d: 14:16 and 15:12 of
-## tests; 19:14 of tests in an earlier run on the same machine).
+## tests; 19:14 of tests in an earlier run on the same machine; 23:34 and 26:41 for the 3.11 leg at 111931f
+## and 678b643, in an hour when the TPU compiles, which no change touched, ran 1.6x slower than in the morning).
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile --durations=25 tests
 
