@@ -10,7 +10,11 @@ path, the ring (`mesh.context > 1`) and DSA's sparse stage (`SPARSE`) all choose
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import hashlib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -45,18 +49,89 @@ def platform() -> str:
     return {"cuda": "gpu", "rocm": "gpu"}.get(name, name)
 
 
-# The Pallas GPU kernels `make gpu-check` has run and checked on GPU hardware (benchmarks/GPU_CHECK.md):
-# kernel -> (device kind, date, jax version). 'auto' on a GPU takes a Pallas kernel only once it is listed
-# here (`Implementation.gpu_check`): 'pallas-triton' (flash_attention/gpu.py, also the ring's per-step
-# kernel), 'pallas-mosaic-gpu' (flash_attention/mosaic_gpu.py), 'sparse-pallas-triton'
-# (sparse_attention_gpu.py, DSA's sparse stage). Run 3 of benchmarks/results/gpu/h200/ passed all three over
-# their compiled feature matrices: Mosaic GPU in bf16 at D = 64 and 128 and in f32 at D = 64, the Triton
-# kernels against references computed at `highest` precision.
-GPU_VERIFIED: dict[str, tuple[str, str, str]] = {
-    "pallas-mosaic-gpu": ("NVIDIA H200", "2026-11-30", "0.11.2"),
-    "pallas-triton": ("NVIDIA H200", "2026-11-30", "0.11.2"),
-    "sparse-pallas-triton": ("NVIDIA H200", "2026-11-30", "0.11.2"),
+@dataclasses.dataclass(frozen=True)
+class GpuPass:
+    """One GPU check that passed a kernel: the device and the kernel's code (`source_digest`) it passed with."""
+
+    device: str  # jax's device_kind
+    compute_capability: str  # e.g. "9.0": Hopper
+    date: str
+    jax: str
+    run: str  # its results under benchmarks/results/gpu/
+    digest: str  # source_digest of the kernel's module at that run
+
+
+def _code(node) -> str:
+    """A syntax tree as text; empty fields are left out, so Python 3.11 and 3.12 write the same tree alike."""
+    if isinstance(node, ast.AST):
+        fields = ((f, getattr(node, f, None)) for f in node._fields)
+        kept = (f"{f}={_code(v)}" for f, v in fields if v is not None and v != [])
+        return f"{type(node).__name__}({','.join(kept)})"
+    if isinstance(node, list):
+        return "[" + ",".join(map(_code, node)) + "]"
+    return repr(node)
+
+
+def source_digest(source: str) -> str:
+    """16 hex digits of sha256 over the code's syntax tree without docstrings: comments, formatting and prose
+    do not count; any change to what is traced does."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:]
+    return hashlib.sha256(_code(tree).encode()).hexdigest()[:16]
+
+
+# The Pallas GPU kernels, by `GPU_VERIFIED` key: the module that holds each one's kernel bodies and launch
+# parameters, what can fail on hardware alone (TMA, barriers, wgmma, shared memory). Their shared jnp helpers
+# (masks.py) are not part of the digest: the interpreters run those very functions on every CPU test run.
+GPU_KERNELS = {"pallas-mosaic-gpu": _mosaic_gpu, "pallas-triton": _gpu, "sparse-pallas-triton": _sparse_triton}
+
+# The Pallas GPU kernels `make gpu-check` has compiled and checked on GPU hardware (benchmarks/GPU_CHECK.md).
+# 'auto' on a GPU takes one (`Implementation.gpu_check`) only while its module's code is the code that passed
+# (its digest matches) and on a GPU of the compute capability it passed on (`gpu_verified`); an edited kernel
+# waits for the next GPU check. Run 3 of benchmarks/results/gpu/h200/ passed all three over their compiled
+# feature matrices (Mosaic GPU in bf16 at D = 64 and 128 and in f32 at D = 64, the Triton kernels against
+# references at `highest` precision); the Mosaic GPU and sparse Triton modules have changed since (the
+# mask-free loop, two warpgroups, the key-major backward), so only the Triton flash kernel still counts.
+_RUN3 = dict(device="NVIDIA H200", compute_capability="9.0", date="2026-11-30", jax="0.11.2",
+             run="h200/2026-11-30_run3")
+GPU_VERIFIED: dict[str, GpuPass] = {
+    "pallas-mosaic-gpu": GpuPass(**_RUN3, digest="024b99f3cc5ce01d"),
+    "pallas-triton": GpuPass(**_RUN3, digest="d6cc35952be8e9d2"),
+    "sparse-pallas-triton": GpuPass(**_RUN3, digest="94ce565630eaa8e4"),
 }
+
+
+@functools.cache
+def kernel_digest(key: str) -> str:
+    """The `source_digest` of a GPU kernel's module as it is now."""
+    return source_digest(inspect.getsource(GPU_KERNELS[key]))
+
+
+def _gpu_compute_capability() -> str | None:
+    """The default GPU's compute capability ("9.0"), or None without one (a deviceless lowering for cuda)."""
+    if jax.default_backend() != "gpu":
+        return None
+    return str(getattr(jax.devices()[0], "compute_capability", "")) or None
+
+
+def gpu_verified(key: str) -> str | None:
+    """Why 'auto' may not take GPU kernel `key` here (no passing GPU check, code edited since, another GPU
+    generation), or None when it may."""
+    passed = GPU_VERIFIED.get(key)
+    if passed is None:
+        return "has not passed the GPU check (benchmarks/GPU_CHECK.md)"
+    if (now := kernel_digest(key)) != passed.digest:
+        return (f"has changed since it passed the GPU check on {passed.device} ({passed.date}; digest "
+                f"{passed.digest}, now {now}): the next `make gpu-check` verifies it")
+    cc = _gpu_compute_capability()
+    if cc is not None and cc != passed.compute_capability:
+        return f"passed the GPU check on compute capability {passed.compute_capability} ({passed.device}), not {cc}"
+    return None
 
 
 # ----------------------------------------------------------------------------- the implementation table
@@ -230,7 +305,7 @@ IMPLS = (*ALIASES, *FLASH)  # the names `model.attention.impl` may list
 
 
 def _verified(table: dict[str, Implementation], candidates: list[str]) -> list[str]:
-    return [n for n in candidates if table[n].gpu_check in GPU_VERIFIED]
+    return [n for n in candidates if gpu_verified(table[n].gpu_check) is None]
 
 
 def names(impl) -> list[str]:

@@ -18,9 +18,9 @@ Layout as the flash kernels: block size, block body, wrapper with shape
 validation. Beside it are the Pallas kernels that read only the selected rows:
 `sparse_attention_tpu.py` (Mosaic TPU, row DMAs; DSA uses it on TPU) and
 `sparse_attention_gpu.py` (Triton, gather loads and atomic dK/dV; DSA uses it
-on GPU with attention.impl 'pallas', and with 'auto' since the GPU check passed
-it on an H200, `lc_jax.ops.GPU_VERIFIED`). Everything else, impl 'xla'
-included, runs this path.
+on GPU with attention.impl 'pallas', and with 'auto' while its code is what a
+GPU check passed, `lc_jax.ops.GPU_VERIFIED`: run 3 on an H200 passed an earlier
+version). Everything else, impl 'xla' included, runs this path.
 """
 
 from __future__ import annotations

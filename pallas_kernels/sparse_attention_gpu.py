@@ -100,7 +100,8 @@ atomics, the vma typing under shard_map), without Triton's PTX compiler.
 On a GPU (H200, jax 0.11.2; benchmarks/results/gpu/h200/README.md, run 3):
 `test_compiled_on_gpu` passed, compiled at the default block sizes, in f32 at
 D = 64 and bf16 at D = 128, values and gradients against the XLA path at
-`highest` precision; hence `lc_jax.ops.GPU_VERIFIED`. Speed (run 4, T = 65536,
+`highest` precision; hence its `lc_jax.ops.GPU_VERIFIED` entry, for the code of
+that run (the key-major backward came after it: the next check verifies both). Speed (run 4, T = 65536,
 k = 2048, 16 query heads over 4 kv heads of 128, bf16): forward 0.035 s,
 forward + backward 0.794 s, of which the atomic dk / dv adds take about 0.76 s
 (0.201 s with 1 kv head), against 0.27 s for full causal flash attention; a

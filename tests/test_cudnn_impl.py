@@ -7,6 +7,8 @@ runs only when a GPU is the default backend.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -134,9 +136,40 @@ def test_auto_on_a_gpu_takes_only_what_has_passed_there(monkeypatch):
     assert traced == ["xla"]  # traced positions cannot be proven 0..T-1
     assert choose(q=q.astype(jnp.float32)) == "xla"
     # Once the GPU check has passed the kernel 'pallas' would run, 'auto' takes it for what cuDNN cannot do.
-    monkeypatch.setattr(ops, "GPU_VERIFIED", {"pallas-triton": ("NVIDIA H200", "", "")})
+    monkeypatch.setattr(ops, "GPU_VERIFIED", {"pallas-triton": passed_as_it_is_now("pallas-triton")})
     assert choose(q_seg_BT=pos // 32) == "pallas-triton" and choose() == "cudnn"
     assert choose(table="sparse") == "xla"
+    # ... but not once its code has changed since that check.
+    monkeypatch.setattr(ops, "GPU_VERIFIED", {"pallas-triton": dataclasses.replace(
+        passed_as_it_is_now("pallas-triton"), digest="0" * 16)})
+    assert choose(q_seg_BT=pos // 32) == "xla"
+
+
+def passed_as_it_is_now(key: str, compute_capability: str = "9.0") -> ops.GpuPass:
+    """A GPU_VERIFIED entry for kernel `key` as its code is now (what a GPU check that passed it records)."""
+    return ops.GpuPass(device="NVIDIA H200", compute_capability=compute_capability, date="2026-12-08", jax="0.11.2",
+                       run="h200/test", digest=ops.kernel_digest(key))
+
+
+def test_a_gpu_check_counts_for_the_code_and_the_gpu_generation_it_passed(monkeypatch):
+    monkeypatch.setattr(ops, "GPU_VERIFIED", {"pallas-triton": passed_as_it_is_now("pallas-triton")})
+    assert ops.gpu_verified("pallas-triton") is None
+    assert "has not passed the GPU check" in ops.gpu_verified("pallas-mosaic-gpu")
+    monkeypatch.setattr(ops, "_gpu_compute_capability", lambda: "9.0")
+    assert ops.gpu_verified("pallas-triton") is None
+    monkeypatch.setattr(ops, "_gpu_compute_capability", lambda: "8.0")  # an A100: other shared memory, no wgmma
+    assert "compute capability 9.0 (NVIDIA H200), not 8.0" in ops.gpu_verified("pallas-triton")
+    monkeypatch.setattr(ops, "GPU_VERIFIED", {"pallas-triton": dataclasses.replace(
+        passed_as_it_is_now("pallas-triton"), digest="0" * 16)})
+    assert "has changed since it passed the GPU check" in ops.gpu_verified("pallas-triton")
+
+
+def test_the_source_digest_follows_code_not_prose():
+    code = 'def f(x):\n    """Doubles."""\n    return 2 * x  # why\n'
+    same = 'def f(x):\n    """Twice x: another docstring."""\n\n    # another comment\n    return 2*x\n'
+    assert ops.source_digest(code) == ops.source_digest(same)
+    assert ops.source_digest(code) != ops.source_digest(code.replace("2 * x", "3 * x"))
+    assert ops.source_digest(code) != ops.source_digest(code.replace("    return", "    x = -x\n    return"))
 
 
 def test_one_error_lists_why_each_candidate_declined(monkeypatch):

@@ -230,7 +230,9 @@ def test_dsa_picks_the_gpu_kernel(monkeypatch, backend, impl, verified, want):
 
     calls = []
     monkeypatch.setattr(ops, "platform", lambda: backend)
-    monkeypatch.setattr(ops, "GPU_VERIFIED", {"sparse-pallas-triton": ("NVIDIA H200", "", "")} if verified else {})
+    key = "sparse-pallas-triton"
+    passed = ops.GpuPass("NVIDIA H200", "9.0", "", "", "", ops.kernel_digest(key))  # as its code is now
+    monkeypatch.setattr(ops, "GPU_VERIFIED", {key: passed} if verified else {})
     for name, mod in (("pallas-triton", ops._sparse_triton), ("pallas-tpu", ops._sparse_tpu)):
         monkeypatch.setattr(mod, "sparse_attention", lambda *a, _n=name, **kw: (calls.append(_n), None))
     monkeypatch.setattr(ops._sparse_xla, "sparse_attention", lambda *a, **kw: (calls.append("xla"), None, None))
