@@ -296,92 +296,159 @@ def accelerator_main(a, command: str):
           f"reps={reps} iters={iters}", flush=True)
 
     rows = []
-    for D in a.acc_head_dims:
-        for T in a.acc_lengths:
-            ks = jax.random.split(jax.random.PRNGKey(0), 4)
-            q, k, v, do = (jax.random.normal(kk, (B, T, H, D), jnp.bfloat16) for kk in ks)
-            entries = [(i, None) for i in a.acc_impls] + [(f"lc_jax_pallas@{b}", None) for b in a.acc_pallas_blocks]
-            if T == t_max and "lc_jax_pallas" in a.acc_impls:
-                entries.append(("lc_jax_pallas", a.acc_window))
-            # prepare: compile fwd and fwd+bwd for every entry, record errors / skips
-            cells = {}
-            for impl, window in entries:
-                for mode in ("fwd", "fwd_bwd"):
-                    flops = _causal_flops(B, H, T, D, window) * (3.5 if mode == "fwd_bwd" else 1.0)
-                    row = {"impl": impl, "T": T, "D": D, "mode": mode, "window": window, "flops": flops}
-                    try:
-                        attn, layout = _acc_attn_fn(impl, backend, T, H, D, window)
-                        args = layout(q, k, v) + (layout(do)[0],) if mode == "fwd_bwd" else layout(q, k, v)
-                        if mode == "fwd":
-                            fn = attn
-                        else:
-                            def fn(q, k, v, do, attn=attn):
-                                out, vjp = jax.vjp(attn, q, k, v)
-                                return out, vjp(do)
-                        compiled = jax.jit(fn).lower(*args).compile()
-                        ma = compiled.memory_analysis()
-                        row["xla_temp_mb"] = ma.temp_size_in_bytes / 2**20 if ma is not None else None
-                        jax.block_until_ready(compiled(*args))  # warm-up
-                        cells[(impl, window, mode)] = (row, compiled, args, [])
-                    except _Skip as e:
-                        row["skipped"] = str(e)
-                    except Exception as e:  # noqa: BLE001 - one failing impl must not end the run
-                        row["error"] = _err(e)
-                    rows.append(row)
-            keys = list(cells)
-            for rep in range(reps):
-                order = keys[rep % len(keys):] + keys[: rep % len(keys)] if keys else []
-                for key in order:
-                    row, compiled, args, times = cells[key]
-                    if "error" in row:
-                        continue
-                    try:
-                        for _ in range(iters):
-                            t0 = time.perf_counter()
-                            jax.block_until_ready(compiled(*args))
-                            times.append(time.perf_counter() - t0)
-                    except Exception as e:  # noqa: BLE001
-                        row["error"] = _err(e)
-            for row, _, _, times in cells.values():
-                if times and "error" not in row:
-                    row.update(time_s=statistics.median(times), times_s=times,
-                               tflops=row["flops"] / statistics.median(times) / 1e12)
-            for row in rows[-2 * len(entries):]:
-                name = row["impl"] + ("" if row["window"] is None else f" W={row['window']}")
-                val = f"{row['time_s'] * 1e3:9.3f} ms {row['tflops']:7.2f} TFLOP/s" if "time_s" in row else \
-                    row.get("skipped") or row.get("error")
-                print(f"  D={D:4d} T={T:6d} {row['mode']:7s} {name:24s} {val}", flush=True)
-            del cells, q, k, v, do
+    variant_lengths = set(a.acc_variant_lengths or a.acc_lengths)
 
-    def find(impl, T, D, mode, window):
-        return next((r for r in rows if (r["impl"], r["T"], r["D"], r["mode"], r["window"])
-                     == (impl, T, D, mode, window) and "time_s" in r), None)
+    def measure(entries, carried, group, T, D, q, k, v, do):
+        """Compile fwd and fwd+bwd of every (impl, window) entry (an error or skip is recorded in its row), then
+        time them, and the already compiled `carried` cells, alternating over the reps. Returns the new cells."""
+        cells, new = {}, []
+        for impl, window in entries:
+            for mode in ("fwd", "fwd_bwd"):
+                flops = _causal_flops(B, H, T, D, window) * (3.5 if mode == "fwd_bwd" else 1.0)
+                row = {"impl": impl, "T": T, "D": D, "mode": mode, "window": window, "flops": flops, "group": group}
+                new.append(row)
+                try:
+                    attn, layout = _acc_attn_fn(impl, backend, T, H, D, window)
+                    args = layout(q, k, v) + (layout(do)[0],) if mode == "fwd_bwd" else layout(q, k, v)
+                    if mode == "fwd":
+                        fn = attn
+                    else:
+                        def fn(q, k, v, do, attn=attn):
+                            out, vjp = jax.vjp(attn, q, k, v)
+                            return out, vjp(do)
+                    compiled = jax.jit(fn).lower(*args).compile()
+                    ma = compiled.memory_analysis()
+                    row["xla_temp_mb"] = ma.temp_size_in_bytes / 2**20 if ma is not None else None
+                    jax.block_until_ready(compiled(*args))  # warm-up
+                    cells[(impl, window, mode)] = (row, compiled, args, [])
+                except _Skip as e:
+                    row["skipped"] = str(e)
+                except Exception as e:  # noqa: BLE001 - one failing impl must not end the run
+                    row["error"] = _err(e)
+                rows.append(row)
+        timed = dict(cells)
+        for key, (row, compiled, args, _) in carried.items():  # timed again beside the new ones: side by side
+            timed[key] = ({**row, "group": group, "xla_temp_mb": row.get("xla_temp_mb")}, compiled, args, [])
+            rows.append(timed[key][0])
+        keys = list(timed)
+        for rep in range(reps):
+            order = keys[rep % len(keys):] + keys[: rep % len(keys)] if keys else []
+            for key in order:
+                row, compiled, args, times = timed[key]
+                if "error" in row:
+                    continue
+                try:
+                    for _ in range(iters):
+                        t0 = time.perf_counter()
+                        jax.block_until_ready(compiled(*args))
+                        times.append(time.perf_counter() - t0)
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = _err(e)
+        for row, _, _, times in timed.values():
+            row.pop("time_s", None), row.pop("times_s", None), row.pop("tflops", None)
+            if times and "error" not in row:
+                row.update(time_s=statistics.median(times), times_s=times,
+                           tflops=row["flops"] / statistics.median(times) / 1e12)
+        for row in new + [r for r, *_ in timed.values() if r not in new]:
+            name = row["impl"] + ("" if row["window"] is None else f" W={row['window']}")
+            val = f"{row['time_s'] * 1e3:9.3f} ms {row['tflops']:7.2f} TFLOP/s" if "time_s" in row else \
+                row.get("skipped") or row.get("error")
+            print(f"  D={D:4d} T={T:6d} {group:8s} {row['mode']:7s} {name:24s} {val}", flush=True)
+        return cells
 
-    sliding = {}
-    for D in a.acc_head_dims:
-        for mode in ("fwd", "fwd_bwd"):
-            full, win = find("lc_jax_pallas", t_max, D, mode, None), find("lc_jax_pallas", t_max, D, mode, a.acc_window)
-            sliding[f"D{D}_{mode}"] = full["time_s"] / win["time_s"] if full and win else None
+    def find(impl, T, D, mode, window, group="targets"):
+        return next((r for r in rows if (r["impl"], r["T"], r["D"], r["mode"], r["window"], r["group"])
+                     == (impl, T, D, mode, window, group) and "time_s" in r), None)
 
-    def speed_vs_cudnn(impl):  # cuDNN time / impl time per D, T and mode
+    def speed_vs_cudnn(impl, group="targets"):  # cuDNN time / impl time per D, T and mode, timed side by side
         out = {}
         for D in a.acc_head_dims:
             for T in a.acc_lengths:
                 for mode in ("fwd", "fwd_bwd"):
-                    ours, cudnn = find(impl, T, D, mode, None), find("jax_cudnn", T, D, mode, None)
+                    ours, cudnn = find(impl, T, D, mode, None, group), find("jax_cudnn", T, D, mode, None, group)
                     if ours and cudnn:
                         out[f"D{D}_T{T}_{mode}"] = cudnn["time_s"] / ours["time_s"]
         return out
 
-    # lc_jax pallas speed relative to cuDNN; target >= 0.8 on GPU. Then each --acc-pallas-blocks variant,
-    # measured side by side with the default in this run.
-    vs_cudnn = speed_vs_cudnn("lc_jax_pallas")
-    variants_vs_cudnn = {impl: r for impl in (f"lc_jax_pallas@{b}" for b in a.acc_pallas_blocks)
-                         if (r := speed_vs_cudnn(impl))}
+    def variant_results():
+        """Per --acc-pallas-blocks variant: its speed / cuDNN's and / the default kernel's (all three timed side by
+        side in the variants group), or its errors."""
+        res = {}
+        for b in a.acc_pallas_blocks:
+            impl = f"lc_jax_pallas@{b}"
+            r = speed_vs_cudnn(impl, "variants")
+            for D in a.acc_head_dims:
+                for T in a.acc_lengths:
+                    for mode in ("fwd", "fwd_bwd"):
+                        ours, base = find(impl, T, D, mode, None, "variants"), \
+                            find("lc_jax_pallas", T, D, mode, None, "variants")
+                        if ours and base:
+                            r[f"vs_default_D{D}_T{T}_{mode}"] = base["time_s"] / ours["time_s"]
+            errors = sorted({x["error"] for x in rows if x["impl"] == impl and "error" in x})
+            if r or errors:
+                res[impl] = {**r, **({"errors": errors} if errors else {})}
+        return res
 
+    def write(final: bool = False):
+        """The JSON so far (after each group: a later crash or kill loses only what came after it)."""
+        sliding = {}
+        for D in a.acc_head_dims:
+            for mode in ("fwd", "fwd_bwd"):
+                full, win = find("lc_jax_pallas", t_max, D, mode, None), find("lc_jax_pallas", t_max, D, mode,
+                                                                               a.acc_window)
+                sliding[f"D{D}_{mode}"] = full["time_s"] / win["time_s"] if full and win else None
+        stats = dev.memory_stats() if final and hasattr(dev, "memory_stats") else None
+        out = {
+            "benchmark": "attention_accelerator",
+            "command": command,
+            "complete": final,
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "device": dev.device_kind,
+            "backend": backend,
+            "num_devices": jax.device_count(),
+            "versions": {"python": platform.python_version(), "jax": jax.__version__, **_versions()},
+            "shape": {"batch": B, "heads": H, "kv_heads": H, "head_dims": a.acc_head_dims, "dtype": "bfloat16",
+                      "causal": True, "window": a.acc_window},
+            "flop_convention": "fwd = 4*B*H*T*T*D * 0.5 (causal); window W: 4*B*H*D*(W*T - W*W/2); "
+                               "fwd_bwd = 3.5 * fwd",
+            "memory_note": "one process: xla_temp_mb is XLA's planned temps per compiled program; "
+                           "device_peak_bytes_in_use covers the whole run",
+            "timing": {"reps": reps, "iters": iters, "warmup_calls": 1, "statistic": "median of all timed calls",
+                       "groups": "per length, 'targets' (the implementations and the window row) are compiled and "
+                                 "timed first; then 'variants': the --acc-pallas-blocks variants, timed alternating "
+                                 "with the targets' default kernel and cuDNN executables"},
+            "device_peak_bytes_in_use": (stats or {}).get("peak_bytes_in_use"),
+            "rows": rows,
+            "sliding_speedup_vs_full_causal": {"T": t_max, "window": a.acc_window, "target": 4.0, **sliding},
+            "pallas_speed_vs_cudnn": {"target": 0.8, **speed_vs_cudnn("lc_jax_pallas")},
+            "pallas_variants_speed_vs_cudnn": variant_results(),
+        }
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_path).write_text(json.dumps(out, indent=2))
+        return out
+
+    for D in a.acc_head_dims:
+        for T in a.acc_lengths:
+            ks = jax.random.split(jax.random.PRNGKey(0), 4)
+            q, k, v, do = (jax.random.normal(kk, (B, T, H, D), jnp.bfloat16) for kk in ks)
+            entries = [(i, None) for i in a.acc_impls]
+            if T == t_max and "lc_jax_pallas" in a.acc_impls:
+                entries.append(("lc_jax_pallas", a.acc_window))
+            cells = measure(entries, {}, "targets", T, D, q, k, v, do)
+            write()
+            if a.acc_pallas_blocks and T in variant_lengths:
+                carried = {key: c for key, c in cells.items() if key[0] in ("lc_jax_pallas", "jax_cudnn")
+                           and key[1] is None}
+                measure([(f"lc_jax_pallas@{b}", None) for b in a.acc_pallas_blocks], carried, "variants",
+                        T, D, q, k, v, do)
+                write()
+            del cells, q, k, v, do
+
+    out = write(final=True)
+    sliding, vs_cudnn = out["sliding_speedup_vs_full_causal"], out["pallas_speed_vs_cudnn"]
     print(f"\nbf16 causal attention, B={B} H={H}, {dev.device_kind} ({backend}), TFLOP/s "
           f"(causal FLOPs halved, fwd+bwd = 3.5x fwd); median of {reps} alternating reps x {iters} calls")
-    names = list(dict.fromkeys((r["impl"], r["window"]) for r in rows))
+    names = list(dict.fromkeys((r["impl"], r["window"]) for r in rows if r["group"] == "targets"))
     hdr = "".join(f"{(i if w is None else f'{i} W={w}')[:22]:>24}" for i, w in names)
     for mode in ("fwd", "fwd_bwd"):
         print(f"\n{mode}\n{'D':>4} {'T':>6}{hdr}")
@@ -389,45 +456,22 @@ def accelerator_main(a, command: str):
             for T in a.acc_lengths:
                 cells_txt = []
                 for i, w in names:
-                    r = next((r for r in rows if (r["impl"], r["T"], r["D"], r["mode"], r["window"])
-                              == (i, T, D, mode, w)), None)
+                    r = next((r for r in rows if (r["impl"], r["T"], r["D"], r["mode"], r["window"], r["group"])
+                              == (i, T, D, mode, w, "targets")), None)
                     cells_txt.append("" if r is None else f"{r['tflops']:.2f}" if "tflops" in r else
                                      "skip" if "skipped" in r else "error")
                 print(f"{D:>4} {T:>6}" + "".join(f"{c:>24}" for c in cells_txt))
     print(f"\nlc_jax pallas at T={t_max}: full causal time / sliding W={a.acc_window} time (target >= 4): "
-          + ", ".join(f"{k} {v:.2f}x" if v is not None else f"{k} n/a" for k, v in sliding.items()))
-    if vs_cudnn:
+          + ", ".join(f"{k} {v:.2f}x" if v is not None else f"{k} n/a" for k, v in sliding.items()
+                      if k.startswith("D")))
+    ratios = {k: v for k, v in vs_cudnn.items() if k != "target"}
+    if ratios:
         print("lc_jax pallas speed / cuDNN's (cuDNN time / lc_jax time; target >= 0.8): "
-              + ", ".join(f"{k} {v:.2f}x" for k, v in vs_cudnn.items()))
-    for impl, ratios in variants_vs_cudnn.items():
-        print(f"  {impl}: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
-    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
-    peak = (stats or {}).get("peak_bytes_in_use")
-    if peak is not None:
-        print(f"device peak_bytes_in_use over the whole run: {peak / 2**30:.2f} GiB")
-
-    out = {
-        "benchmark": "attention_accelerator",
-        "command": command,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device": dev.device_kind,
-        "backend": backend,
-        "num_devices": jax.device_count(),
-        "versions": {"python": platform.python_version(), "jax": jax.__version__, **_versions()},
-        "shape": {"batch": B, "heads": H, "kv_heads": H, "head_dims": a.acc_head_dims, "dtype": "bfloat16",
-                  "causal": True, "window": a.acc_window},
-        "flop_convention": "fwd = 4*B*H*T*T*D * 0.5 (causal); window W: 4*B*H*D*(W*T - W*W/2); fwd_bwd = 3.5 * fwd",
-        "memory_note": "one process: xla_temp_mb is XLA's planned temps per compiled program; "
-                       "device_peak_bytes_in_use covers the whole run",
-        "timing": {"reps": reps, "iters": iters, "warmup_calls": 1, "statistic": "median of all timed calls"},
-        "device_peak_bytes_in_use": peak,
-        "rows": rows,
-        "sliding_speedup_vs_full_causal": {"T": t_max, "window": a.acc_window, "target": 4.0, **sliding},
-        "pallas_speed_vs_cudnn": {"target": 0.8, **vs_cudnn},
-        "pallas_variants_speed_vs_cudnn": variants_vs_cudnn,
-    }
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(out_path).write_text(json.dumps(out, indent=2))
+              + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+    for impl, r in out["pallas_variants_speed_vs_cudnn"].items():
+        print(f"  {impl}: " + ", ".join(f"{k} {v:.2f}x" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
+    if out["device_peak_bytes_in_use"] is not None:
+        print(f"device peak_bytes_in_use over the whole run: {out['device_peak_bytes_in_use'] / 2**30:.2f} GiB")
     print(f"wrote {out_path}")
 
 
@@ -457,6 +501,8 @@ def main():
                     help="also time lc_jax's kernel with these query x key blocks (e.g. 128x128), as "
                          "lc_jax_pallas@QxK; '+approx' / '+skip' / '+wg2' turn the Mosaic GPU kernel's approx_math / "
                          "skip_full_masks / warpgroups=2 (with block_q_dkv=64) on")
+    ap.add_argument("--acc-variant-lengths", type=int, nargs="*", default=None,
+                    help="the --acc-lengths at which the --acc-pallas-blocks variants are timed (default: all)")
     ap.add_argument("--masks", action="store_true",
                     help="CPU: lc_jax's XLA path under full causal, chunked and sliding masks, with and without sink "
                          "tokens, at --masks-length; writes results/attention_masks_cpu.json")

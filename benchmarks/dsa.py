@@ -273,7 +273,9 @@ def layer_main(a) -> None:
             for n, c in compiled.items():
                 times[n].append(_time(c, runs[n][1]))
         med = {n: float(np.median(t)) for n, t in times.items()}
-        lead = next(iter(fns), None)
+        # The parts are timed for the first variant whose whole step compiled (one that failed would only
+        # fail again, and its parts would explain no time in the row).
+        lead = next((n for n in fns if n in compiled), None)
         row = {"T": T, "topk": a.topk, "seconds": med, "runs_s": times, "mib": mem,
                "full_over_dsa": {n: med["full"] / med[n] for n in names[1:] if n in med and "full" in med},
                "dsa_parts_s": {}, "dsa_parts_select": variants[lead or names[1]][0], "dsa_parts_variant": lead}
@@ -291,7 +293,7 @@ def layer_main(a) -> None:
         # One timed run each, after a warm-up: the lead's three parts, then the other variants' sparse attention.
         # Another variant's selection and sparse attention where they differ from the lead's.
         todo = [(part, lead, part) for part in ("dsa_select", "dsa_attention", "dsa_kl")] if lead else []
-        for n in (n for n in fns if n != lead):
+        for n in (n for n in fns if n != lead and lead is not None):
             for part, i in (("dsa_select", 0), ("dsa_attention", 1)):
                 if variants[n][i] != variants[lead][i]:
                     todo.append((f"{part}@{n}", n, part))

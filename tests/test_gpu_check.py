@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ast
 import email
+import importlib.util
+import json
 import re
 import shutil
 import subprocess
@@ -187,3 +189,67 @@ def test_downloaded_wheels_needs_are_on_the_image_or_carried():
             elif known[name] and not req.specifier.contains(Version(known[name]), prereleases=True):
                 problems.append(f"{path.name} needs {req}, the GPU machine has {known[name]}")
     assert not problems, problems
+
+
+def _summary_module():
+    spec = importlib.util.spec_from_file_location("gpu_check_summary", ROOT / "benchmarks" / "gpu_check_summary.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _junit(cases: dict[str, str]) -> str:
+    """A JUnit XML of {'file.py::name': 'passed' | 'failure' | 'skipped'}."""
+    body = "".join(f'<testcase classname="tests.{t.split("::")[0].removesuffix(".py")}" name="{t.split("::")[1]}" '
+                   f'time="1">' + ("" if o == "passed" else f'<{o} message="{o}"/>') + "</testcase>"
+                   for t, o in cases.items())
+    return f'<?xml version="1.0"?><testsuites><testsuite name="pytest">{body}</testsuite></testsuites>'
+
+
+def test_a_target_counts_only_where_its_kernels_passed_their_tests(tmp_path):
+    """The summary's verdicts: a fast number from a kernel whose compiled test failed (or never ran) is unverified,
+    and DSA's target takes the best variant whose kernels passed."""
+    summary = _summary_module()
+    out, work = tmp_path / "out", tmp_path / "work"
+    out.mkdir(), work.mkdir()
+    (work / "steps.tsv").write_text("".join(f"{n}\t100\t0\t50\tok\tcmd\n" for n in ("tests", "attention", "dsa")))
+    (work / "env.json").write_text(json.dumps({"compute_capability": "9.0", "versions": {"jax": "0.11.2"},
+                                               "device_kind": "NVIDIA H200", "kernels": {}}))
+    mosaic = "test_flash_mosaic_gpu.py::test_compiled_on_gpu"
+    cases = {f"{mosaic}[128-bfloat16-64-None-]": "passed", f"{mosaic}[64-float32-64-None-]": "passed",
+             f"{mosaic}[128-bfloat16-64-None-approx]": "failure",
+             f"{mosaic}[128-bfloat16-64-None-approx+skip]": "passed",
+             "test_sparse_gpu.py::test_compiled_on_gpu[atomic]": "passed",
+             "test_sparse_gpu.py::test_compiled_on_gpu[key_major]": "failure",
+             "test_dsa.py::test_row_topk_by_threshold_equals_top_k[sampled]": "passed",
+             "test_dsa.py::test_topk_selection_equals_brute_force[5-threshold]": "passed"}
+    (out / "tests_gpu.xml").write_text(_junit(cases))
+    (out / "attention.json").write_text(json.dumps({
+        "rows": [], "pallas_speed_vs_cudnn": {"D128_T8192_fwd_bwd": 0.9},
+        "sliding_speedup_vs_full_causal": {"D128_fwd_bwd": 12.0},
+        "pallas_variants_speed_vs_cudnn": {"lc_jax_pallas@64x64+approx": {"D128_T8192_fwd_bwd": 1.2},
+                                           "lc_jax_pallas@64x64+approx+skip": {"D128_T8192_fwd_bwd": 1.1}}}))
+    (out / "dsa.json").write_text(json.dumps({"rows": [{"T": 65536, "full_over_dsa": {
+        "dsa@threshold+pallas-key-major": 5.0, "dsa@xla+pallas": 0.2}}]}))
+    sizes = dict(ATT_D=128, ATT_T_CUDNN=8192, ATT_T_FULL=32768, ATT_W=1024, DSA_T=65536, DSA_K=2048)
+
+    s = summary.summarize(out, work, sizes)
+    t = s["targets"]
+    assert t["flash_vs_cudnn"]["pass"] is True and t["sliding_vs_full"]["pass"] is True
+    # The faster DSA variant's key-major backward failed its test: the verdict is the verified variant's.
+    assert t["dsa_vs_full"]["variant"] == "dsa@xla+pallas" and t["dsa_vs_full"]["pass"] is False
+    v = s["flash_variants_vs_cudnn"]
+    assert v["lc_jax_pallas@64x64+approx"]["tests_passed"] is False and "approx]: failed" in \
+        v["lc_jax_pallas@64x64+approx"]["unverified"]
+    assert v["lc_jax_pallas@64x64+approx+skip"]["tests_passed"] is True
+
+    # The default kernel's test failed: its timings are reported, but no target passes on them.
+    (out / "tests_gpu.xml").write_text(_junit({**cases, f"{mosaic}[64-float32-64-None-]": "failure"}))
+    t = summary.summarize(out, work, sizes)["targets"]
+    assert t["flash_vs_cudnn"]["pass"] is None and t["flash_vs_cudnn"]["value"] == 0.9
+    assert "64-float32-64-None-]: failed" in t["flash_vs_cudnn"]["unverified"]
+    assert t["dsa_vs_full"]["pass"] is None
+    # No JUnit XML at all (the tests step ran out of time): nothing is verified.
+    (out / "tests_gpu.xml").unlink()
+    t = summary.summarize(out, work, sizes)["targets"]
+    assert all(x["pass"] is None and "no JUnit XML" in x["unverified"] for x in t.values())
