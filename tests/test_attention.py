@@ -212,12 +212,18 @@ def test_mask_semantics_against_brute_force():
             Mask(**bad)
 
 
-@pytest.mark.parametrize("cuts, mask", [
-    ((), Mask(window=6, sink_tokens=3)),
-    ((5, 10, 12), Mask(chunk=20, sink_tokens=2)),
-    ((23,), Mask(causal=False, window=5, sink_tokens=4)),
+# Visit modes of the first 48 tokens (3 x 3 blocks of 16; 0 skip, 1 whole block, 2 sink columns alone) and
+# the sink columns' offset in each key block holding sinks. One document: query block 2 sees key block 0
+# for its sinks alone (the window hides the rest), in 8 columns from 0. Short documents put four documents'
+# sinks in block 0 (columns 0 to 13, more than 8): query block 2, whose chunk hides the rest, visits it in
+# full. Two documents, non-causal: blocks above the diagonal are visited, query block 2 (document 2) skips
+# block 0 (document 1's sinks: another segment), and document 2's sinks start at column 7 of key block 1.
+@pytest.mark.parametrize("cuts, mask, modes, offsets", [
+    ((), Mask(window=6, sink_tokens=3), [[1, 0, 0], [1, 1, 0], [2, 1, 1]], {0: 0}),
+    ((5, 10, 12), Mask(chunk=20, sink_tokens=2), [[1, 1, 0], [1, 1, 0], [1, 0, 1]], {0: 0}),
+    ((23,), Mask(causal=False, window=5, sink_tokens=4), [[1, 1, 0], [1, 1, 1], [0, 1, 1]], {0: 0, 1: 7}),
 ], ids=["one-doc-window", "short-docs-chunk", "two-docs-noncausal"])
-def test_sink_tokens_blockwise_visits(cuts, mask):
+def test_sink_tokens_blockwise_visits(cuts, mask, modes, offsets):
     # The XLA path visits a key block that only sink tokens make visible in its sink columns alone when they
     # lie in one run, else in full (short documents: several documents' sinks in one block). Both, with
     # windows, chunks, non-causal windows and a length that is not a multiple of the blocks, against the
@@ -227,13 +233,11 @@ def test_sink_tokens_blockwise_visits(cuts, mask):
     pos, seg = _packed(2, T, cuts)
     _compare(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, q_seg_BT=seg, kv_seg_BS=seg, mask=mask)
     pb, sb = pos[:, :48].reshape(2, 3, 16), seg[:, :48].reshape(2, 3, 16)
-    st = flash_xla._Static(Mask(window=6, sink_tokens=3), None, 1.0, None, 16, 16)
+    st = flash_xla._Static(mask, None, 1.0, None, 16, 16)
     vis = flash_xla.block_visible(pb, pb, sb, sb, mask=st.mask)
-    modes, _ = flash_xla._visit_modes(vis, pb, sb, pb, sb, st)
-    # One document: query block 2 sees key block 0 for its sinks alone, in 8 columns. Short documents put
-    # four documents' sinks in block 0 (columns 0 to 14), so it is visited in full.
-    expected = {(): 2, (5, 10, 12): 1}.get(cuts)
-    assert expected is None or int(modes[2, 0]) == expected
+    got, offset = flash_xla._visit_modes(vis, pb, sb, pb, sb, st)
+    assert np.asarray(got).tolist() == modes
+    assert {j: int(offset[j]) for j in offsets} == offsets
 
 
 def _with_sink_brute_force(q, k, v, pos, sinks_H, mask):

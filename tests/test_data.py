@@ -1,17 +1,58 @@
+import hashlib
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from lc_jax.data import corpus, make_dataset, packing, tokenizer
 
+# The two splits of the stdlib corpus, each as the sha1 of its documents in order, from a fresh interpreter
+# (argv[1]: corpus.py, loaded alone: lc_jax.data's imports pull in jax, seconds of start-up).
+_SPLIT_DIGESTS = """
+import hashlib, importlib.util, sys
+spec = importlib.util.spec_from_file_location("corpus", sys.argv[1])
+corpus = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(corpus)
+for split in ("train", "validation"):
+    docs = corpus.load_documents(source="stdlib", split=split, val_fraction=0.05)
+    print(hashlib.sha1(repr([hashlib.sha1(d).digest() for d in docs]).encode()).hexdigest())
+"""
 
-def test_stdlib_split_is_deterministic_and_disjoint():
+
+def _digest(docs):
+    return hashlib.sha1(repr([hashlib.sha1(d).digest() for d in docs]).encode()).hexdigest()
+
+
+def test_stdlib_split_is_deterministic_and_disjoint(monkeypatch):
+    """The split is by document name (a path under the stdlib): every named document lands in exactly one
+    split, and both splits are the same in another process (another PYTHONHASHSEED: no `hash()` of names).
+    Contents are not compared: the stdlib holds byte-identical files under different names."""
     train = corpus.load_documents(source="stdlib", split="train", val_fraction=0.05)
     val = corpus.load_documents(source="stdlib", split="validation", val_fraction=0.05)
     assert len(train) > 500 and len(val) > 10
-    assert not set(train[:200]) & set(val)
+    assert corpus.load_documents(source="stdlib", split="train", val_fraction=0.05) == train
     assert corpus.load_documents(source="stdlib", split="validation", val_fraction=0.05) == val
+    seed = str(int(os.environ.get("PYTHONHASHSEED") or 0) + 1)  # not this process's seed
+    out = subprocess.run([sys.executable, "-c", _SPLIT_DIGESTS, corpus.__file__], capture_output=True, text=True,
+                         check=True, cwd=Path(corpus.__file__).parents[2], env={**os.environ, "PYTHONHASHSEED": seed})
+    assert out.stdout.split() == [_digest(train), _digest(val)], "the split differs in another process"
+    # Which names went where: the same corpus with each document tagged by its name, so that every document
+    # returned says which one it is (empty files stay empty: they are dropped).
+    named = corpus._stdlib_docs()
+    tagged = tuple((n, d and n.encode() + b"\n" + d) for n, d in named)
+    monkeypatch.setattr(corpus, "_stdlib_docs", lambda: tagged)
+    names = {split: [d.split(b"\n", 1)[0].decode()
+                     for d in corpus.load_documents(source="stdlib", split=split, val_fraction=0.05)]
+             for split in ("train", "validation")}
+    assert [len(v) for v in names.values()] == [len(train), len(val)]
+    for split, got in names.items():
+        assert len(set(got)) == len(got), f"a document twice in the {split} split"
+    assert not set(names["train"]) & set(names["validation"]), "a document in both splits"
+    assert set(names["train"]) | set(names["validation"]) == {n for n, d in named if d}, "a document in neither"
 
 
 def test_concat_packing_segments_positions_and_mask():

@@ -51,17 +51,40 @@ def _brute_scores(iq, w, ik, m):
     return jnp.where(_visible(m), scores, -jnp.inf)
 
 
-# threshold: every 2nd score sampled, so that rows of 64 take the sampled path for k = 1 and 5.
+# threshold: every 2nd score sampled, so that rows of 64 (T = 50 padded to key blocks of 16) have a plan for
+# k = 1 and 5 (16 and 64: rows too short to sample, plain top_k). The plan's `ok` per query block of these
+# inputs: k = 5 keeps 5..17 of every row (cap 20), the sampled path in all 4 blocks; k = 1 has rows where 5
+# or 6 scores reach the sampled maximum (cap 4), the top_k fallback in all 4 blocks.
 THRESHOLD_SMALL = functools.partial(dsa.threshold_topk, stride=2)
+THRESHOLD_PATH = {1: [False] * 4, 5: [True] * 4, 16: [], 64: []}  # ok per query block; [] is no plan
+
+
+def _record_threshold_plans(monkeypatch) -> list:
+    """Patch dsa.threshold_plan to append each query block's `ok` (from the running program) to a list."""
+    oks, plan = [], dsa.threshold_plan
+
+    def recording(x, k, **kw):
+        p = plan(x, k, **kw)
+        if p is not None:
+            jax.debug.callback(lambda ok: oks.append(bool(ok)), p[2])
+        return p
+
+    monkeypatch.setattr(dsa, "threshold_plan", recording)
+    return oks
 
 
 @pytest.mark.parametrize("select", [dsa.streaming_topk, dsa.host_topk, THRESHOLD_SMALL],
                          ids=["streaming", "host", "threshold"])
 @pytest.mark.parametrize("topk", [1, 5, 16, 64])
-def test_topk_selection_equals_brute_force(select, topk):
+def test_topk_selection_equals_brute_force(select, topk, monkeypatch):
     """The selected scores are the k largest visible ones (ties, e.g. ReLU zeros, may pick either key)."""
     _, _, _, iq, w, ik, m = _tensors()
-    idx, valid = jax.jit(lambda *a: select(*a, **m, topk=topk, block_q=16, block_k=16))(iq, w, ik)
+    oks = _record_threshold_plans(monkeypatch)
+    idx, valid = jax.block_until_ready(
+        jax.jit(lambda *a: select(*a, **m, topk=topk, block_q=16, block_k=16))(iq, w, ik))
+    jax.effects_barrier()  # the callbacks have run
+    if select is THRESHOLD_SMALL:  # the path this case means to test is the one that ran
+        assert oks == THRESHOLD_PATH[topk], f"plan ok per query block {oks}, want {THRESHOLD_PATH[topk]}"
     scores = _brute_scores(iq, w, ik, m)
     vals, ref_idx = jax.lax.top_k(scores, min(topk, T))
     ref_valid = jnp.isfinite(vals)

@@ -1,4 +1,5 @@
-"""One body for every implementation in `ops.FLASH`: values, lse and gradients against the reference.
+"""One body for every implementation in `ops.FLASH`: values, lse and gradients against the reference (the
+reference row itself, through `ops.attention` and `ops.with_sinks` too, against a brute force written out here).
 
 Each case runs through `ops.attention(impl=<name>)`, so the implementation table decides what runs. Where
 an implementation declines a case (`Implementation.declines`: cuDNN has no segments, the GPU kernels need
@@ -54,6 +55,29 @@ def _inputs(case, dtype):
     return q, k, v, pos, kw
 
 
+def _brute_force(q, k, v, pos, sinks_H, *, mask, logits_soft_cap, q_seg_BT=None, kv_seg_BS=None, bias=None,
+                 bias_params_HP=None):
+    """(out, lse) as the definitions say, written out in full, independent of `reference.attention` and
+    `ops.with_sinks`: soft-capped logits, plus -slope * |q_pos - kv_pos| (ALiBi), -inf where `Mask.visible`
+    (itself checked in test_attention.py) hides the key, then a softmax over the keys and one sink logit
+    per head (a key without value)."""
+    B, T, H, D = q.shape
+    G = H // k.shape[2]
+    s = jnp.einsum("bthd,bshd->bhts", q, jnp.repeat(k, G, axis=2)) * D**-0.5
+    if logits_soft_cap is not None:
+        s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
+    if bias is not None:
+        assert bias is ALIBI
+        s = s - bias_params_HP[None, :, :, None] * jnp.abs(pos[:, None, :, None] - pos[:, None, None, :])
+    segs = () if q_seg_BT is None else (q_seg_BT[:, None, :, None], kv_seg_BS[:, None, None, :])
+    s = jnp.where(mask.visible(pos[:, None, :, None], pos[:, None, None, :], *segs), s, -jnp.inf)
+    if sinks_H is not None:
+        s = jnp.concatenate([s, jnp.broadcast_to(sinks_H[None, :, None, None], (B, H, T, 1))], -1)
+    p = jax.nn.softmax(s, -1)[..., :T]
+    out = jnp.einsum("bhts,bshd->bthd", p, jnp.repeat(v, G, axis=2))
+    return out, jax.nn.logsumexp(s, -1).transpose(0, 2, 1)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("impl", sorted(ops.FLASH))
 def test_implementation_against_reference(impl, case):
@@ -80,7 +104,9 @@ def test_implementation_against_reference(impl, case):
     ours = lambda q, k, v, *s: ops.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, impl=impl,  # noqa: E731
                                              return_lse=impl != "cudnn", block_sizes=BLOCKS.get(impl),
                                              sinks_H=s[0] if s else None, **kw)
-    if sinks:  # the learned logits enter through ops.with_sinks, whatever the implementation
+    if impl == "reference":  # the ground truth of the other rows, checked itself against the brute force
+        ref = lambda q, k, v, *s: _brute_force(q, k, v, pos, s[0] if s else None, **kw)  # noqa: E731
+    elif sinks:  # the learned logits enter through ops.with_sinks, whatever the implementation
         ref = lambda q, k, v, s: ops.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, impl="reference",  # noqa: E731
                                                return_lse=True, sinks_H=s, **kw)
     else:

@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 from kernel_checks import alibi, value_and_vjp
 
 from lc_jax import ops
+from pallas_kernels import ring_attention as ring_mod
 from pallas_kernels.flash_attention import reference
 from pallas_kernels.flash_attention import xla as flash_xla
 from pallas_kernels.flash_attention.masks import Mask
@@ -196,16 +197,60 @@ def test_ring_skips_steps_outside_the_window_and_the_future():
     assert needed.sum(1).tolist() == [1, 2] * 4 and not needed[:, 2:].any()
 
 
-def test_nan_in_skipped_shards_never_reaches_the_output():
-    """Keys/values of shards outside the window are not computed: NaNs there leave outputs and grads finite."""
+class _DenseStep:
+    """A per-step ring kernel without block skipping: `reference.attention` forward, and the backward written
+    out over the whole shard from the merged (out, lse), as the blockwise kernels' `attention_bwd` gives it.
+    Masked scores are zeroed, not skipped, so a NaN anywhere in a shard it computes reaches dq (0 * NaN) and,
+    through p @ v, the output: only the ring's step skipping can keep it out."""
+
+    @staticmethod
+    def attention(q, k, v, *, block_sizes=None, interpret=False, **kw):
+        return reference.attention(q, k, v, **kw)
+
+    @staticmethod
+    def attention_bwd(q, k, v, out, lse, do, dlse, *, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS, mask, scale,
+                      bias=None, bias_params_HP=None, logits_soft_cap=None, block_sizes=None, interpret=False):
+        assert bias is None and logits_soft_cap is None  # not needed here
+        (B, T, H, D), K = q.shape, k.shape[2]
+        scale = D**-0.5 if scale is None else scale
+        qg, dog = q.reshape(B, T, K, H // K, D), do.reshape(B, T, K, H // K, -1)
+        row = lambda x: x.reshape(B, T, K, H // K).transpose(0, 2, 3, 1)[..., None]  # noqa: E731  [B, K, G, T, 1]
+        segs = () if q_seg_BT is None else (q_seg_BT[:, None, None, :, None], kv_seg_BS[:, None, None, None, :])
+        vis = mask.visible(q_pos_BT[:, None, None, :, None], kv_pos_BS[:, None, None, None, :], *segs)
+        s = jnp.einsum("btkgd,bskd->bkgts", qg, k) * scale
+        p = jnp.where(vis, jnp.exp(s - row(jnp.where(jnp.isfinite(lse), lse, 0.0))), 0.0)
+        delta = row(jnp.sum(out * do, -1))
+        ds = p * (jnp.einsum("btkgd,bskd->bkgts", dog, v) - delta + row(dlse)) * scale
+        dq = jnp.einsum("bkgts,bskd->btkgd", ds, k).reshape(q.shape)
+        return dq, jnp.einsum("bkgts,btkgd->bskd", ds, qg), jnp.einsum("bkgts,btkgd->bskd", p, dog)
+
+
+@pytest.mark.parametrize("kernel", ["xla", "dense"])
+def test_nan_in_skipped_shards_never_reaches_the_output(kernel, monkeypatch):
+    """Keys/values of shards outside the window are not computed: NaNs there leave outputs and grads finite.
+
+    "dense" (`_DenseStep`, no block skipping inside a step) shows that the ring's own step skipping does it;
+    "xla" is the default per-step kernel. The queries and keys of shards 2..3 match one device on clean inputs.
+    """
+    monkeypatch.setitem(ring_mod.KERNELS, "dense", _DenseStep)
     n, B, T, H, K, D, W = 4, 1, 64, 2, 1, 8, 6
     q, k, v = _inputs(B, T, H, K, D)
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    # Poison shard 0's keys at positions that no query in shards 2..3 can see, then only look at those queries.
-    k = k.at[:, :8].set(jnp.nan)
-    ring = _ring_fn(_mesh(n), segments=False, slopes=None, mask=Mask(window=W))
-    out, lse = ring(q, k, v, pos)
-    assert np.isfinite(np.asarray(out[:, 32:])).all() and np.isfinite(np.asarray(lse[:, 32:])).all()
+    # Poison shard 0's keys and values at positions that no query in shards 2..3 can see, then only look at
+    # those queries (the cotangent is zero elsewhere) and at the gradients of shards 2..3.
+    nan_k, nan_v = k.at[:, :8].set(jnp.nan), v.at[:, :8].set(jnp.nan)
+    rows = (jnp.arange(T) >= 32)[None, :, None]
+    rng = np.random.default_rng(3)
+    do = jnp.where(rows[..., None], jnp.asarray(rng.standard_normal(q.shape, np.float32)), 0.0)
+    dlse = jnp.where(rows, jnp.asarray(rng.standard_normal(q.shape[:3], np.float32)), 0.0)
+    ring = _ring_fn(_mesh(n), segments=False, slopes=None, mask=Mask(window=W), kernel=kernel)
+    out, lse, grads = value_and_vjp(ring, q, nan_k, nan_v, do, dlse, pos)
+    ref = lambda q, k, v: reference.attention(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, mask=Mask(window=W))  # noqa: E731
+    out_r, lse_r, grads_r = value_and_vjp(ref, q, k, v, do, dlse)
+    for name, x, x_r, tol in (("out", out, out_r, 1e-5), ("lse", lse, lse_r, 1e-5),
+                              *((f"d{c}", g, g_r, 1e-4) for c, g, g_r in zip("qkv", grads, grads_r))):
+        assert np.isfinite(np.asarray(x[:, 32:])).all(), f"{name}: NaN from the skipped shard 0"
+        np.testing.assert_allclose(x[:, 32:], x_r[:, 32:], atol=tol, rtol=tol, err_msg=name)
 
 
 def test_layout_order_and_errors():

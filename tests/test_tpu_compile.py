@@ -54,7 +54,6 @@ def _compile(mesh, fn, *shapes, spec=None):
     args = [jax.ShapeDtypeStruct(s, d, sharding=sharding) for s, d in shapes]
     with jax.set_mesh(mesh):
         compiled = jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",)).compile()
-    assert compiled.memory_analysis().temp_size_in_bytes >= 0
     return compiled.as_text()
 
 
@@ -129,7 +128,9 @@ def test_tiny_train_step(topology):
     assert "flash_attention_fwd" in text and "flash_attention_dkv" in text and "callback" not in text
     # The state is sharded: each chip holds half the parameters and AdamW moments (f32: 4 + 8 bytes each).
     assert report.bytes["arguments"] < 0.6 * 12 * report.params
-    assert 0 < report.bytes["total"] == sum(report.bytes[t] for t in aot.TERMS)
+    assert report.bytes["total"] == sum(report.bytes[t] for t in aot.TERMS)
+    # A train step holds activations and gradients beside its state: the fit check must count them.
+    assert report.bytes["temporaries"] > 0
 
 
 def test_gemma3_pattern_train_step_with_sink_tokens():
