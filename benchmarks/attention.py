@@ -326,10 +326,11 @@ def accelerator_main(a, command: str):
                 except Exception as e:  # noqa: BLE001 - one failing impl must not end the run
                     row["error"] = _err(e)
                 rows.append(row)
-        timed = dict(cells)
+        timed, again = dict(cells), []
         for key, (row, compiled, args, _) in carried.items():  # timed again beside the new ones: side by side
-            timed[key] = ({**row, "group": group, "xla_temp_mb": row.get("xla_temp_mb")}, compiled, args, [])
-            rows.append(timed[key][0])
+            again.append({k: x for k, x in row.items() if k not in ("time_s", "times_s", "tflops")} | {"group": group})
+            timed[key] = (again[-1], compiled, args, [])
+        rows.extend(again)
         keys = list(timed)
         for rep in range(reps):
             order = keys[rep % len(keys):] + keys[: rep % len(keys)] if keys else []
@@ -345,11 +346,10 @@ def accelerator_main(a, command: str):
                 except Exception as e:  # noqa: BLE001
                     row["error"] = _err(e)
         for row, _, _, times in timed.values():
-            row.pop("time_s", None), row.pop("times_s", None), row.pop("tflops", None)
             if times and "error" not in row:
                 row.update(time_s=statistics.median(times), times_s=times,
                            tflops=row["flops"] / statistics.median(times) / 1e12)
-        for row in new + [r for r, *_ in timed.values() if r not in new]:
+        for row in new + again:
             name = row["impl"] + ("" if row["window"] is None else f" W={row['window']}")
             val = f"{row['time_s'] * 1e3:9.3f} ms {row['tflops']:7.2f} TFLOP/s" if "time_s" in row else \
                 row.get("skipped") or row.get("error")
